@@ -1,0 +1,168 @@
+"""Typed settings of the detector, one frozen dataclass per stage.
+
+Builders read these; components take plain values. Variants come from
+`dataclasses.replace`; nothing mutates a config after it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class BasePackage:
+  """Where the pretrained SSD MobileNetV2 comes from, pinned by version and hash.
+
+  The npm package `@mediapipe/objectron` ships, inside an Emscripten
+  file-packager bundle, a TF Object Detection API `ssd_mobilenet_v2` trained on
+  Open Images v4 (23 classes) as a float16 `.tflite` without post-processing.
+  """
+
+  npm_name: str = '@mediapipe/objectron'
+  version: str = '0.4.1675468480'
+  tarball_sha256: str = (
+      'fc3e37b326b05e8f596099c90b3e0931b05a56cd3160b9ac450b621794bac94c')
+  tflite_sha256: str = (
+      'd0a5255bf8c4f5a0bc4240741a76c41d5e939f7655078f945f50ab53a9375da6')
+  # Members of the tarball: the packed assets and the loader holding their
+  # table of contents.
+  assets_member: str = 'package/objectron_solution_packed_assets.data'
+  loader_member: str = 'package/objectron_solution_packed_assets_loader.js'
+  # Files inside the packed assets, found by the end of their path.
+  tflite_suffix: str = '/object_detection_ssd_mobilenetv2_oidv4_fp16.tflite'
+  labelmap_suffix: str = '/object_detection_oidv4_labelmap.txt'
+  # The label map of that exact .tflite (checked by its hash), used when a
+  # user supplies the bare .tflite without the package around it.
+  labels: tuple[str, ...] = (
+      '???', 'Bicycle', 'Boot', 'Laptop', 'Person', 'Chair', 'Cattle', 'Desk',
+      'Cat', 'Computer mouse', 'Computer monitor', 'Box', 'Mug', 'Coffee cup',
+      'Stationary bicycle', 'Table', 'Bottle', 'High heels', 'Vehicle',
+      'Footwear', 'Dog', 'Book', 'Camera', 'Car')
+
+  @property
+  def spec(self) -> str:
+    """The npm package specifier, `name@version`."""
+    return f'{self.npm_name}@{self.version}'
+
+  @property
+  def tarball_name(self) -> str:
+    """The file name `npm pack` writes for this package."""
+    return f'{self.npm_name.lstrip("@").replace("/", "-")}-{self.version}.tgz'
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+  """SSD multiple-grid anchors, as the TF Object Detection API generates them.
+
+  Layer i of `num_layers` has scale min + (max - min) * i / (num_layers - 1),
+  one anchor per aspect ratio, plus one of ratio 1 at sqrt(s_i * s_{i+1})
+  (s_num_layers = 1.0). The lowest layer is reduced to three anchors:
+  (lowest_layer_scale, 1), (s_0, 2), (s_0, 0.5).
+  """
+
+  num_layers: int = 6
+  min_scale: float = 0.2
+  max_scale: float = 0.95
+  aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5, 3.0, 1.0 / 3.0)
+  lowest_layer_scale: float = 0.1
+  reduce_lowest_layer: bool = True
+
+  def scales(self) -> list[float]:
+    """Scales s_0..s_num_layers (the last one, 1.0, only feeds the extra anchor)."""
+    step = (self.max_scale - self.min_scale) / (self.num_layers - 1)
+    return [self.min_scale + step * i for i in range(self.num_layers)] + [1.0]
+
+  def anchors_per_location(self) -> list[int]:
+    """How many anchors each feature map has at every cell."""
+    full = len(self.aspect_ratios) + 1
+    counts = [full] * self.num_layers
+    if self.reduce_lowest_layer:
+      counts[0] = 3
+    return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDConfig:
+  """The network: input size, classes and box coding.
+
+  `num_classes` counts real classes; the class head has one more output per
+  anchor, column 0, for the background.
+  """
+
+  num_classes: int
+  input_size: int = 300
+  anchors: AnchorConfig = AnchorConfig()
+  # Faster R-CNN box coding (ty, tx, th, tw) with these scale factors.
+  box_scale_factors: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+
+  def __post_init__(self):
+    if self.num_classes < 1:
+      raise ValueError(f'num_classes must be at least 1, got {self.num_classes}')
+    if self.input_size < 32 or self.input_size % 2:
+      raise ValueError(
+          f'input_size must be an even number of at least 32, got {self.input_size}')
+
+  def feature_map_sizes(self) -> list[int]:
+    """Side of each of the six square feature maps for this input size.
+
+    Every stride-2 convolution uses SAME padding, so each halving rounds up:
+    300 -> 150 -> 75 -> 38 -> 19 (map 0) -> 10 (map 1) -> 5 -> 3 -> 2 -> 1.
+    """
+    side = self.input_size
+    for _ in range(4):
+      side = math.ceil(side / 2)
+    sizes = []
+    for _ in range(self.anchors.num_layers):
+      sizes.append(side)
+      side = math.ceil(side / 2)
+    return sizes
+
+  def num_anchors(self) -> int:
+    return sum(n * n * k for n, k in zip(self.feature_map_sizes(),
+                                         self.anchors.anchors_per_location()))
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+  """Turning raw outputs into detections: scores, NMS and how many to keep."""
+
+  min_score: float = 0.25
+  nms_iou_threshold: float = 0.5
+  max_detections: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class BasePaths:
+  """Where the converted base lives under the model directory."""
+
+  model_dir: Path
+
+  @property
+  def base_dir(self) -> Path:
+    return self.model_dir / 'base'
+
+  @property
+  def downloads_dir(self) -> Path:
+    return self.model_dir / 'downloads'
+
+  @property
+  def tflite(self) -> Path:
+    """The pretrained .tflite, kept as the reference the conversion is checked against."""
+    return self.base_dir / 'ssd_mobilenetv2_oidv4.tflite'
+
+  @property
+  def labels(self) -> Path:
+    """The base label map, one name per line, line 0 the background `???`."""
+    return self.base_dir / 'labels.txt'
+
+  @property
+  def checkpoint_prefix(self) -> Path:
+    """tf.train.Checkpoint prefix with `feature_extractor`, `box_head`, `class_head`."""
+    return self.base_dir / 'ckpt'
+
+  @property
+  def manifest(self) -> Path:
+    """JSON record of what was converted, from which source, and how exact it is."""
+    return self.base_dir / 'base.json'

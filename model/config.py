@@ -166,3 +166,56 @@ class BasePaths:
   def manifest(self) -> Path:
     """JSON record of what was converted, from which source, and how exact it is."""
     return self.base_dir / 'base.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Few-shot training: what trains, for how long, on which views.
+
+  The feature extractor stays frozen, so its feature maps are computed once
+  per augmented view and both heads train on those cached maps.
+  """
+
+  seed: int = 0
+  input_size: int = 300
+  batch_size: int = 16
+  # Peak learning rate (Adam), reached after the warm-up, then cosine decay.
+  learning_rate: float = 1e-3
+  warmup_fraction: float = 0.1
+  # Step budget: base + per_image * images, capped.
+  base_steps: int = 300
+  steps_per_image: int = 20
+  max_steps: int = 1500
+  # Augmented views per image: many for a handful of images, few for many.
+  max_views_per_image: int = 16
+  max_cached_views: int = 480
+  # Anchors with IoU >= positive are matched, < negative are background.
+  positive_iou: float = 0.5
+  negative_iou: float = 0.4
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+  box_loss_weight: float = 1.0
+  # A held-out validation split (for early stopping) once there are this many images.
+  min_images_for_validation: int = 20
+  validation_fraction: float = 0.1
+  eval_every: int = 50
+  patience_evals: int = 6
+
+  def step_budget(self, num_images: int) -> int:
+    return min(self.max_steps, self.base_steps + self.steps_per_image * num_images)
+
+  def views_per_image(self, num_images: int) -> int:
+    """Original + flip at least; more random crops when images are few."""
+    return max(2, min(self.max_views_per_image, self.max_cached_views // max(1, num_images)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """The .tflite files: post-processing inside the graph (TFLite_Detection_PostProcess)."""
+
+  max_detections: int = 100
+  # Candidates below this score never reach NMS (low, so evaluation sees the tail).
+  nms_score_threshold: float = 0.01
+  nms_iou_threshold: float = 0.5
+  # Images used to calibrate the int8 model (the project's own).
+  calibration_images: int = 64

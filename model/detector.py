@@ -1,0 +1,77 @@
+"""Serving-side inference: a .tflite SSD with ai-edge-litert, no TensorFlow.
+
+Takes an image, returns labeled boxes with scores in the original image's
+pixels. Works with both exported files: float32 input in [-1, 1], or uint8
+input quantized with the file's own scale and zero point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.detection import Detection, normalized_yxyx_to_pixel_xyxy
+from model.images import to_model_input
+
+POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
+
+
+def read_labels_file(path: Path) -> list[str]:
+  """labels.txt: one real label per line, in class-id order."""
+  return [line.rstrip('\n') for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class TFLiteDetector:
+  """A .tflite detector with the four TFLite SSD outputs.
+
+  Args:
+    model_path: the .tflite file.
+    labels: real labels in class-id order (labels.txt).
+    num_threads: interpreter threads (XNNPACK).
+  """
+
+  def __init__(self, model_path: str | Path, labels: list[str], num_threads: int = 2):
+    from ai_edge_litert.interpreter import Interpreter
+    self.labels = list(labels)
+    self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+    self.interpreter.allocate_tensors()
+    (self.input,) = self.interpreter.get_input_details()
+    self.input_size = int(self.input['shape'][1])
+    self.outputs = self._postprocess_outputs()
+
+  def _postprocess_outputs(self) -> list[int]:
+    """Tensor indices of boxes, classes, scores, count: the op's outputs in order."""
+    for op in self.interpreter._get_ops_details():  # pylint: disable=protected-access
+      if op['op_name'] == POSTPROCESS_OP:
+        return list(op['outputs'])
+    raise ValueError(f'no {POSTPROCESS_OP} op in the model: not a detection .tflite')
+
+  def _input_tensor(self, image: Image.Image) -> np.ndarray:
+    x = to_model_input(image, self.input_size)
+    if self.input['dtype'] == np.float32:
+      return x[None]
+    scale, zero_point = self.input['quantization']
+    info = np.iinfo(self.input['dtype'])
+    q = np.round(x / scale + zero_point)
+    return np.clip(q, info.min, info.max).astype(self.input['dtype'])[None]
+
+  def raw(self, image: Image.Image) -> dict[str, np.ndarray]:
+    """The four outputs for one image: boxes [K, 4] normalized yxyx, classes, scores, count."""
+    self.interpreter.set_tensor(self.input['index'], self._input_tensor(image))
+    self.interpreter.invoke()
+    boxes, classes, scores, count = (self.interpreter.get_tensor(i) for i in self.outputs)
+    n = int(count.reshape(-1)[0])
+    return {'boxes': boxes[0, :n], 'classes': classes[0, :n].astype(np.int32),
+            'scores': scores[0, :n], 'count': n}
+
+  def detect(self, image: Image.Image, min_score: float = 0.25) -> list[Detection]:
+    """Detections in `image`'s pixels, best first, scores >= min_score."""
+    out = self.raw(image)
+    keep = out['scores'] >= min_score
+    pixels = normalized_yxyx_to_pixel_xyxy(out['boxes'][keep], image.width, image.height)
+    found = [Detection(self.labels[c], float(s), tuple(map(float, b)))
+             for b, c, s in zip(pixels, out['classes'][keep], out['scores'][keep])
+             if 0 <= c < len(self.labels)]
+    return sorted(found, key=lambda d: -d.score)

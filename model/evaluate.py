@@ -1,0 +1,99 @@
+"""COCO-style mAP with tf-models-official's COCO evaluator (pycocotools).
+
+Works on any detector's output (`Detection`s per image), so the TensorFlow
+checkpoint and each .tflite are measured the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import numpy as np
+from PIL import Image
+
+from model.detection import Detection
+from model.tasks import Example
+
+# Detections per image that COCO mAP counts (its maxDets).
+MAX_DETECTIONS = 100
+
+
+def _average_precision(examples, images, detections, class_id) -> tuple[float, float, int]:
+  """(mAP@0.5, mAP@[.5:.95], ground-truth boxes) over the classes in `class_id`."""
+  import tensorflow as tf
+  from official.vision.evaluation import coco_evaluator
+  evaluator = coco_evaluator.COCOEvaluator(annotation_file=None, include_mask=False,
+                                           need_rescale_bboxes=False)
+  total_boxes = 0
+  for image_id, (example, image, found) in enumerate(zip(examples, images, detections), start=1):
+    keep = [i for i, label in enumerate(example.labels) if label in class_id]
+    scale = np.array([image.height, image.width, image.height, image.width], np.float32)
+    gt_boxes = np.zeros((max(1, len(keep)), 4), np.float32)
+    gt_classes = np.zeros(max(1, len(keep)), np.int32)
+    if keep:
+      gt_boxes[:] = example.boxes[keep] * scale
+      gt_classes[:] = [class_id[example.labels[i]] for i in keep]
+    total_boxes += len(keep)
+    found = sorted((d for d in found if d.label in class_id), key=lambda d: -d.score)
+    found = found[:MAX_DETECTIONS]
+    # The evaluator wants the same K for every image, and COCOeval only scores
+    # images that have a prediction: pad with zero-score empty boxes, which
+    # rank last and so change no precision or recall.
+    boxes = np.zeros((MAX_DETECTIONS, 4), np.float32)
+    classes = np.full(MAX_DETECTIONS, min(class_id.values()), np.int32)
+    scores = np.zeros(MAX_DETECTIONS, np.float32)
+    if found:
+      boxes[:len(found)] = [(d.box[1], d.box[0], d.box[3], d.box[2]) for d in found]
+      classes[:len(found)] = [class_id[d.label] for d in found]
+      scores[:len(found)] = [d.score for d in found]
+    groundtruth = {
+        'source_id': np.array([image_id]), 'height': np.array([image.height]),
+        'width': np.array([image.width]), 'num_detections': np.array([len(keep)]), 'boxes': gt_boxes[None], 'classes': gt_classes[None],
+    }
+    prediction = {
+        'source_id': np.array([image_id]), 'num_detections': np.array([len(found)]),
+        'detection_boxes': boxes[None], 'detection_classes': classes[None],
+        'detection_scores': scores[None],
+    }
+    # The evaluator wants tensors (it calls .numpy() on every field).
+    evaluator.update_state(tf.nest.map_structure(tf.constant, groundtruth),
+                           tf.nest.map_structure(tf.constant, prediction))
+  if total_boxes == 0:
+    return 0.0, 0.0, 0
+  with contextlib.redirect_stdout(sys.stderr):  # pycocotools prints its summary
+    metrics = evaluator.result()
+  return float(metrics['AP50']), float(metrics['AP']), total_boxes
+
+
+def coco_map(examples: list[Example], images: list[Image.Image],
+             detections: list[list[Detection]], labels: list[str]) -> dict:
+  """mAP@0.5 and mAP@[.5:.95], overall and per label (fractions 0-1).
+
+  Args:
+    examples: ground truth (normalized boxes, label names).
+    images: the decoded images (for their sizes), aligned with `examples`.
+    detections: per image, boxes in pixels.
+    labels: the model's labels; ground truth with other labels is ignored.
+
+  Returns:
+    {"map50", "map", "per_class": {label: {"map50", "map"}}, "images", "boxes"}.
+
+  Raises:
+    ValueError: when no ground-truth box carries one of `labels`.
+  """
+  class_id = {label: i + 1 for i, label in enumerate(labels)}
+  map50, map_all, boxes = _average_precision(examples, images, detections, class_id)
+  if boxes == 0:
+    raise ValueError("no ground-truth boxes with the model's labels to evaluate against")
+  per_class = {}
+  for label, cid in class_id.items():
+    if len(class_id) == 1:
+      label_map50, label_map, label_boxes = map50, map_all, boxes
+    else:
+      label_map50, label_map, label_boxes = _average_precision(
+          examples, images, detections, {label: cid})
+    if label_boxes:
+      per_class[label] = {'map50': round(label_map50, 4), 'map': round(label_map, 4)}
+  return {'map50': round(map50, 4), 'map': round(map_all, 4), 'per_class': per_class,
+          'images': len(examples), 'boxes': boxes}

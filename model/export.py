@@ -1,0 +1,139 @@
+"""The SSD as .tflite with detection post-processing inside the graph.
+
+The graph ends in TFLite's `TFLite_Detection_PostProcess` op, emitted from a
+`tf.function` annotated with `experimental_implements` (the pattern of
+tf-models-official's detection generator, whose attribute string we reuse).
+Its four outputs are the standard TFLite SSD ones: boxes [1, K, 4] (ymin,
+xmin, ymax, xmax, normalized), classes [1, K] (0..C-1 over real labels),
+scores [1, K] and count [1].
+
+`num_classes` is the number of real labels and the scores keep the background
+as column 0, so the op skips that column and never reports the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import numpy as np
+import tensorflow as tf
+from official.vision.modeling.layers import detection_generator
+
+from model import anchors as anchors_lib
+from model import ssd as ssd_lib
+from model.config import ExportConfig
+
+log = logging.getLogger(__name__)
+
+POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
+FLOAT, INT8 = 'float', 'int8'
+
+
+class ExportError(RuntimeError):
+  """The converter produced something we would not ship."""
+
+
+def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig):
+  y, x, h, w = model.config.box_scale_factors
+  signature = detection_generator._generate_detections_tflite_implements_signature({  # pylint: disable=protected-access
+      'max_detections': config.max_detections,
+      'max_classes_per_detection': 1,
+      'detections_per_class': config.max_detections,
+      'use_regular_nms': False,
+      'nms_score_threshold': config.nms_score_threshold,
+      'nms_iou_threshold': config.nms_iou_threshold,
+      'y_scale': y, 'x_scale': x, 'h_scale': h, 'w_scale': w,
+      'num_classes': model.config.num_classes,
+  })
+
+  @tf.function(experimental_implements=signature)
+  def postprocess(box_encodings, class_scores, anchors):  # pylint: disable=unused-argument
+    # Replaced by the TFLite op at conversion; in TensorFlow it returns dummies.
+    return (tf.constant(0.0, name='boxes'), tf.constant(0.0, name='classes'),
+            tf.constant(0.0, name='scores'), tf.constant(0.0, name='num_detections'))
+
+  return postprocess
+
+
+def serving_function(model: ssd_lib.SSD, config: ExportConfig):
+  """tf.function: image [1, S, S, 3] float32 in [-1, 1] -> the four detection outputs."""
+  size = model.config.input_size
+  anchors = tf.constant(anchors_lib.generate_anchors_cycxhw(model.config))
+  postprocess = _postprocess_fn(model, config)
+
+  @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='image')])
+  def serve(image):
+    outputs = model(image, training=False)
+    return postprocess(outputs['box_encodings'], tf.sigmoid(outputs['class_logits']), anchors)
+
+  return serve
+
+
+def full_range_image(size: int) -> np.ndarray:
+  """A checkerboard of -1 and 1: calibration then maps uint8 pixels p to p/127.5 - 1 exactly."""
+  board = (np.indices((size, size)).sum(axis=0) % 2) * 2.0 - 1.0
+  return np.repeat(board[..., None], 3, axis=-1)[None].astype(np.float32)
+
+
+def convert(model: ssd_lib.SSD, kind: str, config: ExportConfig = ExportConfig(),
+            calibration: Iterable[np.ndarray] = ()) -> bytes:
+  """Converts `model` to .tflite bytes.
+
+  Args:
+    kind: FLOAT (float32 weights and input) or INT8 (full-integer weights and
+      activations, uint8 input, float outputs).
+    calibration: model inputs [S, S, 3] in [-1, 1] from the project's images (INT8 only).
+
+  Raises:
+    ExportError: when conversion fails or the file lacks the post-processing op or weights.
+  """
+  started = time.monotonic()
+  serve = serving_function(model, config)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [serve.get_concrete_function()], model)
+  converter.allow_custom_ops = True
+  if kind == INT8:
+    samples = [np.asarray(x, np.float32)[None] for x in calibration]
+    if not samples:
+      raise ExportError('int8 export needs calibration images')
+    samples.append(full_range_image(model.config.input_size))
+
+    def representative_dataset():
+      for sample in samples:
+        yield [sample]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.float32
+  elif kind != FLOAT:
+    raise ValueError(f'unknown export kind {kind!r}')
+  try:
+    data = converter.convert()
+  except Exception as error:  # the converter raises many types; all mean "no file"
+    raise ExportError(f'{kind} conversion failed: {error}') from error
+  check_tflite(data)
+  log.info('Exported %s .tflite: %.1f MB in %.1f s', kind, len(data) / 1e6,
+           time.monotonic() - started)
+  return data
+
+
+def op_names(data: bytes) -> list[str]:
+  """Operator names of a .tflite, in execution order."""
+  from ai_edge_litert.interpreter import Interpreter
+  interpreter = Interpreter(model_content=data)
+  return [op['op_name'] for op in interpreter._get_ops_details()]  # pylint: disable=protected-access
+
+
+def check_tflite(data: bytes) -> None:
+  """Refuses files without the post-processing op or with weights left as variables."""
+  names = op_names(data)
+  if POSTPROCESS_OP not in names:
+    raise ExportError(f'{POSTPROCESS_OP} is missing from the exported graph')
+  variables = sorted({n for n in names if n in ('VAR_HANDLE', 'READ_VARIABLE', 'ASSIGN_VARIABLE')})
+  if variables:
+    raise ExportError(f'the exported graph reads weights from variables ({variables}); '
+                      'they were not frozen into the file')

@@ -1,0 +1,156 @@
+"""A project's model from the base (or from its previous iteration): partial restore.
+
+Like TensorFlow's eager few-shot notebook, the feature extractor and the
+box-regression head are restored through a checkpoint object that names only
+them (the "fake checkpoint"); the classification head is new, one column per
+project label plus the background. Unlike the notebook, a label's column does
+not start from noise: it starts from the source class that fits it best.
+
+Class-head layout: a 1x1 conv per feature map whose output channel
+`a * (C + 1) + c` is class c (0 = background) of anchor a at that cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from model import ssd as ssd_lib
+from model.config import SSDConfig
+
+log = logging.getLogger(__name__)
+
+# Prior probability of a fresh class column: bias = log(p / (1 - p)), as in RetinaNet.
+FRESH_PRIOR = 0.01
+# A base class must score at least this on a label's boxes to be its start.
+MIN_MATCH_SCORE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnSource:
+  """Where a new class column comes from: column `index` of `head` (None: fresh)."""
+
+  head: ssd_lib.PredictionHead | None
+  index: int
+  reason: str
+
+
+def restore_parts(model: ssd_lib.SSD, checkpoint_prefix: Path, parts: tuple[str, ...]) -> None:
+  """Restores exactly `parts` of `model` from a checkpoint of the three named parts.
+
+  Raises:
+    AssertionError / ValueError: when a named part does not match the checkpoint.
+  """
+  status = ssd_lib.checkpoint_for(model, parts=parts).read(str(checkpoint_prefix))
+  status.expect_partial().assert_existing_objects_matched()
+
+
+def base_class_by_name(label: str, base_labels: list[str]) -> int | None:
+  """The base class a label names (case-insensitive, spaces/underscores alike), if any."""
+  key = label.strip().lower().replace('_', ' ')
+  for index, name in enumerate(base_labels):
+    if index and name.lower() == key:
+      return index
+  return None
+
+
+def mean_scores_on_boxes(class_logits: np.ndarray, class_targets: np.ndarray,
+                         labels: list[str]) -> dict[str, np.ndarray]:
+  """Mean sigmoid score of every source class on the anchors matched to each label.
+
+  Args:
+    class_logits: float [V, N, K] logits of a source head over V views.
+    class_targets: int [V, N] targets (1-based label ids, 0 background, -1 ignored).
+    labels: the project's labels; label i has id i + 1.
+
+  Returns:
+    label -> float [K] mean score per source class (absent when never matched).
+  """
+  scores = 1.0 / (1.0 + np.exp(-class_logits))
+  result = {}
+  for i, label in enumerate(labels):
+    mask = class_targets == i + 1
+    if mask.any():
+      result[label] = scores[mask].mean(axis=0)
+  return result
+
+
+def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
+                        box_scores: dict[str, np.ndarray]) -> dict[str, ColumnSource]:
+  """For each label: the base class it names, else the best-scoring one, else fresh."""
+  sources = {}
+  for label in labels:
+    named = base_class_by_name(label, base_labels)
+    if named is not None:
+      sources[label] = ColumnSource(base_head, named, f'named base class "{base_labels[named]}"')
+      continue
+    scores = box_scores.get(label)
+    if scores is not None:
+      best = int(np.argmax(scores[1:])) + 1  # never the background
+      if scores[best] >= MIN_MATCH_SCORE:
+        sources[label] = ColumnSource(
+            base_head, best, f'base class "{base_labels[best]}" scores {scores[best]:.2f} '
+            'on its boxes')
+        continue
+    sources[label] = ColumnSource(None, 0, 'fresh (no base class fits)')
+  return sources
+
+
+def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
+                    columns: list[ColumnSource], seed: int) -> None:
+  """Sets every column of `head`: background first, then one per label.
+
+  Columns copied from a source head take its kernel and bias for every anchor;
+  fresh ones get small random kernels and the FRESH_PRIOR bias.
+  """
+  rng = np.random.default_rng(seed)
+  sources = [background, *columns]
+  new_k = len(sources)
+  fresh_bias = np.log(FRESH_PRIOR / (1 - FRESH_PRIOR))
+  for level, conv in enumerate(head.convs):
+    kernel, bias = (w.numpy() for w in conv.weights)
+    anchors = kernel.shape[-1] // new_k
+    for c, source in enumerate(sources):
+      for a in range(anchors):
+        column = a * new_k + c
+        if source.head is None:
+          kernel[..., column] = rng.normal(0.0, 0.01, kernel.shape[:-1])
+          bias[column] = fresh_bias
+        else:
+          src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
+          src_k = src_kernel.shape[-1] // anchors
+          kernel[..., column] = src_kernel[..., a * src_k + source.index]
+          bias[column] = src_bias[a * src_k + source.index]
+    conv.set_weights([kernel, bias])
+
+
+def build_project_model(labels: list[str], input_size: int, *, parts_from: Path) -> ssd_lib.SSD:
+  """A new SSD for `labels` with the feature extractor and box head restored from `parts_from`.
+
+  The class head is left as built (random); `init_class_head` fills it.
+  """
+  config = SSDConfig(num_classes=len(labels), input_size=input_size)
+  model = ssd_lib.build_ssd(config)
+  restore_parts(model, parts_from, ('feature_extractor', 'box_head'))
+  return model
+
+
+def columns_for_labels(labels: list[str], previous_labels: list[str] | None,
+                       previous_head, base_sources: dict[str, ColumnSource]) -> list[ColumnSource]:
+  """Kept labels keep their previous column; new ones start from the base (or fresh)."""
+  columns = []
+  for label in labels:
+    if previous_labels and label in previous_labels:
+      columns.append(ColumnSource(previous_head, previous_labels.index(label) + 1,
+                                  'kept from the previous iteration'))
+    else:
+      columns.append(base_sources[label])
+  return columns
+
+
+def log_sources(labels: list[str], columns: list[ColumnSource]) -> None:
+  for label, source in zip(labels, columns):
+    log.info('Class head column for "%s": %s', label, source.reason)

@@ -1,0 +1,64 @@
+"""Anchor targets for SSD training, with tf-models-official's matcher and coder.
+
+Each anchor is matched to the ground-truth box it overlaps most: IoU >= the
+positive threshold -> that box's class and encoded box; below the negative
+threshold -> background; in between -> ignored. Every box also claims its best
+anchor, so no labeled object goes unmatched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from official.vision.ops import box_matcher, box_ops, iou_similarity, target_gather
+
+IGNORE = -1  # class target of anchors left out of the loss
+_POSITIVE, _NEGATIVE, _IGNORED = 1, -1, -2
+
+
+class TargetAssigner:
+  """Matches anchors to ground truth.
+
+  Args:
+    anchors_yxyx: float32 [N, 4] normalized (ymin, xmin, ymax, xmax).
+    scale_factors: box coder scale factors (ty, tx, th, tw).
+    positive_iou, negative_iou: match thresholds.
+  """
+
+  def __init__(self, anchors_yxyx: np.ndarray, scale_factors, positive_iou=0.5,
+               negative_iou=0.4):
+    self.anchors = tf.constant(anchors_yxyx, tf.float32)
+    self.scale_factors = list(scale_factors)
+    self.similarity = iou_similarity.IouSimilarity()
+    self.matcher = box_matcher.BoxMatcher(
+        thresholds=[negative_iou, positive_iou],
+        indicators=[_NEGATIVE, _IGNORED, _POSITIVE],
+        force_match_for_each_col=True)
+    self.gather = target_gather.TargetGather()
+
+  def assign(self, boxes: np.ndarray, class_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Targets of one image.
+
+    Args:
+      boxes: float [K, 4] normalized (ymin, xmin, ymax, xmax); K may be 0.
+      class_ids: int [K], 1-based (0 is the background).
+
+    Returns:
+      class_targets: int32 [N]: 0 background, 1..C a class, IGNORE ignored.
+      box_targets: float32 [N, 4] encoded (ty, tx, th, tw); zeros where not positive.
+    """
+    num_anchors = self.anchors.shape[0]
+    if len(boxes) == 0:
+      return np.zeros([num_anchors], np.int32), np.zeros([num_anchors, 4], np.float32)
+    gt_boxes = tf.constant(boxes, tf.float32)
+    similarity = self.similarity(self.anchors, gt_boxes)  # [N, K]
+    matched, indicators = self.matcher(similarity)
+    positive = tf.equal(indicators, _POSITIVE)
+    matched_classes = self.gather(
+        tf.constant(np.asarray(class_ids, np.int32)[:, None]), matched)[:, 0]
+    matched_boxes = self.gather(gt_boxes, matched)
+    class_targets = tf.where(positive, matched_classes,
+                             tf.where(tf.equal(indicators, _IGNORED), IGNORE, 0))
+    encoded = box_ops.encode_boxes(matched_boxes, self.anchors, weights=self.scale_factors)
+    box_targets = tf.where(positive[:, None], encoded, 0.0)
+    return class_targets.numpy().astype(np.int32), box_targets.numpy().astype(np.float32)

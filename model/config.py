@@ -178,6 +178,12 @@ class TrainConfig:
 
   seed: int = 0
   input_size: int = 300
+  # What a new model restores from the base (or the previous iteration):
+  # 'extractor+box' (the few-shot default), 'extractor' (fresh box head), 'none'.
+  restore: str = 'extractor+box'
+  # How a new label's class column starts: 'base-fit' (the base class that
+  # names or fits it) or 'fresh' (small random weights, prior 0.01).
+  class_init: str = 'base-fit'
   batch_size: int = 16
   # Peak learning rate (Adam), reached after the warm-up, then cosine decay.
   learning_rate: float = 1e-3
@@ -200,6 +206,16 @@ class TrainConfig:
   validation_fraction: float = 0.1
   eval_every: int = 50
   patience_evals: int = 6
+
+  def __post_init__(self):
+    if self.restore not in ('extractor+box', 'extractor', 'none'):
+      raise ValueError(f'restore must be extractor+box, extractor or none, not {self.restore!r}')
+    if self.class_init not in ('base-fit', 'fresh'):
+      raise ValueError(f'class_init must be base-fit or fresh, not {self.class_init!r}')
+
+  def restored_parts(self) -> tuple[str, ...]:
+    return {'extractor+box': ('feature_extractor', 'box_head'),
+            'extractor': ('feature_extractor',), 'none': ()}[self.restore]
 
   def step_budget(self, num_images: int) -> int:
     return min(self.max_steps, self.base_steps + self.steps_per_image * num_images)

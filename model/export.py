@@ -24,10 +24,10 @@ from official.vision.modeling.layers import detection_generator
 from model import anchors as anchors_lib
 from model import ssd as ssd_lib
 from model.config import ExportConfig
+from model.detector import POSTPROCESS_OP
 
 log = logging.getLogger(__name__)
 
-POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
 FLOAT, INT8 = 'float', 'int8'
 
 

@@ -112,7 +112,7 @@ def _ordered_labels(examples, previous_labels):
 def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Path, *,
                     previous: Path | None = None, config: TrainConfig = TrainConfig(),
                     export_config: ExportConfig = ExportConfig(), max_images: int | None = None,
-                    progress=None) -> RunPaths:
+                    progress=None, export_kinds: tuple[str, ...] = ('float', 'int8')) -> RunPaths:
   """Trains one iteration on the tasks' training split and publishes it at `out_dir`.
 
   Raises:
@@ -167,7 +167,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   base_model, base_labels = base_weights.load_base_ssd(model_dir, config.input_size)
   source = (RunPaths(Path(previous)).checkpoint_prefix if previous is not None
             else base_paths.checkpoint_prefix)
-  model = restore.build_project_model(labels, config.input_size, parts_from=source)
+  model = restore.build_project_model(labels, config.input_size, parts_from=source,
+                                      parts=config.restored_parts())
 
   # Views, targets, cached feature maps.
   t0 = time.monotonic()
@@ -200,18 +201,26 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   # Class head: background and kept labels from the previous iteration, new
   # labels from the base class that fits them best.
   new_labels = [l for l in labels if not previous_labels or l not in previous_labels]
-  box_scores = {}
-  if any(restore.base_class_by_name(l, base_labels) is None for l in new_labels):
-    base_logits = np.concatenate([
-        base_model.class_head([tf.constant(f[s:s + 32], tf.float32) for f in train_views.features]).numpy()
-        for s in range(0, len(train_views), 32)])
-    box_scores = restore.mean_scores_on_boxes(base_logits, train_views.class_targets, labels)
-  base_sources = restore.choose_base_sources(new_labels, base_model.class_head, base_labels,
-                                             box_scores)
+  fits = {}
+  if config.class_init == 'fresh':
+    base_labels_for_init = []  # nothing is named, nothing fits: every column starts fresh
+  else:
+    base_labels_for_init = base_labels
+  if base_labels_for_init and any(restore.base_class_by_name(l, base_labels) is None for l in new_labels):
+    originals = slice(0, None, views_each)  # view 0 of each image is the image as it is
+    features = [tf.constant(f[originals], tf.float32) for f in train_views.features]
+    base_logits = base_model.class_head(features).numpy()
+    fits = restore.class_fit(base_logits, train_views.class_targets[originals], labels)
+  base_sources = restore.choose_base_sources(new_labels, base_model.class_head,
+                                             base_labels_for_init, fits)
   columns = restore.columns_for_labels(
       labels, previous_labels, previous_model.class_head if previous_model else None, base_sources)
-  background = restore.ColumnSource(
-      previous_model.class_head if previous_model else base_model.class_head, 0, 'background')
+  if previous_model:
+    background = restore.ColumnSource(previous_model.class_head, 0, 'background')
+  elif config.class_init == 'fresh':
+    background = restore.ColumnSource(None, 0, 'background, fresh')
+  else:
+    background = restore.ColumnSource(base_model.class_head, 0, 'background')
   restore.init_class_head(model.class_head, background, columns, config.seed)
   restore.log_sources(labels, columns)
 
@@ -240,7 +249,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     t0 = time.monotonic()
     original_views = train_inputs[::views_each][:export_config.calibration_images]
     sizes = {}
-    for kind in (export.FLOAT, export.INT8):
+    for kind in export_kinds:  # benchmarks may skip conversion; the CLI always exports both
       data = export.convert(model, kind, export_config, calibration=original_views)
       staged.tflite(kind).write_bytes(data)
       sizes[staged.tflite(kind).name] = len(data)

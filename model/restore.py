@@ -57,43 +57,63 @@ def base_class_by_name(label: str, base_labels: list[str]) -> int | None:
   return None
 
 
-def mean_scores_on_boxes(class_logits: np.ndarray, class_targets: np.ndarray,
-                         labels: list[str]) -> dict[str, np.ndarray]:
-  """Mean sigmoid score of every source class on the anchors matched to each label.
+def _anchor_average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+  """Average precision of ranking anchors by `scores` to find the `positive` ones."""
+  order = np.argsort(-scores, kind='stable')
+  hits = positive[order]
+  precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+  return float((precision * hits).sum() / max(1, hits.sum()))
+
+
+def class_fit(class_logits: np.ndarray, class_targets: np.ndarray,
+              labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """How well each source class singles out each label's boxes.
+
+  Fit = average precision of ranking all non-ignored anchors by that class's
+  score, with the anchors matched to the label as positives: a class that
+  fires on the boxes and stays quiet elsewhere fits. Ties (common with one
+  image) go to the class that scores highest on the boxes. Measure it on the
+  original images: crops and colour jitter blur which class fits.
 
   Args:
-    class_logits: float [V, N, K] logits of a source head over V views.
+    class_logits: float [V, N, K] logits of a source head over V images.
     class_targets: int [V, N] targets (1-based label ids, 0 background, -1 ignored).
     labels: the project's labels; label i has id i + 1.
 
   Returns:
-    label -> float [K] mean score per source class (absent when never matched).
+    label -> (fit [K], best score on the label's boxes [K]), for labels with boxes.
   """
   scores = 1.0 / (1.0 + np.exp(-class_logits))
+  valid = class_targets >= 0
   result = {}
   for i, label in enumerate(labels):
-    mask = class_targets == i + 1
-    if mask.any():
-      result[label] = scores[mask].mean(axis=0)
+    matched = class_targets == i + 1
+    if not matched.any():
+      continue
+    on_boxes = np.mean([scores[v][matched[v]].max(axis=0)
+                        for v in range(len(scores)) if matched[v].any()], axis=0)
+    fit = np.array([_anchor_average_precision(scores[..., k][valid], matched[valid])
+                    for k in range(scores.shape[-1])])
+    result[label] = (fit + 1e-3 * on_boxes, on_boxes)
   return result
 
 
 def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
-                        box_scores: dict[str, np.ndarray]) -> dict[str, ColumnSource]:
-  """For each label: the base class it names, else the best-scoring one, else fresh."""
+                        fits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, ColumnSource]:
+  """For each label: the base class it names, else the best-fitting one (`class_fit`), else fresh."""
   sources = {}
   for label in labels:
     named = base_class_by_name(label, base_labels)
     if named is not None:
       sources[label] = ColumnSource(base_head, named, f'named base class "{base_labels[named]}"')
       continue
-    scores = box_scores.get(label)
-    if scores is not None:
-      best = int(np.argmax(scores[1:])) + 1  # never the background
-      if scores[best] >= MIN_MATCH_SCORE:
+    if label in fits:
+      fit, on_boxes = fits[label]
+      best = int(np.argmax(fit[1:])) + 1  # never the background
+      if on_boxes[best] >= MIN_MATCH_SCORE:
         sources[label] = ColumnSource(
-            base_head, best, f'base class "{base_labels[best]}" scores {scores[best]:.2f} '
-            'on its boxes')
+            base_head, best, f'base class "{base_labels[best]}" fits its boxes best '
+            f'(anchor AP {fit[best]:.2f}, score {on_boxes[best]:.2f})')
         continue
     sources[label] = ColumnSource(None, 0, 'fresh (no base class fits)')
   return sources
@@ -127,14 +147,16 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
     conv.set_weights([kernel, bias])
 
 
-def build_project_model(labels: list[str], input_size: int, *, parts_from: Path) -> ssd_lib.SSD:
-  """A new SSD for `labels` with the feature extractor and box head restored from `parts_from`.
+def build_project_model(labels: list[str], input_size: int, *, parts_from: Path,
+                        parts: tuple[str, ...] = ('feature_extractor', 'box_head')) -> ssd_lib.SSD:
+  """A new SSD for `labels` with `parts` restored from the checkpoint at `parts_from`.
 
   The class head is left as built (random); `init_class_head` fills it.
   """
   config = SSDConfig(num_classes=len(labels), input_size=input_size)
   model = ssd_lib.build_ssd(config)
-  restore_parts(model, parts_from, ('feature_extractor', 'box_head'))
+  if parts:
+    restore_parts(model, parts_from, parts)
   return model
 
 

@@ -137,6 +137,9 @@ class SSD(tf_keras.Model):
     self.class_head = class_head
     self.config = config
 
+  def get_config(self):
+    return {'num_classes': self.config.num_classes, 'input_size': self.config.input_size}
+
   def call(self, images, training=False):
     features = self.feature_extractor(images, training=training)
     return {

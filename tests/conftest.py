@@ -41,3 +41,34 @@ def base_model(base_paths):
   """(SSD with the base's 23 classes, its label map)."""
   from model import base_weights
   return base_weights.load_base_ssd(base_paths.model_dir)
+
+
+def run_model_cli(*args, model_dir, timeout=600):
+  """`python -m model ARGS` in a subprocess, as a user runs it."""
+  import subprocess
+  import sys
+  env = dict(os.environ, MODEL_DIR=str(model_dir))
+  return subprocess.run([sys.executable, '-m', 'model', *map(str, args)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='session')
+def shapes_dataset(tmp_path_factory):
+  """A small task set made here: discs and squares on textured noise, train and test splits."""
+  import json
+  from tests.synthetic import make_task_set
+  folder = tmp_path_factory.mktemp('shapes')
+  tasks = (make_task_set(folder, 12, ('disc', 'square'), 'train', seed=1)
+           + make_task_set(folder, 6, ('disc', 'square'), 'test', seed=2, start_id=100))
+  (folder / 'tasks.json').write_text(json.dumps(tasks))
+  return folder
+
+
+@pytest.fixture(scope='session')
+def trained_run(base_paths, shapes_dataset, tmp_path_factory):
+  """One iteration trained and exported through the command line, shared by the tests."""
+  out = tmp_path_factory.mktemp('runs') / 'iteration-1'
+  result = run_model_cli('train', '--tasks', shapes_dataset / 'tasks.json', '--out', out,
+                         model_dir=base_paths.model_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out

@@ -1,0 +1,220 @@
+"""Few-shot quality and speed on a Label Studio task set (default: ../shared/datasets/raccoon).
+
+For 1, 5, 10 and all training images (several seeded subsets each) and three
+starts (partial restore; feature extractor only with a fresh box head; nothing
+restored), plus base-fit vs fresh class-head starts: mAP on the test split,
+training wall time and images/s. Then float vs int8 .tflite of one 10-shot
+model: size, latency at 2 threads (post-processing included) and mAP.
+Optionally the notebook's ducky task: a 5-shot model over the unlabeled frames,
+with a contact sheet PNG.
+
+  .venv/bin/python benchmarks/fewshot.py [--dataset DIR] [--subsets 3] [--ducky DIR]
+
+Writes benchmarks/results/fewshot.json and fewshot.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import numpy as np  # noqa: E402
+
+from model import iteration, tasks as tasks_lib  # noqa: E402
+from model.config import PostprocessConfig, TrainConfig  # noqa: E402
+from model.detector import TFLiteDetector  # noqa: E402
+from model.evaluate import coco_map  # noqa: E402
+from model.images import load_image  # noqa: E402
+
+log = logging.getLogger('benchmark')
+STARTS = {
+    'partial restore': dict(restore='extractor+box'),
+    'extractor only, fresh box head': dict(restore='extractor'),
+    'nothing restored': dict(restore='none', class_init='fresh'),
+}
+
+
+def load_split(tasks, root, split):
+  examples, _ = tasks_lib.parse_tasks(tasks)
+  examples = tasks_lib.evaluation_examples(examples, split)
+  return examples, [load_image(tasks_lib.resolve_image(e, root)) for e in examples]
+
+
+def tf_map(run_dir, test_examples, test_images):
+  from model.tf_detector import TFDetector
+  model, labels = iteration.load_run_model(run_dir)
+  detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=0.01))
+  return coco_map(test_examples, test_images, detector.detect(test_images), labels)
+
+
+def train_once(tasks, root, model_dir, work, shots, seed, export_kinds=(), **config):
+  out = Path(tempfile.mkdtemp(dir=work)) / 'run'
+  started = time.monotonic()
+  run = iteration.train_iteration(tasks, root, out, model_dir, config=TrainConfig(seed=seed, **config),
+                                  max_images=shots, export_kinds=export_kinds)
+  metrics = json.loads(run.metrics.read_text())
+  metrics['wall_s'] = time.monotonic() - started
+  return run, metrics
+
+
+def latency_ms(detector, image, repeats=50):
+  detector.raw(image)
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    detector.raw(image)
+    times.append((time.perf_counter() - started) * 1000)
+  return statistics.median(times)
+
+
+def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, results):
+  num_train = len(tasks_lib.training_examples(tasks_lib.parse_tasks(tasks)[0]))
+  variants = [(name, cfg) for name, cfg in STARTS.items()]
+  variants.append(('partial restore, fresh class head', dict(restore='extractor+box', class_init='fresh')))
+  for shots in shots_list:
+    seeds = range(subsets) if shots < num_train else range(1)
+    for name, cfg in variants:
+      if 'fresh class head' in name and shots >= num_train:
+        continue
+      rows = []
+      for seed in seeds:
+        run, metrics = train_once(tasks, root, model_dir, work, shots, seed, **cfg)
+        evaluation = tf_map(run.root, *test)
+        rows.append({'seed': seed, 'map50': evaluation['map50'], 'map': evaluation['map'],
+                     'train_s': metrics['wall_time_s']['train_s'],
+                     'iteration_s': metrics['wall_time_s']['total_s'],
+                     'images_per_s': metrics['images_per_s'],
+                     'class_head_init': metrics['class_head_init']})
+        log.info('%s shots=%s seed=%s: mAP@0.5 %.3f mAP %.3f (%.1f s)', name, shots, seed,
+                 evaluation['map50'], evaluation['map'], metrics['wall_time_s']['total_s'])
+        shutil.rmtree(run.root.parent)
+      results['grid'].append({
+          'start': name, 'shots': min(shots, num_train), 'runs': rows,
+          'map50_mean': round(statistics.mean(r['map50'] for r in rows), 4),
+          'map50_std': round(statistics.pstdev(r['map50'] for r in rows), 4),
+          'map_mean': round(statistics.mean(r['map'] for r in rows), 4),
+          'iteration_s_mean': round(statistics.mean(r['iteration_s'] for r in rows), 1),
+          'train_s_mean': round(statistics.mean(r['train_s'] for r in rows), 1),
+          'images_per_s_mean': round(statistics.mean(r['images_per_s'] for r in rows), 1),
+      })
+      write(results)
+
+
+def export_comparison(tasks, root, model_dir, work, test, results):
+  run, metrics = train_once(tasks, root, model_dir, work, 10, 0, export_kinds=('float', 'int8'))
+  _, labels, _ = iteration.read_run(run.root)
+  rows = {}
+  for kind in ('float', 'int8'):
+    detector = TFLiteDetector(run.tflite(kind), labels, num_threads=2)
+    found = [detector.detect(image, min_score=0.01) for image in test[1]]
+    evaluation = coco_map(test[0], test[1], found, labels)
+    rows[kind] = {'bytes': run.tflite(kind).stat().st_size,
+                  'latency_ms': round(latency_ms(detector, test[1][0]), 2),
+                  'map50': evaluation['map50'], 'map': evaluation['map'],
+                  'export_s': metrics['wall_time_s']['export_s']}
+  rows['tf'] = tf_map(run.root, *test)
+  results['export'] = rows
+  shutil.rmtree(run.root.parent)
+  write(results)
+
+
+def ducky(ducky_dir, model_dir, work, results):
+  from PIL import Image, ImageDraw
+  tasks = tasks_lib.load_tasks_file(ducky_dir / 'tasks.json')
+  run, metrics = train_once(tasks, ducky_dir, model_dir, work, None, 0, export_kinds=('float',))
+  _, labels, _ = iteration.read_run(run.root)
+  detector = TFLiteDetector(run.tflite('float'), labels)
+  examples, _ = tasks_lib.parse_tasks(tasks)
+  frames = [e for e in examples if e.split == tasks_lib.UNLABELED]
+  found, thumbs = 0, []
+  for example in frames:
+    image = load_image(tasks_lib.resolve_image(example, ducky_dir))
+    detections = detector.detect(image, min_score=0.5)
+    found += bool(detections)
+    draw = ImageDraw.Draw(image)
+    for d in detections[:3]:
+      draw.rectangle(d.box, outline=(255, 0, 0), width=4)
+      draw.text((d.box[0] + 4, d.box[1] + 4), f'{d.score:.2f}', fill=(255, 0, 0))
+    image.thumbnail((200, 150))
+    thumbs.append(image)
+  sheet = Image.new('RGB', (200 * 7, 150 * ((len(thumbs) + 6) // 7)), 'white')
+  for i, thumb in enumerate(thumbs):
+    sheet.paste(thumb, ((i % 7) * 200, (i // 7) * 150))
+  sheet_path = REPO / 'benchmarks' / 'results' / 'ducky_contact_sheet.png'
+  sheet.save(sheet_path)
+  results['ducky'] = {'frames': len(frames), 'frames_with_duck_at_0.5': found,
+                      'iteration_s': metrics['wall_time_s']['total_s'],
+                      'contact_sheet': str(sheet_path.relative_to(REPO))}
+  shutil.rmtree(run.root.parent)
+  write(results)
+
+
+def write(results):
+  out = REPO / 'benchmarks' / 'results'
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'fewshot.json').write_text(json.dumps(results, indent=1) + '\n')
+  lines = ['# Few-shot benchmark', '', f'Dataset: `{results["dataset"]}`, test split: '
+           f'{results["test_images"]} images. Mean ± std over seeded subsets; times on '
+           f'{os.cpu_count()} cores.', '',
+           '| start | shots | mAP@0.5 | mAP@[.5:.95] | iteration s | train s | views/s |',
+           '|---|---|---|---|---|---|---|']
+  for row in results['grid']:
+    lines.append(f'| {row["start"]} | {row["shots"]} | {row["map50_mean"]:.3f} ± '
+                 f'{row["map50_std"]:.3f} | {row["map_mean"]:.3f} | {row["iteration_s_mean"]} | '
+                 f'{row["train_s_mean"]} | {row["images_per_s_mean"]} |')
+  if 'export' in results:
+    lines += ['', '| .tflite | size MB | latency ms (2 threads, with NMS) | mAP@0.5 | mAP |',
+              '|---|---|---|---|---|']
+    for kind in ('float', 'int8'):
+      row = results['export'][kind]
+      lines.append(f'| {kind} | {row["bytes"] / 1e6:.1f} | {row["latency_ms"]} | '
+                   f'{row["map50"]:.3f} | {row["map"]:.3f} |')
+    lines.append(f'| TF checkpoint | – | – | {results["export"]["tf"]["map50"]:.3f} | '
+                 f'{results["export"]["tf"]["map"]:.3f} |')
+  if 'ducky' in results:
+    d = results['ducky']
+    lines += ['', f'Ducky (5 shots): duck found at score ≥ 0.5 in {d["frames_with_duck_at_0.5"]} '
+              f'of {d["frames"]} unlabeled frames; contact sheet `{d["contact_sheet"]}`.']
+  (out / 'fewshot.md').write_text('\n'.join(lines) + '\n')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--dataset', type=Path, default=REPO.parent / 'shared/datasets/raccoon')
+  parser.add_argument('--ducky', type=Path, default=REPO.parent / 'shared/datasets/ducky')
+  parser.add_argument('--model-dir', type=Path, default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
+  parser.add_argument('--shots', type=int, nargs='+', default=[1, 5, 10, 10_000])
+  parser.add_argument('--subsets', type=int, default=3)
+  parser.add_argument('--skip', nargs='*', default=[], choices=['grid', 'export', 'ducky'])
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('model', 'tensorflow', 'absl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  tasks = tasks_lib.load_tasks_file(args.dataset / 'tasks.json')
+  test = load_split(tasks, args.dataset, tasks_lib.TEST)
+  results = {'dataset': str(args.dataset.name), 'test_images': len(test[0]), 'grid': []}
+  with tempfile.TemporaryDirectory() as work:
+    if 'grid' not in args.skip:
+      quality_grid(tasks, args.dataset, args.model_dir, work, test, args.shots, args.subsets, results)
+    if 'export' not in args.skip:
+      export_comparison(tasks, args.dataset, args.model_dir, work, test, results)
+    if 'ducky' not in args.skip and args.ducky.is_dir():
+      ducky(args.ducky, args.model_dir, work, results)
+  write(results)
+  print((REPO / 'benchmarks' / 'results' / 'fewshot.md').read_text())
+
+
+if __name__ == '__main__':
+  main()

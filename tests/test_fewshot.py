@@ -1,0 +1,128 @@
+"""The few-shot detector end to end: train, run folder, eval, predict, .tflite agreement."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from model import iteration
+from model.detection import iou_xyxy
+from model.detector import TFLiteDetector
+from model.images import load_image
+from tests.conftest import REPO, run_model_cli
+
+RUN_FILES = {'model.tflite', 'model_int8.tflite', 'labels.txt', 'metrics.json', 'run.json',
+             'ckpt.index', 'ckpt.data-00000-of-00001'}
+
+
+def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
+  assert RUN_FILES <= {p.name for p in trained_run.iterdir()}
+  assert (trained_run / 'labels.txt').read_text() == 'disc\nsquare\n'
+  metrics = json.loads((trained_run / 'metrics.json').read_text())
+  assert metrics['labels'] == ['disc', 'square']
+  assert metrics['images']['train'] == 12
+  assert metrics['steps'] == len(metrics['loss_per_step']) > 100
+  assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
+  # No half-written folders are left beside it.
+  assert [p.name for p in trained_run.parent.iterdir()] == [trained_run.name]
+
+
+def test_training_measurably_learns(trained_run):
+  losses = json.loads((trained_run / 'metrics.json').read_text())['loss_per_step']
+  assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+
+
+def test_eval_prints_one_json_object_and_finds_the_planted_shapes(trained_run, shapes_dataset,
+                                                                  base_paths):
+  for extra in ([], ['--tflite', 'float'], ['--tflite', 'int8']):
+    result = run_model_cli('eval', '--run', trained_run, '--tasks', shapes_dataset / 'tasks.json',
+                           '--split', 'test', *extra, model_dir=base_paths.model_dir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert set(report) == {'map50', 'map', 'per_class', 'images', 'boxes'}
+    assert (report['images'], report['boxes']) == (6, 6)
+    assert set(report['per_class']) == {'disc', 'square'}
+    assert report['map50'] >= 0.6, (extra, report)
+
+
+def test_predict_with_a_run_prints_labeled_boxes(trained_run, shapes_dataset, base_paths):
+  tasks = json.loads((shapes_dataset / 'tasks.json').read_text())
+  test_task = next(t for t in tasks if t['meta']['split'] == 'test')
+  image = shapes_dataset / test_task['data']['image']
+  result = run_model_cli('predict', '--run', trained_run, image, model_dir=base_paths.model_dir)
+  assert result.returncode == 0, result.stderr[-2000:]
+  (entry,) = json.loads(result.stdout)
+  value = test_task['annotations'][0]['result'][0]['value']
+  truth = [value['x'] * 3.2, value['y'] * 2.4, (value['x'] + value['width']) * 3.2,
+           (value['y'] + value['height']) * 2.4]
+  best = entry['detections'][0]
+  assert best['label'] == value['rectanglelabels'][0]
+  assert iou_xyxy(best['box'], truth) >= 0.5
+
+
+@pytest.mark.parametrize('kind, min_iou, max_score_gap', [('float', 0.95, 0.02),
+                                                          ('int8', 0.75, 0.15)])
+def test_tflite_detections_agree_with_tensorflow(trained_run, shapes_dataset, kind, min_iou,
+                                                 max_score_gap):
+  from model.config import PostprocessConfig
+  from model.tf_detector import TFDetector
+  model, labels = iteration.load_run_model(trained_run)
+  tf_detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=0.3))
+  lite = TFLiteDetector(trained_run / iteration.RunPaths(trained_run).tflite(kind).name, labels)
+  images = [load_image(p) for p in sorted((shapes_dataset / 'images').glob('test-*.jpg'))[:3]]
+  for image, ours in zip(images, tf_detector.detect(images)):
+    theirs = lite.detect(image, min_score=0.3)
+    assert ours and theirs
+    assert theirs[0].label == ours[0].label
+    assert iou_xyxy(theirs[0].box, ours[0].box) >= min_iou
+    assert abs(theirs[0].score - ours[0].score) <= max_score_gap
+
+
+def test_exported_files_have_the_standard_ssd_outputs(trained_run):
+  from model.export import op_names
+  for name, dtype in (('model.tflite', np.float32), ('model_int8.tflite', np.uint8)):
+    data = (trained_run / name).read_bytes()
+    assert 'TFLite_Detection_PostProcess' in op_names(data)
+    detector = TFLiteDetector(trained_run / name, ['disc', 'square'])
+    assert detector.input['dtype'] == dtype and detector.input_size == 300
+    shapes = [tuple(detector.interpreter.get_tensor(i).shape) for i in detector.outputs]
+    assert shapes == [(1, 100, 4), (1, 100), (1, 100), (1,)]
+  assert (trained_run / 'model_int8.tflite').stat().st_size < 0.4 * (trained_run / 'model.tflite').stat().st_size
+
+
+def test_serving_detector_never_imports_tensorflow(trained_run, shapes_dataset):
+  image = sorted((shapes_dataset / 'images').glob('test-*.jpg'))[0]
+  code = (
+      'import sys\n'
+      'from model.detector import TFLiteDetector, read_labels_file\n'
+      'from model.images import load_image\n'
+      f'run = {str(trained_run)!r}\n'
+      "d = TFLiteDetector(run + '/model_int8.tflite', read_labels_file(run + '/labels.txt'))\n"
+      f'found = d.detect(load_image({str(image)!r}))\n'
+      "assert found, 'nothing detected'\n"
+      "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+      'print(found[0].label)\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() in ('disc', 'square')
+
+
+def test_training_into_an_existing_folder_is_refused(trained_run, shapes_dataset, base_paths):
+  before = sorted(p.name for p in trained_run.iterdir())
+  result = run_model_cli('train', '--tasks', shapes_dataset / 'tasks.json', '--out', trained_run,
+                         model_dir=base_paths.model_dir)
+  assert result.returncode == 2 and 'already exists' in result.stderr
+  assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_malformed_task_file_is_a_clear_error_naming_the_task(tmp_path, base_paths):
+  bad = tmp_path / 'tasks.json'
+  bad.write_text(json.dumps([{'id': 41, 'data': {}, 'annotations': []}]))
+  result = run_model_cli('train', '--tasks', bad, '--out', tmp_path / 'run',
+                         model_dir=base_paths.model_dir)
+  assert result.returncode == 2
+  assert 'task 41' in result.stderr and 'data.image' in result.stderr
+  assert not (tmp_path / 'run').exists()

@@ -1,0 +1,106 @@
+"""Partial restore, class-head initialization and incremental label changes."""
+
+import json
+
+import numpy as np
+
+from model import iteration, restore
+from model.config import TrainConfig
+from tests.synthetic import make_task_set
+
+# Training kept tiny: these tests check what restores and what carries over, not quality.
+TINY = TrainConfig(base_steps=30, steps_per_image=0, max_views_per_image=2)
+
+
+def class_column(head, level, column, num_columns):
+  """Kernel and bias of class `column` for every anchor of one level's conv."""
+  kernel, bias = (w.numpy() for w in head.convs[level].weights)
+  anchors = kernel.shape[-1] // num_columns
+  index = [a * num_columns + column for a in range(anchors)]
+  return kernel[..., index], bias[index]
+
+
+def assert_same_weights(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_new_model_restores_extractor_and_box_head_but_not_the_class_head(base_model, base_paths):
+  base, _ = base_model
+  model = restore.build_project_model(['disc', 'square'], 300, parts_from=base_paths.checkpoint_prefix)
+  assert_same_weights(model.feature_extractor.weights, base.feature_extractor.weights)
+  assert_same_weights(model.box_head.weights, base.box_head.weights)
+  assert [c.filters for c in model.class_head.convs] == [9, 18, 18, 18, 18, 18]
+  # Still the builder's random initialization: nothing of the base head came in.
+  kernel, _ = class_column(model.class_head, 0, 0, 3)
+  base_kernel, _ = class_column(base.class_head, 0, 0, 24)
+  assert not np.allclose(kernel, base_kernel)
+
+
+def test_a_label_naming_a_base_class_starts_from_it(base_model, base_paths):
+  base, base_labels = base_model
+  labels = ['dog', 'widget']
+  model = restore.build_project_model(labels, 300, parts_from=base_paths.checkpoint_prefix)
+  sources = restore.choose_base_sources(labels, base.class_head, base_labels, fits={})
+  assert sources['dog'].index == base_labels.index('Dog')
+  assert sources['widget'].head is None
+  restore.init_class_head(model.class_head, restore.ColumnSource(base.class_head, 0, 'bg'),
+                          [sources[l] for l in labels], seed=0)
+  for level in range(6):
+    for ours, theirs in ((0, 0), (1, base_labels.index('Dog'))):
+      np.testing.assert_array_equal(class_column(model.class_head, level, ours, 3)[0],
+                                    class_column(base.class_head, level, theirs, 24)[0])
+      np.testing.assert_array_equal(class_column(model.class_head, level, ours, 3)[1],
+                                    class_column(base.class_head, level, theirs, 24)[1])
+    _, fresh_bias = class_column(model.class_head, level, 2, 3)
+    np.testing.assert_allclose(fresh_bias, np.log(0.01 / 0.99), rtol=1e-5)
+
+
+def test_class_fit_prefers_the_class_that_singles_out_the_boxes():
+  # Class 1 fires everywhere, class 2 fires only on the boxes: class 2 fits.
+  logits = np.full((2, 50, 3), -4.0)
+  logits[..., 1] = 2.0
+  targets = np.zeros((2, 50), np.int32)
+  targets[:, :5] = 1
+  logits[:, :5, 2] = 1.0
+  fit, on_boxes = restore.class_fit(logits, targets, ['thing'])['thing']
+  assert np.argmax(fit[1:]) + 1 == 2
+  sources = restore.choose_base_sources(['thing'], None, ['bg', 'a', 'b'], {'thing': (fit, on_boxes)})
+  assert sources['thing'].index == 2
+
+
+def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run, tmp_path,
+                                                                    base_paths):
+  previous, previous_labels = iteration.load_run_model(trained_run)
+  assert previous_labels == ['disc', 'square']
+  # The label set changes: square removed, triangle added.
+  tasks = (make_task_set(tmp_path, 4, ('triangle', 'disc'), 'train', seed=5))
+  out = tmp_path / 'iteration-2'
+  iteration.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
+                            config=TINY, export_kinds=())
+  model, labels = iteration.load_run_model(out)
+  assert labels == ['disc', 'triangle']  # kept labels first, in their old order
+  info = json.loads((out / 'run.json').read_text())
+  assert info['started_from'] == str(trained_run)
+  # The frozen extractor is the previous iteration's; the heads trained on.
+  assert_same_weights(model.feature_extractor.weights, previous.feature_extractor.weights)
+  assert [c.filters for c in model.class_head.convs] == [9, 18, 18, 18, 18, 18]
+
+
+def test_kept_label_columns_carry_over_exactly(trained_run, base_model):
+  previous, previous_labels = iteration.load_run_model(trained_run)
+  base, base_labels = base_model
+  labels = ['square', 'triangle']
+  from model import ssd as ssd_lib
+  from model.config import SSDConfig
+  model = ssd_lib.build_ssd(SSDConfig(num_classes=2))
+  base_sources = restore.choose_base_sources(['triangle'], base.class_head, base_labels, fits={})
+  columns = restore.columns_for_labels(labels, previous_labels, previous.class_head, base_sources)
+  restore.init_class_head(model.class_head, restore.ColumnSource(previous.class_head, 0, 'bg'),
+                          columns, seed=0)
+  for level in range(6):
+    for ours, theirs in ((0, 0), (1, previous_labels.index('square') + 1)):
+      for a, b in zip(class_column(model.class_head, level, ours, 3),
+                      class_column(previous.class_head, level, theirs, 3)):
+        np.testing.assert_array_equal(a, b)

@@ -320,7 +320,8 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
     BaseWeightsError: when the weights can't be had or the rebuild isn't exact.
   """
   paths = BasePaths(Path(model_dir))
-  if paths.manifest.is_file() and not force:
+  complete = all(p.is_file() for p in (paths.manifest, paths.detector_tflite, paths.labels))
+  if complete and not force:
     return paths
   started = time.monotonic()
   files, origin = obtain(source, paths.downloads_dir)
@@ -338,8 +339,11 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
     if max(difference.values()) > MAX_ABS_DIFF:
       raise BaseWeightsError(
           f'The converted model does not match the .tflite: {difference} > {MAX_ABS_DIFF}')
-    from model import ssd as ssd_lib
+    from model import export, ssd as ssd_lib
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
+    # The serving form, so the backend can pre-annotate with the base without TensorFlow.
+    staged.detector_tflite.write_bytes(export.convert(model, export.FLOAT))
+    staged.detector_labels.write_text(''.join(f'{label}\n' for label in files.labels[1:]))
     manifest = {
         'package': PACKAGE.spec,
         'source': origin,

@@ -163,6 +163,16 @@ class BasePaths:
     return self.base_dir / 'ckpt'
 
   @property
+  def detector_tflite(self) -> Path:
+    """The base as a serving .tflite with post-processing inside (what the backend runs)."""
+    return self.base_dir / 'detector.tflite'
+
+  @property
+  def detector_labels(self) -> Path:
+    """Real labels of `detector_tflite` in class-id order (the label map without `???`)."""
+    return self.base_dir / 'detector_labels.txt'
+
+  @property
   def manifest(self) -> Path:
     """JSON record of what was converted, from which source, and how exact it is."""
     return self.base_dir / 'base.json'
@@ -187,6 +197,8 @@ class TrainConfig:
   batch_size: int = 16
   # Peak learning rate (Adam), reached after the warm-up, then cosine decay.
   learning_rate: float = 1e-3
+  # The box head's peak learning rate, relative to the class head's.
+  box_learning_rate_scale: float = 1.0
   warmup_fraction: float = 0.1
   # Step budget: base + per_image * images, capped.
   base_steps: int = 300

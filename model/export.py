@@ -14,7 +14,10 @@ as column 0, so the op skips that column and never reports the background.
 from __future__ import annotations
 
 import logging
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -137,3 +140,30 @@ def check_tflite(data: bytes) -> None:
   if variables:
     raise ExportError(f'the exported graph reads weights from variables ({variables}); '
                       'they were not frozen into the file')
+
+
+def metadata_python() -> Path | None:
+  """The interpreter of the MediaPipe environment set-up creates, if it is there."""
+  python = Path(__file__).resolve().parents[1] / '.venv-mediapipe' / 'bin' / 'python'
+  return python if python.is_file() else None
+
+
+def add_metadata(data: bytes, labels: list[str], python: Path) -> bytes:
+  """Adds TFLite metadata (labels, normalization) with MediaPipe's writer, in its own environment.
+
+  Raises:
+    ExportError: when the writer fails.
+  """
+  with tempfile.TemporaryDirectory() as work:
+    source, target, labels_file = (Path(work) / n for n in ('in.tflite', 'out.tflite', 'labels.txt'))
+    source.write_bytes(data)
+    labels_file.write_text(''.join(f'{label}\n' for label in labels))
+    result = subprocess.run(
+        [str(python), '-m', 'model.tflite_metadata', str(source), str(target),
+         '--labels', str(labels_file)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not target.is_file():
+      raise ExportError(f'writing TFLite metadata failed: {result.stderr.strip()[-800:]}')
+    with_metadata = target.read_bytes()
+  check_tflite(with_metadata)
+  return with_metadata

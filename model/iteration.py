@@ -249,8 +249,14 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     t0 = time.monotonic()
     original_views = train_inputs[::views_each][:export_config.calibration_images]
     sizes = {}
+    metadata_python = export.metadata_python()
+    if export_kinds and metadata_python is None:
+      log.warning('No .venv-mediapipe: the .tflite files get no TFLite metadata, which '
+                  "MediaPipe's ObjectDetector needs (bash scripts/setup.sh creates it)")
     for kind in export_kinds:  # benchmarks may skip conversion; the CLI always exports both
       data = export.convert(model, kind, export_config, calibration=original_views)
+      if metadata_python is not None:
+        data = export.add_metadata(data, labels, metadata_python)
       staged.tflite(kind).write_bytes(data)
       sizes[staged.tflite(kind).name] = len(data)
     timings['export_s'] = time.monotonic() - t0
@@ -267,6 +273,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
         'images_per_s': round(report.views_per_s, 1),
         'class_head_init': {l: c.reason for l, c in zip(labels, columns)},
         'file_bytes': sizes,
+        'tflite_metadata': bool(export_kinds and metadata_python),
         'evaluation': evaluation,
         'task_stats': dataclasses.asdict(stats),
     }

@@ -105,7 +105,9 @@ class HeadTrainer:
     self.focal = focal_loss.FocalLoss(config.focal_alpha, config.focal_gamma,
                                       reduction=tf_keras.losses.Reduction.NONE)
     self.huber = tf_keras.losses.Huber(delta=1.0, reduction=tf_keras.losses.Reduction.NONE)
-    self.variables = model.box_head.trainable_variables + model.class_head.trainable_variables
+    self.class_variables = model.class_head.trainable_variables
+    self.box_variables = model.box_head.trainable_variables
+    self.variables = self.box_variables + self.class_variables
 
   def losses(self, features, class_targets, box_targets):
     """Mean per-positive (class loss, box loss) of a batch."""
@@ -122,7 +124,7 @@ class HeadTrainer:
     ) / normalizer
     return class_loss, box_loss
 
-  def _step_fn(self, optimizer, views: CachedViews):
+  def _step_fn(self, optimizers, views: CachedViews):
     # The cache lives in TensorFlow once; each step gathers its batch inside the graph.
     features = [tf.constant(f) for f in views.features]
     class_targets = tf.constant(views.class_targets)
@@ -135,7 +137,9 @@ class HeadTrainer:
         class_loss, box_loss = self.losses(batch, tf.gather(class_targets, index),
                                            tf.gather(box_targets, index))
         loss = class_loss + self.config.box_loss_weight * box_loss
-      optimizer.apply_gradients(zip(tape.gradient(loss, self.variables), self.variables))
+      class_grads, box_grads = tape.gradient(loss, [self.class_variables, self.box_variables])
+      optimizers['class'].apply_gradients(zip(class_grads, self.class_variables))
+      optimizers['box'].apply_gradients(zip(box_grads, self.box_variables))
       return loss
     return step
 
@@ -155,11 +159,17 @@ class HeadTrainer:
             progress: ProgressCallback | None = None) -> TrainReport:
     config = self.config
     warmup = max(1, int(steps * config.warmup_fraction))
-    schedule = tf_keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=config.learning_rate * 0.01, decay_steps=max(1, steps - warmup),
-        warmup_target=config.learning_rate, warmup_steps=warmup)
-    optimizer = tf_keras.optimizers.Adam(learning_rate=schedule)
-    step_fn = self._step_fn(optimizer, train_views)
+
+    def adam(peak):  # linear warm-up to `peak`, then cosine decay
+      return tf_keras.optimizers.Adam(learning_rate=tf_keras.optimizers.schedules.CosineDecay(
+          initial_learning_rate=peak * 0.01, decay_steps=max(1, steps - warmup),
+          warmup_target=peak, warmup_steps=warmup))
+
+    # Two optimizers: Adam is blind to gradient scale, so a restored box head
+    # that should move gently needs its own, smaller learning rate.
+    optimizers = {'class': adam(config.learning_rate),
+                  'box': adam(config.learning_rate * config.box_learning_rate_scale)}
+    step_fn = self._step_fn(optimizers, train_views)
     rng = np.random.default_rng(config.seed)
     batch = min(config.batch_size, max(1, len(train_views)))
     losses, validation_losses = [], []

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up this repository on a fresh machine: a virtual environment in .venv/,
-# the pinned dependencies, and the converted base SSD under $MODEL_DIR.
+# the pinned dependencies, a second small one in .venv-mediapipe/ (TFLite
+# metadata), and the converted base SSD under $MODEL_DIR.
 #   bash scripts/setup.sh          runtime only
 #   bash scripts/setup.sh --test   runtime + test tools
 # Needs Python 3.11 (python3.11 or python3) and, to fetch the base weights,
@@ -28,6 +29,12 @@ fi
 echo "setup: installing $requirements" >&2
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$requirements"
 .venv/bin/python -m pip check >&2
+
+if [ ! -x .venv-mediapipe/bin/python ]; then
+  echo "setup: creating .venv-mediapipe (TFLite metadata writer)" >&2
+  "$python" -m venv .venv-mediapipe
+fi
+.venv-mediapipe/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-mediapipe.txt
 
 echo "setup: base weights" >&2
 .venv/bin/python -m model fetch-base

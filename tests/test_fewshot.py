@@ -1,6 +1,7 @@
 """The few-shot detector end to end: train, run folder, eval, predict, .tflite agreement."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,42 @@ def test_malformed_task_file_is_a_clear_error_naming_the_task(tmp_path, base_pat
   assert result.returncode == 2
   assert 'task 41' in result.stderr and 'data.image' in result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_mediapipe_object_detector_loads_the_file_and_finds_the_shape(trained_run, shapes_dataset):
+  from model.export import metadata_python
+  python = metadata_python()
+  if python is None:
+    if os.environ.get('CI') == 'true':
+      pytest.fail('.venv-mediapipe is missing: scripts/setup.sh must create it')
+    pytest.skip('.venv-mediapipe is not set up on this machine')
+  metrics = json.loads((trained_run / 'metrics.json').read_text())
+  assert metrics['tflite_metadata'] is True
+  tasks = json.loads((shapes_dataset / 'tasks.json').read_text())
+  test_task = next(t for t in tasks if t['meta']['split'] == 'test')
+  value = test_task['annotations'][0]['result'][0]['value']
+  code = (
+      'import json, sys\n'
+      'import mediapipe as mp\n'
+      'from mediapipe.tasks import python as tasks\n'
+      'from mediapipe.tasks.python import vision\n'
+      'out = []\n'
+      'for path in sys.argv[2:]:\n'
+      '  options = vision.ObjectDetectorOptions(\n'
+      '      base_options=tasks.BaseOptions(model_asset_path=path), score_threshold=0.3)\n'
+      '  with vision.ObjectDetector.create_from_options(options) as detector:\n'
+      '    found = detector.detect(mp.Image.create_from_file(sys.argv[1])).detections\n'
+      '  b = found[0].bounding_box\n'
+      '  out.append([found[0].categories[0].category_name, b.origin_x, b.origin_y,\n'
+      '              b.origin_x + b.width, b.origin_y + b.height])\n'
+      'print(json.dumps(out))\n')
+  result = subprocess.run(
+      [str(python), '-c', code, str(shapes_dataset / test_task['data']['image']),
+       str(trained_run / 'model.tflite'), str(trained_run / 'model_int8.tflite')],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  truth = [value['x'] * 3.2, value['y'] * 2.4, (value['x'] + value['width']) * 3.2,
+           (value['y'] + value['height']) * 2.4]
+  for label, *box in json.loads(result.stdout.strip().splitlines()[-1]):
+    assert label == value['rectanglelabels'][0]
+    assert iou_xyxy(box, truth) >= 0.5

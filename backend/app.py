@@ -1,0 +1,187 @@
+"""The Flask app: Label Studio's ML-backend protocol (label-studio-ml 2.x) plus artifacts.
+
+`create_app(settings)` builds a fresh app (tests build one each); gunicorn runs
+`backend.app:create_app()`, which reads the environment. Every error is JSON.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+
+from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+
+from backend.errors import BackendError
+from backend.images import ImageFetcher
+from backend.label_config import parse_label_config
+from backend.predictor import Predictor
+from backend.settings import Settings
+from backend.store import ModelStore, project_key, sha256_file
+
+log = logging.getLogger(__name__)
+MODEL_CLASS = 'FewShotSSD'
+
+routes = Blueprint('ml_backend', __name__)
+
+
+def _services():
+  return current_app.extensions['fewshot']
+
+
+def _json_body() -> dict:
+  body = request.get_json(silent=True)
+  if not isinstance(body, dict):
+    raise BackendError(400, 'the request body must be a JSON object')
+  return body
+
+
+def _project_from(body: dict) -> int:
+  if body.get('project') is None:
+    raise BackendError(400, 'missing "project" (the Label Studio project id)')
+  return project_key(body['project'])
+
+
+@routes.get('/')
+@routes.get('/health')
+def health():
+  return jsonify(status='UP', model_class=MODEL_CLASS)
+
+
+@routes.post('/setup')
+def setup():
+  """Label Studio calls this before every predict: answer fast, with the current version."""
+  project = _project_from(_json_body())
+  version = _services()['store'].current(project)
+  return jsonify(model_version=version.name if version else 'none')
+
+
+@routes.post('/predict')
+def predict():
+  body = _json_body()
+  tasks = body.get('tasks')
+  if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+    raise BackendError(400, '"tasks" must be a list of task objects')
+  project = _project_from(body)
+  target = parse_label_config(body.get('label_config') or '')
+  started = time.monotonic()
+  results = _services()['predictor'].predict(project, tasks, target)
+  _services()['counters']['predicted_tasks'] += len(tasks)
+  log.info('Project %s: predicted %d tasks in %.2f s with %s', project, len(tasks),
+           time.monotonic() - started, results[0]['model_version'] if results else '-')
+  return jsonify(results=results)
+
+
+@routes.post('/webhook')
+def webhook():
+  """Label Studio's project events. Training on them comes with the training queue."""
+  body = _json_body()
+  action = body.get('action')
+  if not isinstance(action, str):
+    raise BackendError(400, 'missing "action"')
+  _services()['counters']['webhooks'] += 1
+  log.info('Webhook %s received', action)
+  return jsonify(status='ok', action=action)
+
+
+@routes.get('/versions')
+def versions():
+  body = request.get_json(silent=True) if request.data else None
+  project = (body or {}).get('project') if isinstance(body, dict) else None
+  project = project_key(project if project is not None else request.args.get('project', ''))
+  store = _services()['store']
+  names = [v.name for v in store.versions(project)]
+  base = store.base_version()
+  return jsonify(versions=([base.name] if base else []) + names)
+
+
+@routes.get('/metrics')
+def metrics():
+  return jsonify(dict(_services()['counters']))
+
+
+@routes.get('/artifacts/<project>')
+def artifact_listing(project):
+  project = project_key(project)
+  return jsonify(project=project, versions=_services()['store'].listing(project))
+
+
+@routes.get('/artifacts/<project>/<version>/<filename>')
+def artifact(project, version, filename):
+  path = _services()['store'].artifact(project_key(project), version, filename)
+  digest = sha256_file(path)
+  response = send_file(path, as_attachment=filename.endswith('.tflite'), etag=digest,
+                       download_name=filename, max_age=0)
+  response.headers['X-Content-SHA256'] = digest
+  return response
+
+
+def _check_basic_auth():
+  settings: Settings = current_app.config['SETTINGS']
+  if not settings.auth_enabled:
+    return None
+  auth = request.authorization
+  ok = (auth is not None and auth.type == 'basic'
+        and hmac.compare_digest((auth.username or '').encode(), settings.basic_auth_user.encode())
+        and hmac.compare_digest((auth.password or '').encode(), settings.basic_auth_pass.encode()))
+  if ok:
+    return None
+  response = jsonify(status=401, error='authentication required (basic auth)')
+  response.status_code = 401
+  response.headers['WWW-Authenticate'] = 'Basic realm="fewshot-ssd"'
+  return response
+
+
+def _handle_backend_error(error: BackendError):
+  response = jsonify(error.to_dict())
+  response.status_code = error.status
+  return response
+
+
+def _handle_http_exception(error: HTTPException):
+  response = jsonify(status=error.code, error=f'{error.name}: {error.description}')
+  response.status_code = error.code or 500
+  return response
+
+
+def _handle_unexpected(error: Exception):
+  log.exception('Unhandled error on %s %s', request.method, request.path)
+  response = jsonify(status=500, error=f'internal error ({type(error).__name__}); see the backend log')
+  response.status_code = 500
+  return response
+
+
+class _Counters(dict):
+  """Request counters for /metrics, safe across threads."""
+
+  def __init__(self):
+    super().__init__(predicted_tasks=0, webhooks=0)
+    self._lock = threading.Lock()
+
+  def __setitem__(self, key, value):
+    with self._lock:
+      super().__setitem__(key, value)
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+  """The WSGI app. Reads the environment only when no settings are given."""
+  settings = settings or Settings.from_env()
+  logging.basicConfig(level=settings.log_level,
+                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  app = Flask(__name__)
+  app.config['SETTINGS'] = settings
+  store = ModelStore(settings.model_dir)
+  fetcher = ImageFetcher(settings)
+  app.extensions['fewshot'] = {
+      'store': store,
+      'predictor': Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency),
+      'counters': _Counters(),
+  }
+  app.before_request(_check_basic_auth)
+  app.register_blueprint(routes)
+  app.register_error_handler(BackendError, _handle_backend_error)
+  app.register_error_handler(HTTPException, _handle_http_exception)
+  app.register_error_handler(Exception, _handle_unexpected)
+  return app

@@ -1,0 +1,96 @@
+"""The backend's settings: the one module that reads the environment.
+
+Names follow label-studio-ml where it has one (LABEL_STUDIO_URL,
+LABEL_STUDIO_API_KEY, MODEL_DIR, BASIC_AUTH_USER/PASS, LOG_LEVEL, WORKERS,
+THREADS, PORT); ours are prefixed with nothing and listed in the README.
+`Settings.from_env()` validates everything at start and names the bad variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+
+class SettingsError(ValueError):
+  """A bad environment variable; the message names it and what it should be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything the service can be told, with its defaults."""
+
+  model_dir: Path = Path('models')
+  label_studio_url: str | None = None
+  label_studio_api_key: str | None = dataclasses.field(default=None, repr=False)
+  basic_auth_user: str | None = None
+  basic_auth_pass: str | None = dataclasses.field(default=None, repr=False)
+  log_level: str = 'INFO'
+  host: str = '0.0.0.0'
+  port: int = 9090
+  workers: int = 1
+  threads: int = 8
+  # Regions below this score are not sent to Label Studio.
+  score_threshold: float = 0.25
+  # Images fetched at once for one /predict batch.
+  fetch_concurrency: int = 8
+  # Largest image we download, in bytes.
+  max_image_bytes: int = 50_000_000
+
+  @property
+  def auth_enabled(self) -> bool:
+    return self.basic_auth_user is not None
+
+  @classmethod
+  def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
+    """Reads and validates the environment.
+
+    Raises:
+      SettingsError: naming the first bad variable.
+    """
+    env = os.environ if environ is None else environ
+    defaults = cls()
+
+    def text(name, default=None):
+      value = env.get(name, '').strip()
+      return value or default
+
+    def number(name, default, kind=int, minimum=None, maximum=None):
+      raw = text(name)
+      if raw is None:
+        return default
+      try:
+        value = kind(raw)
+      except ValueError:
+        raise SettingsError(f'{name}={raw!r} is not a {kind.__name__}') from None
+      if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise SettingsError(f'{name}={raw} must be between {minimum} and {maximum}')
+      return value
+
+    url = text('LABEL_STUDIO_URL')
+    if url is not None and not url.startswith(('http://', 'https://')):
+      raise SettingsError(f'LABEL_STUDIO_URL={url!r} must start with http:// or https://')
+    user, password = text('BASIC_AUTH_USER'), text('BASIC_AUTH_PASS')
+    if (user is None) != (password is None):
+      raise SettingsError('BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together')
+    log_level = text('LOG_LEVEL', defaults.log_level).upper()
+    if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
+      raise SettingsError(f'LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR')
+    return cls(
+        model_dir=Path(text('MODEL_DIR', str(defaults.model_dir))),
+        label_studio_url=url.rstrip('/') if url else None,
+        label_studio_api_key=text('LABEL_STUDIO_API_KEY'),
+        basic_auth_user=user,
+        basic_auth_pass=password,
+        log_level=log_level,
+        host=text('HOST', defaults.host),
+        port=number('PORT', defaults.port, minimum=1, maximum=65535),
+        workers=number('WORKERS', defaults.workers, minimum=1, maximum=64),
+        threads=number('THREADS', defaults.threads, minimum=1, maximum=256),
+        score_threshold=number('SCORE_THRESHOLD', defaults.score_threshold, float, 0.0, 1.0),
+        fetch_concurrency=number('FETCH_CONCURRENCY', defaults.fetch_concurrency, minimum=1,
+                                 maximum=64),
+        max_image_bytes=number('MAX_IMAGE_BYTES', defaults.max_image_bytes, minimum=1000),
+    )

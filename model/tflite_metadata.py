@@ -1,0 +1,76 @@
+"""Adds TFLite metadata (labels, input normalization) to an exported detector.
+
+MediaPipe's ObjectDetector (and the TFLite Task Library) load a detection
+.tflite only with this metadata. The writer is MediaPipe's, which cannot share
+an environment with tensorflow-model-optimization, so this module runs in the
+small second environment set-up creates (`.venv-mediapipe/`), imports neither
+TensorFlow nor the rest of `model/`, and is called as:
+
+  .venv-mediapipe/bin/python -m model.tflite_metadata IN.tflite OUT.tflite --labels labels.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+
+# The metadata writer asks a compiled helper, missing from mediapipe's wheels
+# since 0.10.30, for the minimum parser version the metadata needs. Everything
+# this writer emits (object detector with NMS outputs, label file, input
+# normalization) is readable by parsers from 1.0.0 on.
+MIN_PARSER_VERSION = '1.0.0'
+
+
+def _supply_version_helper() -> None:
+  name = 'mediapipe.tasks.cc.metadata.python._pywrap_metadata_version'
+  if name in sys.modules:
+    return
+  try:
+    __import__(name)
+    return
+  except ImportError:
+    pass
+  helper = types.ModuleType(name)
+  helper.GetMinimumMetadataParserVersion = lambda metadata_buf: MIN_PARSER_VERSION
+  for parent in ('mediapipe.tasks.cc', 'mediapipe.tasks.cc.metadata',
+                 'mediapipe.tasks.cc.metadata.python'):
+    sys.modules.setdefault(parent, types.ModuleType(parent))
+  sys.modules[name] = helper
+
+
+def with_metadata(model: bytes, labels: list[str]) -> bytes:
+  """The model with object-detector metadata: labels and the [-1, 1] input normalization.
+
+  The normalization (x - 127.5) / 127.5 is what a float32 input needs; for a
+  uint8 input the file's quantization already maps pixels to [-1, 1] and
+  readers skip it.
+  """
+  _supply_version_helper()
+  from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer, object_detector
+  writer = object_detector.MetadataWriter.create_for_models_with_nms(
+      model, input_norm_mean=[127.5], input_norm_std=[127.5],
+      labels=metadata_writer.Labels().add(labels))
+  model_with_metadata, _ = writer.populate()  # (bytes, metadata as JSON)
+  del writer  # its __del__ cleans a temp dir; at interpreter exit that fails noisily
+  return bytes(model_with_metadata)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('input')
+  parser.add_argument('output')
+  parser.add_argument('--labels', required=True, help='labels.txt, one real label per line')
+  args = parser.parse_args(argv)
+  with open(args.labels) as file:
+    labels = [line.rstrip('\n') for line in file if line.strip()]
+  with open(args.input, 'rb') as file:
+    model = file.read()
+  with open(args.output, 'wb') as file:
+    file.write(with_metadata(model, labels))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,225 @@
+"""The ML backend over real HTTP (gunicorn), as Label Studio calls it."""
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from backend.settings import Settings, SettingsError
+from model.detection import iou_xyxy
+from tests.conftest import REPO
+
+CONFIG = ('<View><Image name="img" value="$photo"/>'
+          '<RectangleLabels name="box" toName="img">'
+          '<Label value="disc"/><Label value="square"/></RectangleLabels></View>')
+BASE_CONFIG = ('<View><Image name="image" value="$image"/>'
+               '<RectangleLabels name="label" toName="image">'
+               '<Label value="hound" predicted_values="Dog"/><Label value="car"/>'
+               '</RectangleLabels></View>')
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+class Backend:
+  """`python -m backend` on a free port, stopped at the end."""
+
+  def __init__(self, model_dir, **env):
+    self.port = free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    environ = {k: v for k, v in os.environ.items() if k not in ('HOST', 'PORT')}
+    environ.update(MODEL_DIR=str(model_dir), PORT=str(self.port), HOST='127.0.0.1',
+                   WORKERS='1', THREADS='4', LOG_LEVEL='INFO', **env)
+    self.process = subprocess.Popen([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      if self.process.poll() is not None:
+        raise RuntimeError(f'backend exited: {self.process.stdout.read()[-2000:]}')
+      try:
+        requests.get(self.url + '/health', timeout=1, auth=('u', env.get('BASIC_AUTH_PASS', '')))
+        return
+      except requests.ConnectionError:
+        time.sleep(0.2)
+    raise RuntimeError('backend did not start in 60 s')
+
+  def stop(self):
+    self.process.terminate()
+    try:
+      self.process.wait(10)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+
+
+@pytest.fixture(scope='module')
+def model_dir(base_paths, trained_run, tmp_path_factory):
+  """A model directory with the base and, for project 7, one published version."""
+  directory = tmp_path_factory.mktemp('backend-models')
+  shutil.copytree(base_paths.base_dir, directory / 'base')
+  shutil.copytree(trained_run, directory / 'projects' / '7' / 'versions' / 'v1')
+  return directory
+
+
+@pytest.fixture(scope='module')
+def backend(model_dir):
+  server = Backend(model_dir)
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope='module')
+def image_server(shapes_dataset):
+  """A plain HTTP server for the test images (tasks with http:// URLs)."""
+  handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shapes_dataset))
+  handler.log_message = lambda *args: None
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield f'http://127.0.0.1:{server.server_address[1]}'
+  server.shutdown()
+
+
+def test_health_and_root_answer_instantly(backend):
+  for path in ('/health', '/'):
+    started = time.monotonic()
+    response = requests.get(backend.url + path, timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {'status': 'UP', 'model_class': 'FewShotSSD'}
+    assert time.monotonic() - started < 1.0
+
+
+def test_setup_returns_the_project_version(backend):
+  body = {'project': '7.1700000000', 'schema': CONFIG, 'hostname': 'http://localhost:8080',
+          'access_token': 'x', 'extra_params': None}
+  assert requests.post(backend.url + '/setup', json=body).json() == {'model_version': 'fewshot-ssd-v1'}
+  body['project'] = '8.1700000000'
+  assert requests.post(backend.url + '/setup', json=body).json() == {'model_version': 'fewshot-ssd-base'}
+
+
+def test_predict_returns_one_prediction_per_task_in_order(backend, shapes_dataset, image_server):
+  tasks_file = json.loads((shapes_dataset / 'tasks.json').read_text())
+  test_tasks = [t for t in tasks_file if t['meta']['split'] == 'test'][:3]
+  tasks = [{'id': t['id'], 'data': {'photo': f'{image_server}/{t["data"]["image"]}'}}
+           for t in test_tasks]
+  tasks.insert(1, {'id': 999, 'data': {'photo': f'{image_server}/images/missing.jpg'}})
+  tasks.append({'id': 1000, 'data': {'photo': str(shapes_dataset / test_tasks[0]['data']['image'])}})
+  response = requests.post(backend.url + '/predict', json={
+      'tasks': tasks, 'project': '7.1700000000', 'label_config': CONFIG,
+      'params': {'login': None, 'password': None, 'context': None}}, timeout=60)
+  assert response.status_code == 200, response.text
+  results = response.json()['results']
+  assert len(results) == len(tasks)
+  assert results[1] == {'model_version': 'fewshot-ssd-v1', 'score': 0.0, 'result': []}
+  for prediction, task in zip([results[0], results[2], results[3], results[4]],
+                              test_tasks + [test_tasks[0]]):
+    assert prediction['model_version'] == 'fewshot-ssd-v1'
+    best = max(prediction['result'], key=lambda r: r['score'])
+    truth = task['annotations'][0]['result'][0]['value']
+    assert (best['from_name'], best['to_name'], best['type']) == ('box', 'img', 'rectanglelabels')
+    assert (best['original_width'], best['original_height']) == (320, 240)
+    value = best['value']
+    assert value['rectanglelabels'] == truth['rectanglelabels']
+    assert iou_xyxy((value['x'], value['y'], value['x'] + value['width'], value['y'] + value['height']),
+                    (truth['x'], truth['y'], truth['x'] + truth['width'],
+                     truth['y'] + truth['height'])) >= 0.5
+    assert 0 < prediction['score'] <= 1
+
+
+def test_before_training_the_base_predicts_labels_it_knows(backend, image_server):
+  tasks = [{'id': 1, 'data': {'image': f'{image_server}/images/test-2-0.jpg'}}]
+  response = requests.post(backend.url + '/predict', json={
+      'tasks': tasks, 'project': 8, 'label_config': BASE_CONFIG})
+  (prediction,) = response.json()['results']
+  assert prediction['model_version'] == 'fewshot-ssd-base'
+  assert all(r['value']['rectanglelabels'][0] in ('hound', 'car') for r in prediction['result'])
+  # A project whose labels the base doesn't know gets empty predictions.
+  response = requests.post(backend.url + '/predict', json={
+      'tasks': tasks, 'project': 8, 'label_config': CONFIG.replace('$photo', '$image')})
+  assert response.json()['results'] == [{'model_version': 'fewshot-ssd-base', 'score': 0.0,
+                                         'result': []}]
+
+
+@pytest.mark.parametrize('method, path, body, status, message', [
+    ('post', '/predict', b'{"tasks": [', 400, 'JSON object'),
+    ('post', '/predict', {'tasks': 'x', 'project': 7, 'label_config': CONFIG}, 400, 'list of task'),
+    ('post', '/predict', {'tasks': [], 'label_config': CONFIG}, 400, 'project'),
+    ('post', '/predict', {'tasks': [], 'project': 'abc', 'label_config': CONFIG}, 400, 'project id'),
+    ('post', '/predict', {'tasks': [{'id': 1, 'data': {}}], 'project': 7,
+                          'label_config': '<View><Text name="t" value="$t"/></View>'}, 422,
+     'RectangleLabels'),
+    ('post', '/predict', {'tasks': [], 'project': 7, 'label_config': '<View'}, 422, 'parsed'),
+    ('post', '/setup', {}, 400, 'project'),
+    ('post', '/webhook', {'project': {}}, 400, 'action'),
+    ('get', '/nowhere', None, 404, 'Not Found'),
+    ('get', '/artifacts/7/latest/ckpt.index', None, 404, 'no artifact'),
+    ('get', '/artifacts/7/latest/..%2F..%2F..%2Fbase%2Flabels.txt', None, 404, ''),
+    ('get', '/artifacts/7/fewshot-ssd-v9/model.tflite', None, 404, 'no published version'),
+    ('get', '/artifacts/x/latest/model.tflite', None, 400, 'project id'),
+])
+def test_bad_requests_get_json_errors(backend, method, path, body, status, message):
+  kwargs = {'data': body} if isinstance(body, bytes) else {'json': body}
+  response = getattr(requests, method)(backend.url + path, timeout=10,
+                                       headers={'Content-Type': 'application/json'}, **kwargs)
+  assert response.status_code == status
+  assert response.headers['Content-Type'] == 'application/json'
+  assert message in response.json()['error']
+
+
+def test_versions_list_the_base_and_published_versions(backend):
+  response = requests.get(backend.url + '/versions', json={'project': '7.1700000000'})
+  assert response.json() == {'versions': ['fewshot-ssd-base', 'fewshot-ssd-v1']}
+
+
+def test_artifacts_download_with_their_sha256(backend, trained_run):
+  listing = requests.get(backend.url + '/artifacts/7').json()
+  (version,) = listing['versions']
+  assert version['model_version'] == 'fewshot-ssd-v1'
+  files = {f['name']: f for f in version['files']}
+  assert {'model.tflite', 'model_int8.tflite', 'labels.txt', 'metrics.json'} <= set(files)
+  for alias in ('fewshot-ssd-v1', 'latest'):
+    response = requests.get(f'{backend.url}/artifacts/7/{alias}/model_int8.tflite')
+    assert response.status_code == 200
+    assert response.content == (trained_run / 'model_int8.tflite').read_bytes()
+    import hashlib
+    digest = hashlib.sha256(response.content).hexdigest()
+    assert response.headers['X-Content-SHA256'] == digest == files['model_int8.tflite']['sha256']
+
+
+def test_basic_auth_guards_every_route_when_set(model_dir):
+  server = Backend(model_dir, BASIC_AUTH_USER='ls', BASIC_AUTH_PASS='s3cret')
+  try:
+    assert requests.get(server.url + '/health').status_code == 401
+    assert requests.get(server.url + '/health', auth=('ls', 'wrong')).status_code == 401
+    assert requests.post(server.url + '/webhook', json={'action': 'START_TRAINING'}).status_code == 401
+    assert requests.get(server.url + '/health', auth=('ls', 's3cret')).status_code == 200
+    assert requests.post(server.url + '/webhook', json={'action': 'START_TRAINING'},
+                         auth=('ls', 's3cret')).status_code == 200
+  finally:
+    server.stop()
+
+
+@pytest.mark.parametrize('env, name', [({'PORT': 'http'}, 'PORT'), ({'WORKERS': '0'}, 'WORKERS'),
+                                       ({'BASIC_AUTH_USER': 'x'}, 'BASIC_AUTH'),
+                                       ({'LABEL_STUDIO_URL': 'localhost:8080'}, 'LABEL_STUDIO_URL'),
+                                       ({'SCORE_THRESHOLD': '2'}, 'SCORE_THRESHOLD')])
+def test_bad_settings_are_named(env, name):
+  with pytest.raises(SettingsError, match=name):
+    Settings.from_env(env)
+
+
+def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):
+  environ = dict(os.environ, PORT='not-a-port', MODEL_DIR=str(tmp_path))
+  result = subprocess.run([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'PORT' in result.stderr

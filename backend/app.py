@@ -16,10 +16,12 @@ from werkzeug.exceptions import HTTPException
 
 from backend.errors import BackendError
 from backend.images import ImageFetcher
+from backend.jobs import TrainingQueue
 from backend.label_config import parse_label_config
 from backend.predictor import Predictor
 from backend.settings import Settings
 from backend.store import ModelStore, project_key, sha256_file
+from backend.training import train_project
 
 log = logging.getLogger(__name__)
 MODEL_CLASS = 'FewShotSSD'
@@ -74,16 +76,53 @@ def predict():
   return jsonify(results=results)
 
 
+ANNOTATION_EVENTS = ('ANNOTATION_CREATED', 'ANNOTATION_UPDATED', 'ANNOTATIONS_DELETED')
+
+
+def _webhook_project(body: dict) -> int:
+  project = body.get('project')
+  if isinstance(project, dict):
+    project = project.get('id')
+  if project is None and isinstance(body.get('annotation'), dict):
+    project = body['annotation'].get('project')
+  if project is None:
+    raise BackendError(400, 'the event names no project (project.id)')
+  return project_key(project)
+
+
 @routes.post('/webhook')
 def webhook():
-  """Label Studio's project events. Training on them comes with the training queue."""
+  """Label Studio's events: START_TRAINING and annotation changes queue training.
+
+  Answers at once (Label Studio waits 1 s for annotation events); the
+  training runs in the background.
+  """
   body = _json_body()
   action = body.get('action')
   if not isinstance(action, str):
     raise BackendError(400, 'missing "action"')
   _services()['counters']['webhooks'] += 1
-  log.info('Webhook %s received', action)
-  return jsonify(status='ok', action=action)
+  queue = _services()['queue']
+  if action == 'START_TRAINING':
+    outcome = queue.trigger(_webhook_project(body), 'START_TRAINING')
+  elif action in ANNOTATION_EVENTS:
+    settings: Settings = current_app.config['SETTINGS']
+    if settings.train_every_n_annotations == 0:
+      outcome = 'ignored (TRAIN_EVERY_N_ANNOTATIONS=0)'
+    else:
+      outcome = queue.annotation_event(_webhook_project(body), action)
+  else:
+    outcome = 'ignored'
+  return jsonify(status='ok', action=action, training=outcome)
+
+
+@routes.get('/train/status')
+def train_status():
+  project = project_key(request.args.get('project', ''))
+  status = _services()['queue'].status[project].to_dict()
+  current = _services()['store'].current(project)
+  status['current_version'] = current.name if current else None
+  return jsonify(status)
 
 
 @routes.get('/versions')
@@ -165,6 +204,16 @@ class _Counters(dict):
       super().__setitem__(key, value)
 
 
+def _logged(project: int, progress):
+  """Progress callback that also logs every tenth of the run."""
+  def report(p):
+    progress(p)
+    if p.step == p.total_steps or p.step % max(10, p.total_steps // 10) == 0:
+      log.info('Project %s: training step %d/%d, loss %.4f, %.0f img/s, ETA %.0f s', project,
+               p.step, p.total_steps, p.loss, p.images_per_s, p.eta_s)
+  return report
+
+
 def create_app(settings: Settings | None = None) -> Flask:
   """The WSGI app. Reads the environment only when no settings are given."""
   settings = settings or Settings.from_env()
@@ -174,8 +223,13 @@ def create_app(settings: Settings | None = None) -> Flask:
   app.config['SETTINGS'] = settings
   store = ModelStore(settings.model_dir)
   fetcher = ImageFetcher(settings)
+  def run_job(project, progress):
+    return train_project(settings, store, fetcher, project, _logged(project, progress))
+
   app.extensions['fewshot'] = {
       'store': store,
+      'queue': TrainingQueue(run_job, settings.model_dir / 'locks',
+                             settings.train_every_n_annotations or 1, settings.train_debounce_s),
       'predictor': Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency),
       'counters': _Counters(),
   }

@@ -96,21 +96,29 @@ class ImageFetcher:
     Raises:
       ImageError: unreachable, refused, too large, or not an image; the message says which.
     """
+    return load_image(self.local_path(url, task_id))
+
+  def local_path(self, url: str, task_id: int | None = None) -> Path:
+    """The task's image file in the cache, downloaded and checked on first use.
+
+    Raises:
+      ImageError: as `load`.
+    """
     if not isinstance(url, str) or not url:
       raise ImageError('the task has no image URL')
     cached = self.cache_dir / hashlib.sha256(url.encode()).hexdigest()
     if cached.is_file():
-      return load_image(cached)
+      return cached
     data = self._fetch(url, task_id)
     try:
-      image = load_image(io.BytesIO(data))
+      load_image(io.BytesIO(data))  # refuse what isn't a readable image before caching it
     except ImageError as error:
       raise ImageError(f'{url[:200]}: {str(error).split(": ", 1)[-1]}') from error
     self.cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_suffix(f'.{threading.get_ident()}.part')
+    partial = cached.with_name(f'{cached.name}.{threading.get_ident()}.part')
     partial.write_bytes(data)
     partial.replace(cached)
-    return image
+    return cached
 
   def _fetch(self, url: str, task_id: int | None) -> bytes:
     scheme = urlparse(url).scheme

@@ -38,6 +38,10 @@ class Settings:
   fetch_concurrency: int = 8
   # Largest image we download, in bytes.
   max_image_bytes: int = 50_000_000
+  # Annotation events that trigger a training run (0: only START_TRAINING does),
+  # and the quiet time after the last of them before it starts.
+  train_every_n_annotations: int = 5
+  train_debounce_s: float = 10.0
 
   @property
   def auth_enabled(self) -> bool:
@@ -93,4 +97,7 @@ class Settings:
         fetch_concurrency=number('FETCH_CONCURRENCY', defaults.fetch_concurrency, minimum=1,
                                  maximum=64),
         max_image_bytes=number('MAX_IMAGE_BYTES', defaults.max_image_bytes, minimum=1000),
+        train_every_n_annotations=number('TRAIN_EVERY_N_ANNOTATIONS',
+                                         defaults.train_every_n_annotations, minimum=0),
+        train_debounce_s=number('TRAIN_DEBOUNCE_S', defaults.train_debounce_s, float, 0.0, 3600.0),
     )

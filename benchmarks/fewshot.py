@@ -138,11 +138,12 @@ def ducky(ducky_dir, model_dir, work, results):
   detector = TFLiteDetector(run.tflite('float'), labels)
   examples, _ = tasks_lib.parse_tasks(tasks)
   frames = [e for e in examples if e.split == tasks_lib.UNLABELED]
-  found, thumbs = 0, []
+  found, found_03, thumbs = 0, 0, []
   for example in frames:
     image = load_image(tasks_lib.resolve_image(example, ducky_dir))
-    detections = detector.detect(image, min_score=0.5)
-    found += bool(detections)
+    detections = detector.detect(image, min_score=0.3)
+    found_03 += bool(detections)
+    found += bool(detections and detections[0].score >= 0.5)
     draw = ImageDraw.Draw(image)
     for d in detections[:3]:
       draw.rectangle(d.box, outline=(255, 0, 0), width=4)
@@ -155,6 +156,7 @@ def ducky(ducky_dir, model_dir, work, results):
   sheet_path = REPO / 'benchmarks' / 'results' / 'ducky_contact_sheet.png'
   sheet.save(sheet_path)
   results['ducky'] = {'frames': len(frames), 'frames_with_duck_at_0.5': found,
+                      'frames_with_duck_at_0.3': found_03,
                       'iteration_s': metrics['wall_time_s']['total_s'],
                       'contact_sheet': str(sheet_path.relative_to(REPO))}
   shutil.rmtree(run.root.parent)
@@ -185,8 +187,9 @@ def write(results):
                  f'{results["export"]["tf"]["map"]:.3f} |')
   if 'ducky' in results:
     d = results['ducky']
-    lines += ['', f'Ducky (5 shots): duck found at score ≥ 0.5 in {d["frames_with_duck_at_0.5"]} '
-              f'of {d["frames"]} unlabeled frames; contact sheet `{d["contact_sheet"]}`.']
+    lines += ['', f'Ducky (5 shots): a detection at score ≥ 0.5 in {d["frames_with_duck_at_0.5"]} '
+              f'and ≥ 0.3 in {d["frames_with_duck_at_0.3"]} of {d["frames"]} unlabeled frames '
+              f'(boxes drawn at ≥ 0.3); contact sheet `{d["contact_sheet"]}`.']
   (out / 'fewshot.md').write_text('\n'.join(lines) + '\n')
 
 

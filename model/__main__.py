@@ -41,13 +41,21 @@ def _images_root(args) -> Path:
 class _ProgressBar:
   """One updating line on stderr: step, loss, images/s, ETA."""
 
+  open = False
+
+  def close(self) -> None:
+    if self.open:
+      sys.stderr.write('\n')
+      self.open = False
+
   def __call__(self, p) -> None:
+    self.open = True
     width = 30
     done = int(width * p.step / max(1, p.total_steps))
     sys.stderr.write(f'\r[{"#" * done}{"." * (width - done)}] step {p.step}/{p.total_steps} '
                      f'loss {p.loss:.4f} {p.images_per_s:.0f} img/s ETA {p.eta_s:.0f}s ')
     if p.step >= p.total_steps:
-      sys.stderr.write('\n')
+      self.close()
     sys.stderr.flush()
 
 
@@ -56,9 +64,13 @@ def cmd_train(args) -> int:
   from model.config import TrainConfig
   config = TrainConfig(seed=args.seed)
   tasks = tasks_lib.load_tasks_file(args.tasks)
-  run = iteration.train_iteration(
-      tasks, _images_root(args), Path(args.out), _model_dir(args), previous=args.previous,
-      config=config, max_images=args.max_images, progress=_ProgressBar())
+  bar = _ProgressBar()
+  try:
+    run = iteration.train_iteration(
+        tasks, _images_root(args), Path(args.out), _model_dir(args), previous=args.previous,
+        config=config, max_images=args.max_images, progress=bar)
+  finally:
+    bar.close()  # early stopping ends the bar before its last step
   log.info('Run folder: %s', run.root)
   return 0
 
@@ -68,7 +80,7 @@ def _tflite_detect_fn(detector, min_score):
 
 
 def cmd_eval(args) -> int:
-  from model import iteration, tasks as tasks_lib
+  from model import tasks as tasks_lib
   from model.evaluate import coco_map
   from model.images import ImageError, load_image
   examples, _ = tasks_lib.parse_tasks(tasks_lib.load_tasks_file(args.tasks))

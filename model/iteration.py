@@ -212,7 +212,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     base_logits = base_model.class_head(features).numpy()
     fits = restore.class_fit(base_logits, train_views.class_targets[originals], labels)
   base_sources = restore.choose_base_sources(new_labels, base_model.class_head,
-                                             base_labels_for_init, fits)
+                                             base_labels_for_init, fits, config.class_init_blend)
   columns = restore.columns_for_labels(
       labels, previous_labels, previous_model.class_head if previous_model else None, base_sources)
   if previous_model:
@@ -226,8 +226,12 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
 
   # Train the heads.
   steps = config.step_budget(len(fit))
-  log.info('Training the heads for up to %d steps (batch %d)', steps, config.batch_size)
-  report = HeadTrainer(model, config).train(train_views, steps, validation_views, progress)
+  learning_rate = config.class_learning_rate(len(fit), any(c.head is None for c in columns))
+  box_scale = config.box_learning_rate_scale_for(len(fit))
+  log.info('Training the heads for up to %d steps (batch %d, learning rate %.1e, box head x%g)',
+           steps, config.batch_size, learning_rate, box_scale)
+  report = HeadTrainer(model, config, learning_rate, box_scale).train(
+      train_views, steps, validation_views, progress)
   log.info('Trained %d steps in %.1f s (%.0f views/s)%s', report.steps, report.seconds,
            report.views_per_s, ', stopped early' if report.stopped_early else '')
 
@@ -271,6 +275,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
         'validation_loss': [[s, round(v, 5)] for s, v in report.validation],
         'wall_time_s': {k: round(v, 2) for k, v in timings.items()},
         'images_per_s': round(report.views_per_s, 1),
+        'learning_rate': {'class_head': learning_rate, 'box_head': learning_rate * box_scale},
         'class_head_init': {l: c.reason for l, c in zip(labels, columns)},
         'file_bytes': sizes,
         'tflite_metadata': bool(export_kinds and metadata_python),

@@ -31,11 +31,16 @@ MIN_MATCH_SCORE = 0.05
 
 @dataclasses.dataclass(frozen=True)
 class ColumnSource:
-  """Where a new class column comes from: column `index` of `head` (None: fresh)."""
+  """Where a new class column comes from: column `index` of `head` (None: fresh).
+
+  With `blend`, the column is the weighted mean of several source columns,
+  (index, weight) pairs: its logit is the same mean of theirs.
+  """
 
   head: ssd_lib.PredictionHead | None
   index: int
   reason: str
+  blend: tuple[tuple[int, float], ...] = ()
 
 
 def restore_parts(model: ssd_lib.SSD, checkpoint_prefix: Path, parts: tuple[str, ...]) -> None:
@@ -99,7 +104,8 @@ def class_fit(class_logits: np.ndarray, class_targets: np.ndarray,
 
 
 def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
-                        fits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, ColumnSource]:
+                        fits: dict[str, tuple[np.ndarray, np.ndarray]],
+                        blend: int = 1) -> dict[str, ColumnSource]:
   """For each label: the base class it names, else the best-fitting one (`class_fit`), else fresh."""
   sources = {}
   for label in labels:
@@ -111,9 +117,13 @@ def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
       fit, on_boxes = fits[label]
       best = int(np.argmax(fit[1:])) + 1  # never the background
       if on_boxes[best] >= MIN_MATCH_SCORE:
+        top = [int(i) + 1 for i in np.argsort(-fit[1:])[:blend]]
+        top = [i for i in top if on_boxes[i] >= MIN_MATCH_SCORE]
+        mix = tuple((i, 1.0 / len(top)) for i in top) if len(top) > 1 else ()
+        names = ' + '.join(f'"{base_labels[i]}"' for i in top)
         sources[label] = ColumnSource(
-            base_head, best, f'base class "{base_labels[best]}" fits its boxes best '
-            f'(anchor AP {fit[best]:.2f}, score {on_boxes[best]:.2f})')
+            base_head, best, f'base class {names} fits its boxes best '
+            f'(anchor AP {fit[best]:.2f}, score {on_boxes[best]:.2f})', mix)
         continue
     sources[label] = ColumnSource(None, 0, 'fresh (no base class fits)')
   return sources
@@ -142,8 +152,9 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
         else:
           src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
           src_k = src_kernel.shape[-1] // anchors
-          kernel[..., column] = src_kernel[..., a * src_k + source.index]
-          bias[column] = src_bias[a * src_k + source.index]
+          parts = source.blend or ((source.index, 1.0),)
+          kernel[..., column] = sum(w * src_kernel[..., a * src_k + i] for i, w in parts)
+          bias[column] = sum(w * src_bias[a * src_k + i] for i, w in parts)
     conv.set_weights([kernel, bias])
 
 

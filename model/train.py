@@ -96,11 +96,16 @@ class HeadTrainer:
   Args:
     model: the project's SSD; its heads are updated in place.
     config: training settings.
+    learning_rate: the class head's peak learning rate.
+    box_learning_rate_scale: the box head's, relative to it (0 freezes it).
   """
 
-  def __init__(self, model: ssd_lib.SSD, config: TrainConfig):
+  def __init__(self, model: ssd_lib.SSD, config: TrainConfig, learning_rate: float,
+               box_learning_rate_scale: float):
     self.model = model
     self.config = config
+    self.learning_rate = learning_rate
+    self.box_learning_rate_scale = box_learning_rate_scale
     self.num_columns = model.config.num_classes + 1
     self.focal = focal_loss.FocalLoss(config.focal_alpha, config.focal_gamma,
                                       reduction=tf_keras.losses.Reduction.NONE)
@@ -167,8 +172,8 @@ class HeadTrainer:
 
     # Two optimizers: Adam is blind to gradient scale, so a restored box head
     # that should move gently needs its own, smaller learning rate.
-    optimizers = {'class': adam(config.learning_rate),
-                  'box': adam(config.learning_rate * config.box_learning_rate_scale)}
+    optimizers = {'class': adam(self.learning_rate),
+                  'box': adam(self.learning_rate * self.box_learning_rate_scale)}
     step_fn = self._step_fn(optimizers, train_views)
     rng = np.random.default_rng(config.seed)
     batch = min(config.batch_size, max(1, len(train_views)))

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and starts the detector's command line:
-#   bash scripts/run.sh predict --base photo.jpg
-# With no arguments it prints the command line's help.
+# Sets up (scripts/setup.sh) and starts the Label Studio ML backend on $PORT
+# (9090) with the embedded defaults: models under $MODEL_DIR (./models),
+# training in-process. Settings come from the environment (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ $# -eq 0 ]; then set -- --help; fi
-exec .venv/bin/python -m model "$@"
+exec .venv/bin/python -m backend

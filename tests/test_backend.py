@@ -5,7 +5,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import requests
 
 from backend.settings import Settings, SettingsError
 from model.detection import iou_xyxy
-from tests.conftest import REPO
+from tests.conftest import REPO, Backend
 
 CONFIG = ('<View><Image name="img" value="$photo"/>'
           '<RectangleLabels name="box" toName="img">'
@@ -25,42 +24,6 @@ BASE_CONFIG = ('<View><Image name="image" value="$image"/>'
                '<RectangleLabels name="label" toName="image">'
                '<Label value="hound" predicted_values="Dog"/><Label value="car"/>'
                '</RectangleLabels></View>')
-
-
-def free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
-
-
-class Backend:
-  """`python -m backend` on a free port, stopped at the end."""
-
-  def __init__(self, model_dir, **env):
-    self.port = free_port()
-    self.url = f'http://127.0.0.1:{self.port}'
-    environ = {k: v for k, v in os.environ.items() if k not in ('HOST', 'PORT')}
-    environ.update(MODEL_DIR=str(model_dir), PORT=str(self.port), HOST='127.0.0.1',
-                   WORKERS='1', THREADS='4', LOG_LEVEL='INFO', **env)
-    self.process = subprocess.Popen([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-      if self.process.poll() is not None:
-        raise RuntimeError(f'backend exited: {self.process.stdout.read()[-2000:]}')
-      try:
-        requests.get(self.url + '/health', timeout=1, auth=('u', env.get('BASIC_AUTH_PASS', '')))
-        return
-      except requests.ConnectionError:
-        time.sleep(0.2)
-    raise RuntimeError('backend did not start in 60 s')
-
-  def stop(self):
-    self.process.terminate()
-    try:
-      self.process.wait(10)
-    except subprocess.TimeoutExpired:
-      self.process.kill()
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,138 @@
+"""One training job: a project's labeled tasks from Label Studio -> a published version.
+
+The job fetches the label config and the tasks with their annotations through
+label-studio-sdk, downloads the images (cached), turns the tasks into the JSON
+export form `model/` reads, trains an iteration warm-started from the current
+version, and publishes it as the next version folder in one rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from backend.errors import BackendError
+from backend.images import ImageFetcher
+from backend.label_config import RectangleTarget, parse_label_config
+from backend.settings import Settings
+from backend.store import ModelStore
+from model.images import ImageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainingStatus:
+  """What /train/status shows for a project."""
+
+  state: str = 'idle'  # idle | queued | running | failed
+  step: int = 0
+  total_steps: int = 0
+  loss: float | None = None
+  eta_s: float | None = None
+  images_per_s: float | None = None
+  model_version: str | None = None
+  last_error: str | None = None
+  started_at: float | None = None
+  finished_at: float | None = None
+  runs: int = 0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def fetch_project(settings: Settings, project: int) -> tuple[str, list[dict]]:
+  """The project's label config and its tasks (with annotations), through the SDK.
+
+  Raises:
+    BackendError(503): Label Studio not configured or unreachable; 404 unknown project.
+  """
+  if not settings.label_studio_url or not settings.label_studio_api_key:
+    raise BackendError(503, 'training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to '
+                            "fetch the project's annotations")
+  from label_studio_sdk.client import LabelStudio
+  from label_studio_sdk.core.api_error import ApiError
+  client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+  try:
+    config = client.projects.get(id=project).label_config
+    tasks = [_plain(task) for task in client.tasks.list(project=project, fields='all')]
+  except ApiError as error:
+    status = 404 if error.status_code == 404 else 503
+    raise BackendError(status, f'Label Studio answered HTTP {error.status_code} for project '
+                               f'{project}: {str(error.body)[:200]}') from error
+  except Exception as error:  # httpx connection errors and the like
+    raise BackendError(503, f'cannot reach Label Studio at {settings.label_studio_url}: '
+                            f'{type(error).__name__}: {error}') from error
+  return config, tasks
+
+
+def _plain(task) -> dict:
+  return task if isinstance(task, dict) else task.model_dump(mode='json')
+
+
+def to_training_tasks(tasks: list[dict], target: RectangleTarget,
+                      fetcher: ImageFetcher) -> list[dict]:
+  """Label Studio tasks -> the export form `model/` reads, images on local disk.
+
+  Keeps annotated tasks whose image can be fetched; keeps only this control's
+  rectangles with labels from the config (others are logged and dropped).
+  """
+  ready, skipped_images, foreign = [], 0, 0
+  for task in tasks:
+    annotations = [a for a in task.get('annotations') or [] if not a.get('was_cancelled')]
+    if not annotations:
+      continue
+    url = (task.get('data') or {}).get(target.image_key)
+    try:
+      path = fetcher.local_path(url, task.get('id'))
+    except ImageError as error:
+      skipped_images += 1
+      log.warning('Task %s left out of training: %s', task.get('id'), error)
+      continue
+    kept_annotations = []
+    for annotation in annotations:
+      results = []
+      for result in annotation.get('result') or []:
+        if result.get('type') != 'rectanglelabels' or result.get('from_name') != target.from_name:
+          continue
+        labels = (result.get('value') or {}).get('rectanglelabels') or []
+        if not labels or labels[0] not in target.labels:
+          foreign += 1
+          continue
+        results.append(result)
+      kept_annotations.append({**annotation, 'result': results})
+    ready.append({'id': task.get('id'), 'data': {'image': str(path)},
+                  'annotations': kept_annotations})
+  if skipped_images or foreign:
+    log.warning('Training data: %d tasks without a readable image, %d boxes with labels not '
+                'in the config were left out', skipped_images, foreign)
+  return ready
+
+
+def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, project: int,
+                  on_progress: Callable | None = None) -> str:
+  """Trains and publishes the next version of `project`; returns its model version.
+
+  Raises:
+    BackendError: Label Studio unreachable, a bad config, or nothing to train on.
+    model.iteration.RunError: training itself refused (no boxes, ...).
+  """
+  from model import iteration
+  started = time.monotonic()
+  config, tasks = fetch_project(settings, project)
+  target = parse_label_config(config)
+  training_tasks = to_training_tasks(tasks, target, fetcher)
+  if not training_tasks:
+    raise BackendError(409, f'project {project} has no annotated tasks with readable images yet')
+  log.info('Project %s: training on %d annotated tasks', project, len(training_tasks))
+  current = store.current(project)
+  previous = current.path if current is not None and not current.is_base else None
+  out = store.next_version_dir(project)
+  # Image paths are absolute (the cache), so the images root is never used.
+  iteration.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
+                            previous=previous, progress=on_progress)
+  version = store.find(project, 'latest').name
+  log.info('Project %s: published %s in %.0f s', project, version, time.monotonic() - started)
+  return version

@@ -1,0 +1,86 @@
+"""The training queue: one job per project, coalesced triggers, failures kept visible."""
+
+import threading
+import time
+
+from backend.jobs import ProjectLock, TrainingQueue
+
+
+class Recorder:
+  """A stand-in training job that records its runs and can be held open."""
+
+  def __init__(self, fail=False):
+    self.runs = []
+    self.release = threading.Event()
+    self.started = threading.Event()
+    self.fail = fail
+
+  def __call__(self, project, progress):
+    self.runs.append(project)
+    self.started.set()
+    self.release.wait(10)
+    if self.fail:
+      raise RuntimeError('disk full')
+    return f'fewshot-ssd-v{len(self.runs)}'
+
+
+def test_triggers_during_a_run_coalesce_into_one_follow_up(tmp_path):
+  job = Recorder()
+  queue = TrainingQueue(job, tmp_path)
+  assert queue.trigger(1, 'button') == 'queued'
+  assert job.started.wait(5)
+  outcomes = [queue.trigger(1, 'button') for _ in range(3)]
+  assert outcomes == ['follow-up'] * 3
+  assert queue.status[1].state == 'running'
+  job.release.set()
+  assert queue.wait_idle(10)
+  assert job.runs == [1, 1]
+  assert queue.status[1].state == 'idle' and queue.status[1].model_version == 'fewshot-ssd-v2'
+
+
+def test_projects_queue_behind_each_other_and_duplicates_merge(tmp_path):
+  job = Recorder()
+  queue = TrainingQueue(job, tmp_path)
+  queue.trigger(1, 'a')
+  assert job.started.wait(5)
+  assert queue.trigger(2, 'b') == 'queued'
+  assert queue.trigger(2, 'b again') == 'coalesced'
+  job.release.set()
+  assert queue.wait_idle(10)
+  assert job.runs == [1, 2]
+
+
+def test_a_failed_job_is_reported_and_the_queue_goes_on(tmp_path):
+  job = Recorder(fail=True)
+  job.release.set()
+  queue = TrainingQueue(job, tmp_path)
+  queue.trigger(3, 'x')
+  assert queue.wait_idle(10)
+  assert queue.status[3].state == 'failed'
+  assert 'disk full' in queue.status[3].last_error
+  job.fail = False
+  queue.trigger(3, 'again')
+  assert queue.wait_idle(10)
+  assert queue.status[3].state == 'idle' and queue.status[3].last_error is None
+
+
+def test_annotation_events_are_counted_then_debounced(tmp_path):
+  job = Recorder()
+  job.release.set()
+  queue = TrainingQueue(job, tmp_path, every_n_annotations=3, debounce_s=0.3)
+  assert queue.annotation_event(5, 'ANNOTATION_CREATED').startswith('counted 1/3')
+  queue.annotation_event(5, 'ANNOTATION_CREATED')
+  queue.annotation_event(5, 'ANNOTATION_CREATED')
+  time.sleep(0.1)
+  assert job.runs == []  # still inside the quiet time
+  assert queue.wait_idle(10)
+  assert job.runs == [5]
+
+
+def test_a_project_lock_is_exclusive(tmp_path):
+  first, second = ProjectLock(tmp_path / '1.lock'), ProjectLock(tmp_path / '1.lock')
+  assert first.acquire()
+  assert not second.acquire()
+  first.release()
+  assert second.acquire()
+  second.release()

@@ -221,7 +221,7 @@ def create_app(settings: Settings | None = None) -> Flask:
                       format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   app = Flask(__name__)
   app.config['SETTINGS'] = settings
-  store = ModelStore(settings.model_dir)
+  store = ModelStore(settings.model_dir, settings.model_variant)
   fetcher = ImageFetcher(settings)
   def run_job(project, progress):
     return train_project(settings, store, fetcher, project, _logged(project, progress))

@@ -34,6 +34,8 @@ class Settings:
   threads: int = 8
   # Regions below this score are not sent to Label Studio.
   score_threshold: float = 0.25
+  # Which .tflite of a version serves predictions: int8 (faster) or float.
+  model_variant: str = 'int8'
   # Images fetched at once for one /predict batch.
   fetch_concurrency: int = 8
   # Largest image we download, in bytes.
@@ -79,6 +81,9 @@ class Settings:
     user, password = text('BASIC_AUTH_USER'), text('BASIC_AUTH_PASS')
     if (user is None) != (password is None):
       raise SettingsError('BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together')
+    variant = text('MODEL_VARIANT', defaults.model_variant).lower()
+    if variant not in ('int8', 'float'):
+      raise SettingsError(f'MODEL_VARIANT={variant!r} must be int8 or float')
     log_level = text('LOG_LEVEL', defaults.log_level).upper()
     if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
       raise SettingsError(f'LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR')
@@ -93,6 +98,7 @@ class Settings:
         port=number('PORT', defaults.port, minimum=1, maximum=65535),
         workers=number('WORKERS', defaults.workers, minimum=1, maximum=64),
         threads=number('THREADS', defaults.threads, minimum=1, maximum=256),
+        model_variant=variant,
         score_threshold=number('SCORE_THRESHOLD', defaults.score_threshold, float, 0.0, 1.0),
         fetch_concurrency=number('FETCH_CONCURRENCY', defaults.fetch_concurrency, minimum=1,
                                  maximum=64),

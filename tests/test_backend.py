@@ -139,6 +139,32 @@ def test_bad_requests_get_json_errors(backend, method, path, body, status, messa
   assert message in response.json()['error']
 
 
+def test_a_failed_training_is_visible_and_the_current_version_keeps_serving(backend):
+  # This backend has no LABEL_STUDIO_URL: the job must fail, clearly, and change nothing.
+  response = requests.post(backend.url + '/webhook', json={'action': 'START_TRAINING',
+                                                           'project': {'id': 7, 'title': 'x'}})
+  assert response.status_code == 200 and response.json()['training'] == 'queued'
+  deadline = time.monotonic() + 30
+  while time.monotonic() < deadline:
+    status = requests.get(backend.url + '/train/status', params={'project': 7}).json()
+    if status['state'] == 'failed':
+      break
+    time.sleep(0.2)
+  assert status['state'] == 'failed' and 'LABEL_STUDIO_URL' in status['last_error']
+  assert status['current_version'] == 'fewshot-ssd-v1'
+  assert requests.post(backend.url + '/setup', json={'project': 7}).json() == {
+      'model_version': 'fewshot-ssd-v1'}
+
+
+def test_annotation_events_are_acknowledged_at_once(backend):
+  event = {'action': 'ANNOTATION_CREATED', 'annotation': {'id': 1, 'task': 2, 'project': 9,
+                                                          'result': []},
+           'task': {'id': 2}, 'project': {'id': 9}}
+  response = requests.post(backend.url + '/webhook', json=event, timeout=1)
+  assert response.status_code == 200
+  assert response.json()['training'].startswith('counted 1/')
+
+
 def test_versions_list_the_base_and_published_versions(backend):
   response = requests.get(backend.url + '/versions', json={'project': '7.1700000000'})
   assert response.json() == {'versions': ['fewshot-ssd-base', 'fewshot-ssd-v1']}
@@ -164,10 +190,10 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
   try:
     assert requests.get(server.url + '/health').status_code == 401
     assert requests.get(server.url + '/health', auth=('ls', 'wrong')).status_code == 401
-    assert requests.post(server.url + '/webhook', json={'action': 'START_TRAINING'}).status_code == 401
+    event = {'action': 'PROJECT_UPDATED', 'project': {'id': 7}}
+    assert requests.post(server.url + '/webhook', json=event).status_code == 401
     assert requests.get(server.url + '/health', auth=('ls', 's3cret')).status_code == 200
-    assert requests.post(server.url + '/webhook', json={'action': 'START_TRAINING'},
-                         auth=('ls', 's3cret')).status_code == 200
+    assert requests.post(server.url + '/webhook', json=event, auth=('ls', 's3cret')).status_code == 200
   finally:
     server.stop()
 

@@ -17,6 +17,7 @@ import argparse
 import functools
 import http.server
 import json
+import math
 import os
 import shutil
 import statistics
@@ -65,7 +66,7 @@ def main():
   parser.add_argument('--run', type=Path, required=True)
   parser.add_argument('--images', type=Path, default=REPO.parent / 'shared/datasets/raccoon/images')
   parser.add_argument('--model-dir', type=Path, default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
-  parser.add_argument('--tasks', type=int, default=128, help='tasks per measurement')
+  parser.add_argument('--tasks', type=int, default=320, help='tasks per measurement')
   args = parser.parse_args()
 
   labels = (args.run / 'labels.txt').read_text().split()
@@ -88,7 +89,7 @@ def main():
           rows[batch] = {
               'tasks_per_s': round(batch * len(latencies) / sum(latencies), 1),
               'p50_ms': round(1000 * statistics.median(latencies), 1),
-              'p95_ms': round(1000 * sorted(latencies)[max(0, int(0.95 * len(latencies)) - 1)], 1),
+              'p95_ms': round(1000 * sorted(latencies)[math.ceil(0.95 * len(latencies)) - 1], 1),  # nearest rank
           }
           print(variant, batch, rows[batch], flush=True)
         results['variants'][variant] = rows

@@ -90,8 +90,8 @@ class Backend:
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
     environ = {k: v for k, v in os.environ.items() if k not in ('HOST', 'PORT')}
-    environ.update(MODEL_DIR=str(model_dir), PORT=str(self.port), HOST='127.0.0.1',
-                   WORKERS='1', THREADS='4', LOG_LEVEL='INFO', **env)
+    environ.update({'MODEL_DIR': str(model_dir), 'PORT': str(self.port), 'HOST': '127.0.0.1',
+                    'WORKERS': '1', 'THREADS': '4', 'LOG_LEVEL': 'INFO', **env})
     # Output to a file: a pipe nobody reads would fill up and stall the server.
     self.log_path = Path(model_dir).parent / f'backend-{self.port}.log'
     self.log = open(self.log_path, 'w')  # pylint: disable=consider-using-with

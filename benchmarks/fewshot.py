@@ -113,6 +113,8 @@ def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, result
         log.info('%s shots=%s seed=%s: mAP@0.5 %.3f mAP %.3f (%.1f s)', name, shots, seed,
                  evaluation['map50'], evaluation['map'], metrics['wall_time_s']['total_s'])
         shutil.rmtree(run.root.parent)
+      results['grid'] = [r for r in results['grid']
+                         if (r['start'], r['shots']) != (name, min(shots, num_train))]
       results['grid'].append({
           'start': name, 'shots': min(shots, num_train), 'runs': rows,
           'map50_mean': round(statistics.mean(r['map50'] for r in rows), 4),
@@ -222,10 +224,9 @@ def main():
   test = load_split(tasks, args.dataset, tasks_lib.TEST)
   results = {'dataset': str(args.dataset.name), 'test_images': len(test[0]), 'grid': []}
   previous = REPO / 'benchmarks' / 'results' / 'fewshot.json'
-  if previous.is_file():  # sections this run skips keep their last results
-    results = {**json.loads(previous.read_text()), **results}
-    if 'grid' in args.skip:
-      results['grid'] = json.loads(previous.read_text()).get('grid', [])
+  if previous.is_file():  # what this run does not measure keeps its last result
+    earlier = json.loads(previous.read_text())
+    results = {**earlier, **results, 'grid': earlier.get('grid', [])}
   with tempfile.TemporaryDirectory() as work:
     if 'grid' not in args.skip:
       quality_grid(tasks, args.dataset, args.model_dir, work, test, args.shots, args.subsets, results)

@@ -62,7 +62,7 @@ class _ProgressBar:
 def cmd_train(args) -> int:
   from model import iteration, tasks as tasks_lib
   from model.config import TrainConfig
-  config = TrainConfig(seed=args.seed)
+  config = TrainConfig(seed=args.seed, input_size=args.input_size)
   tasks = tasks_lib.load_tasks_file(args.tasks)
   bar = _ProgressBar()
   try:
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--images-root', help="where data.image paths start (default: the tasks file's folder)")
   train.add_argument('--max-images', type=int, help='use only K training images (a seeded subset)')
   train.add_argument('--seed', type=int, default=0)
+  train.add_argument('--input-size', type=int, default=300,
+                     help='model input side in pixels (larger finds smaller objects, costs time)')
   train.set_defaults(handler=cmd_train)
 
   evaluate = commands.add_parser('eval', help='COCO mAP of a run on a split, as JSON')

@@ -5,7 +5,8 @@ A run folder holds everything a user or the backend needs:
   model.tflite        float32 input in [-1, 1], post-processing inside
   model_int8.tflite   full-integer, uint8 input, float outputs
   labels.txt          real labels, one per line, in class-id order
-  metrics.json        losses per step, wall time, images/s, evaluation
+  metrics.json        losses per step, wall time, images/s, evaluation, mAP history
+  report.png          loss curve, mAP per iteration, a few detections
   run.json            labels, input size, where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
 
@@ -29,6 +30,7 @@ from model import tasks as tasks_lib
 from model.config import ExportConfig, PostprocessConfig, SSDConfig, TrainConfig
 from model.detector import read_labels_file
 from model.images import ImageError, load_image
+from model.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +238,21 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
            report.views_per_s, ', stopped early' if report.stopped_early else '')
 
   evaluation = {}
+  detector = TFDetector(model, [BACKGROUND, *labels], PostprocessConfig(min_score=0.01))
   if validation:
-    detector = TFDetector(model, [BACKGROUND, *labels], PostprocessConfig(min_score=0.01))
     held_out = [train_examples[i] for i in validation]
     held_images = [train_images[i] for i in validation]
     evaluation['validation'] = coco_map(held_out, held_images, detector.detect(held_images), labels)
     log.info('Validation mAP@0.5 %.3f', evaluation['validation']['map50'])
+  history = []
+  if previous is not None:
+    history = json.loads(RunPaths(Path(previous)).metrics.read_text()).get('history', [])
+  history.append({'iteration': len(history) + 1, 'images': len(fit),
+                  'map50': evaluation.get('validation', {}).get('map50')})
+  # A few images for the report: held-out ones when there are, else training ones.
+  shown = [train_images[i] for i in (validation or fit)[:3]]
+  samples = list(zip(shown, [[d for d in found if d.score >= 0.3]
+                             for found in detector.detect(shown)]))
 
   # Publish: everything into a staging folder, then one rename.
   out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -280,9 +291,11 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
         'file_bytes': sizes,
         'tflite_metadata': bool(export_kinds and metadata_python),
         'evaluation': evaluation,
+        'history': history,
         'task_stats': dataclasses.asdict(stats),
     }
     staged.metrics.write_text(json.dumps(metrics, indent=1) + '\n')
+    write_report(staged.root / 'report.png', report.losses, report.validation, history, samples)
     staged.run_info.write_text(json.dumps({
         'labels': labels, 'input_size': config.input_size,
         'started_from': str(previous) if previous is not None else 'base',

@@ -188,10 +188,13 @@ class HeadTrainer:
       if validation is not None and (step % config.eval_every == 0 or step == steps):
         value = self._validation_loss(validation)
         validation_losses.append((step, value))
-        if value < best[0]:
-          best = (value, step, [v.numpy() for v in self.variables])
-        elif step - best[1] >= config.eval_every * config.patience_evals:
-          stopped_early = True
+        # The held-out split is small (10% of the images): trust it only to stop
+        # a run that has had half its budget, never to roll back to an early step.
+        if step >= steps // 2:
+          if value < best[0]:
+            best = (value, step, [v.numpy() for v in self.variables])
+          elif step - best[1] >= config.eval_every * config.patience_evals:
+            stopped_early = True
       if progress and (step % 10 == 0 or step == steps or stopped_early):
         elapsed = time.monotonic() - started
         rate = step / elapsed if elapsed > 0 else 0.0

@@ -15,6 +15,7 @@ from model.images import load_image
 from tests.conftest import REPO, run_model_cli
 
 RUN_FILES = {'model.tflite', 'model_int8.tflite', 'labels.txt', 'metrics.json', 'run.json',
+             'report.png',
              'ckpt.index', 'ckpt.data-00000-of-00001'}
 
 
@@ -26,6 +27,10 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['images']['train'] == 12
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
+  assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]
+  from PIL import Image
+  with Image.open(trained_run / 'report.png') as report:
+    assert report.width > 500 and report.height > 400
   # No half-written folders are left beside it.
   assert [p.name for p in trained_run.parent.iterdir()] == [trained_run.name]
 

@@ -83,6 +83,8 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
   assert labels == ['disc', 'triangle']  # kept labels first, in their old order
   info = json.loads((out / 'run.json').read_text())
   assert info['started_from'] == str(trained_run)
+  history = json.loads((out / 'metrics.json').read_text())['history']
+  assert [h['iteration'] for h in history] == [1, 2]
   # The frozen extractor is the previous iteration's; the heads trained on.
   assert_same_weights(model.feature_extractor.weights, previous.feature_extractor.weights)
   assert [c.filters for c in model.class_head.convs] == [9, 18, 18, 18, 18, 18]

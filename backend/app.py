@@ -70,7 +70,7 @@ def predict():
   target = parse_label_config(body.get('label_config') or '')
   started = time.monotonic()
   results = _services()['predictor'].predict(project, tasks, target)
-  _services()['counters']['predicted_tasks'] += len(tasks)
+  _services()['counters'].add('predicted_tasks', len(tasks))
   log.info('Project %s: predicted %d tasks in %.2f s with %s', project, len(tasks),
            time.monotonic() - started, results[0]['model_version'] if results else '-')
   return jsonify(results=results)
@@ -101,7 +101,7 @@ def webhook():
   action = body.get('action')
   if not isinstance(action, str):
     raise BackendError(400, 'missing "action"')
-  _services()['counters']['webhooks'] += 1
+  _services()['counters'].add('webhooks')
   queue = _services()['queue']
   if action == 'START_TRAINING':
     outcome = queue.trigger(_webhook_project(body), 'START_TRAINING')
@@ -138,7 +138,7 @@ def versions():
 
 @routes.get('/metrics')
 def metrics():
-  return jsonify(dict(_services()['counters']))
+  return jsonify(_services()['counters'].snapshot())
 
 
 @routes.get('/artifacts/<project>')
@@ -192,16 +192,20 @@ def _handle_unexpected(error: Exception):
   return response
 
 
-class _Counters(dict):
+class _Counters:
   """Request counters for /metrics, safe across threads."""
 
   def __init__(self):
-    super().__init__(predicted_tasks=0, webhooks=0)
+    self._counts = {'predicted_tasks': 0, 'webhooks': 0}
     self._lock = threading.Lock()
 
-  def __setitem__(self, key, value):
+  def add(self, key: str, amount: int = 1) -> None:
     with self._lock:
-      super().__setitem__(key, value)
+      self._counts[key] += amount
+
+  def snapshot(self) -> dict:
+    with self._lock:
+      return dict(self._counts)
 
 
 def _logged(project: int, progress):

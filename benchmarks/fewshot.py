@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import numpy as np  # noqa: E402
 
 from model import iteration, tasks as tasks_lib  # noqa: E402
 from model.config import PostprocessConfig, TrainConfig  # noqa: E402

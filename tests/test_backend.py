@@ -212,3 +212,13 @@ def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):
   result = subprocess.run([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and 'PORT' in result.stderr
+
+
+def test_metrics_count_predictions_and_webhooks(backend):
+  before = requests.get(backend.url + '/metrics').json()
+  requests.post(backend.url + '/webhook', json={'action': 'TASKS_CREATED', 'project': {'id': 7}})
+  requests.post(backend.url + '/predict', json={'tasks': [{'id': 1, 'data': {}}], 'project': 7,
+                                                'label_config': CONFIG})
+  after = requests.get(backend.url + '/metrics').json()
+  assert after['webhooks'] == before['webhooks'] + 1
+  assert after['predicted_tasks'] == before['predicted_tasks'] + 1

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from model import base_weights, ssd as ssd_lib
 from model.config import BasePaths

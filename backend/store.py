@@ -119,11 +119,11 @@ class ModelStore:
 
   def next_version_dir(self, project: int) -> Path:
     """The folder the next iteration is published to (it must not exist yet)."""
-    published = self.versions(project)
     folder = self.versions_dir(project)
+    # Every v<n> folder counts, published or not, so a number is never reused.
     taken = [int(m.group(1)) for c in (folder.iterdir() if folder.is_dir() else [])
              if (m := _VERSION_DIR.fullmatch(c.name))]
-    number = max([v.number for v in published] + taken + [0]) + 1
+    number = max(taken + [0]) + 1
     return folder / f'v{number}'
 
   def find(self, project: int, version: str) -> Version:

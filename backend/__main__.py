@@ -2,6 +2,10 @@
 
 gunicorn serves `backend.app:create_app()` with WORKERS processes of THREADS
 threads on PORT (9090).
+
+`python -m backend worker`: an RQ worker that runs training jobs from Redis
+(REDIS_URL), for TRAINING_QUEUE=redis; start as many as you like, on machines
+that share MODEL_DIR.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import sys
 from backend.settings import Settings, SettingsError
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+  if argv not in ([], ['worker']):
+    print('usage: python -m backend [worker]', file=sys.stderr)
+    return 2
   try:
     settings = Settings.from_env()
   except SettingsError as error:
@@ -23,6 +30,8 @@ def main() -> int:
     print(f'backend: no converted base in {settings.model_dir}/base; '
           'run `python -m model fetch-base` (scripts/setup.sh does)', file=sys.stderr)
     return 2
+  if argv == ['worker']:
+    return _worker(settings)
   args = [sys.executable, '-m', 'gunicorn',
           '--bind', f'{settings.host}:{settings.port}',
           '--workers', str(settings.workers), '--threads', str(settings.threads),
@@ -33,5 +42,22 @@ def main() -> int:
   return 0  # not reached
 
 
+def _worker(settings: Settings) -> int:
+  import logging
+
+  import redis
+
+  from backend.redis_queue import run_worker
+  logging.basicConfig(level=settings.log_level,
+                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  try:
+    run_worker(settings)
+  except redis.exceptions.ConnectionError as error:
+    print(f'backend worker: cannot reach Redis at REDIS_URL={settings.redis_url}: {error}',
+          file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(sys.argv[1:]))

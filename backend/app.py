@@ -119,7 +119,7 @@ def webhook():
 @routes.get('/train/status')
 def train_status():
   project = project_key(request.args.get('project', ''))
-  status = _services()['queue'].status[project].to_dict()
+  status = _services()['queue'].status_of(project)
   current = _services()['store'].current(project)
   status['current_version'] = current.name if current else None
   return jsonify(status)
@@ -208,14 +208,16 @@ class _Counters:
       return dict(self._counts)
 
 
-def _logged(project: int, progress):
-  """Progress callback that also logs every tenth of the run."""
-  def report(p):
-    progress(p)
-    if p.step == p.total_steps or p.step % max(10, p.total_steps // 10) == 0:
-      log.info('Project %s: training step %d/%d, loss %.4f, %.0f img/s, ETA %.0f s', project,
-               p.step, p.total_steps, p.loss, p.images_per_s, p.eta_s)
-  return report
+def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher):
+  """The embedded in-process queue, or RQ workers through Redis (TRAINING_QUEUE=redis)."""
+  if settings.training_queue == 'redis':
+    from backend.redis_queue import RedisTrainingQueue
+    return RedisTrainingQueue(settings)
+
+  def run_job(project, progress):
+    return train_project(settings, store, fetcher, project, progress)
+  return TrainingQueue(run_job, settings.model_dir / 'locks',
+                       settings.train_every_n_annotations or 1, settings.train_debounce_s)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -227,13 +229,9 @@ def create_app(settings: Settings | None = None) -> Flask:
   app.config['SETTINGS'] = settings
   store = ModelStore(settings.model_dir, settings.model_variant)
   fetcher = ImageFetcher(settings)
-  def run_job(project, progress):
-    return train_project(settings, store, fetcher, project, _logged(project, progress))
-
   app.extensions['fewshot'] = {
       'store': store,
-      'queue': TrainingQueue(run_job, settings.model_dir / 'locks',
-                             settings.train_every_n_annotations or 1, settings.train_debounce_s),
+      'queue': _training_queue(settings, store, fetcher),
       'predictor': Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency),
       'counters': _Counters(),
   }

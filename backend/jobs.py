@@ -108,6 +108,10 @@ class TrainingQueue:
       timer.start()
     return f'training in {self.debounce_s:g} s unless more events arrive'
 
+  def status_of(self, project: int) -> dict:
+    """What /train/status shows for the project."""
+    return self.status[project].to_dict()
+
   def wait_idle(self, timeout: float) -> bool:
     """Blocks until nothing is queued or running (for tests and shutdown)."""
     deadline = time.monotonic() + timeout

@@ -44,6 +44,14 @@ class Settings:
   # and the quiet time after the last of them before it starts.
   train_every_n_annotations: int = 5
   train_debounce_s: float = 10.0
+  # Where training jobs run: 'inprocess' (a thread of the serving process, the
+  # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
+  training_queue: str = 'inprocess'
+  redis_url: str = 'redis://localhost:6379/0'
+  # A worker's hold on a project expires this long after the worker dies.
+  training_lock_ttl_s: float = 60.0
+  # An RQ training job that runs longer than this is stopped.
+  training_timeout_s: int = 3600
 
   @property
   def auth_enabled(self) -> bool:
@@ -87,6 +95,12 @@ class Settings:
     log_level = text('LOG_LEVEL', defaults.log_level).upper()
     if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
       raise SettingsError(f'LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR')
+    training_queue = text('TRAINING_QUEUE', defaults.training_queue).lower()
+    if training_queue not in ('inprocess', 'redis'):
+      raise SettingsError(f'TRAINING_QUEUE={training_queue!r} must be inprocess or redis')
+    redis_url = text('REDIS_URL', defaults.redis_url)
+    if not redis_url.startswith(('redis://', 'rediss://', 'unix://')):
+      raise SettingsError(f'REDIS_URL={redis_url!r} must start with redis://, rediss:// or unix://')
     return cls(
         model_dir=Path(text('MODEL_DIR', str(defaults.model_dir))),
         label_studio_url=url.rstrip('/') if url else None,
@@ -106,4 +120,9 @@ class Settings:
         train_every_n_annotations=number('TRAIN_EVERY_N_ANNOTATIONS',
                                          defaults.train_every_n_annotations, minimum=0),
         train_debounce_s=number('TRAIN_DEBOUNCE_S', defaults.train_debounce_s, float, 0.0, 3600.0),
+        training_queue=training_queue,
+        redis_url=redis_url,
+        training_lock_ttl_s=number('TRAINING_LOCK_TTL_S', defaults.training_lock_ttl_s, float,
+                                   2.0, 3600.0),
+        training_timeout_s=number('TRAINING_TIMEOUT_S', defaults.training_timeout_s, minimum=60),
     )

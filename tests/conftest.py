@@ -121,3 +121,46 @@ class Backend:
     self.log.close()
 
 
+
+
+@pytest.fixture(scope='session')
+def label_studio(tmp_path_factory):
+  """A real Label Studio 1.23.2 (its own venv from set-up), shared by the tests that need one."""
+  from tests.label_studio import LABEL_STUDIO, LabelStudio
+  if not LABEL_STUDIO.exists():
+    if os.environ.get('CI') == 'true':
+      pytest.fail('.venv-labelstudio is missing: scripts/setup.sh --test must install Label Studio')
+    pytest.skip('Label Studio is not installed here (bash scripts/setup.sh --test installs it)')
+  server = LabelStudio(tmp_path_factory.mktemp('label-studio'))
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope='session')
+def redis_url(tmp_path_factory):
+  """A real redis-server (Debian's package; set-up installs it) on a free port."""
+  import shutil
+  server = shutil.which('redis-server')
+  if server is None:
+    if os.environ.get('CI') == 'true':
+      pytest.fail('redis-server is missing: scripts/setup.sh --test must install it')
+    pytest.skip('redis-server is not installed here (bash scripts/setup.sh --test installs it)')
+  port = free_port()
+  folder = tmp_path_factory.mktemp('redis')
+  process = subprocess.Popen(
+      [server, '--port', str(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+       '--dir', str(folder)], stdout=open(folder / 'redis.log', 'w'), stderr=subprocess.STDOUT)
+  url = f'redis://127.0.0.1:{port}/0'
+  import redis
+  deadline = time.monotonic() + 20
+  while True:
+    try:
+      redis.Redis.from_url(url).ping()
+      break
+    except redis.exceptions.ConnectionError:
+      if time.monotonic() > deadline or process.poll() is not None:
+        raise RuntimeError((folder / 'redis.log').read_text()[-2000:]) from None
+      time.sleep(0.1)
+  yield url
+  process.terminate()
+  process.wait(10)

@@ -1,0 +1,215 @@
+"""The training queue on Redis + RQ (TRAINING_QUEUE=redis): the in-process queue's guarantees
+across processes and machines.
+
+Serving processes (any number of gunicorn workers and replicas) only write to
+Redis; `python -m backend worker` processes run the jobs, with MODEL_DIR on a
+volume they all share. Per project, Redis holds:
+
+  fewshot:<project>:pending   the id of the job that will train next. A trigger
+                              enqueues a job only when no live job is pending, so
+                              any number of triggers, from any process, make one.
+                              The job clears it once it holds the lock: triggers
+                              during a run make exactly one follow-up.
+  fewshot:<project>:lock      held by the worker that trains the project, with a
+                              TTL its heartbeat renews: one training per project
+                              at a time, and a killed worker's hold runs out.
+  fewshot:<project>:status    /train/status as JSON, readable by every process.
+  fewshot:<project>:events    annotation events counted towards the next trigger.
+  fewshot:<project>:debounce  the id of the delayed trigger that may fire; an
+                              older one finds itself replaced and does nothing.
+
+Publishing stays the rename of a finished run folder (`model.iteration`), so
+every replica serves the newest version from the shared disk without a restart.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import redis
+from rq import Queue, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from backend.settings import Settings
+from backend.training import TrainingStatus
+
+log = logging.getLogger(__name__)
+QUEUE_NAME = 'fewshot-training'
+_LIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED,
+         JobStatus.CREATED)
+
+# Replace the pending job id only if it is still the one we found dead.
+_REPLACE_PENDING = '''
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2]) return 1
+end
+return 0'''
+
+
+def _key(project: int, name: str) -> str:
+  return f'fewshot:{project}:{name}'
+
+
+class RedisTrainingQueue:
+  """What serving processes use: trigger, count events, read status (no training here)."""
+
+  def __init__(self, settings: Settings, connection: redis.Redis | None = None):
+    self.settings = settings
+    self.redis = connection or redis.Redis.from_url(settings.redis_url)
+    self.queue = Queue(QUEUE_NAME, connection=self.redis)
+    self._replace_pending = self.redis.register_script(_REPLACE_PENDING)
+
+  def trigger(self, project: int, reason: str) -> str:
+    """Asks for a training run; returns 'queued', 'follow-up' or 'coalesced'."""
+    outcome = self._request_run(project)
+    log.info('Project %s: training %s (%s)', project, outcome, reason)
+    return outcome
+
+  def _request_run(self, project: int) -> str:
+    """Enqueues a training job unless a live one is pending; safe from any process."""
+    pending_key = _key(project, 'pending')
+    job_id = f'train-{project}-{uuid.uuid4().hex[:12]}'
+    running = bool(self.redis.exists(_key(project, 'lock')))
+    if self.redis.set(pending_key, job_id, nx=True):
+      self._enqueue(project, job_id)
+      return 'follow-up' if running else 'queued'
+    found = self.redis.get(pending_key)
+    if found is not None and _job_is_live(self.redis, found.decode()):
+      return 'coalesced'
+    # The pending job died before it started (its worker was killed): replace it.
+    if self._replace_pending(keys=[pending_key], args=[found or b'', job_id]):
+      self._enqueue(project, job_id)
+      return 'queued'
+    return 'coalesced'
+
+  def _enqueue(self, project: int, job_id: str) -> None:
+    self.queue.enqueue_call(run_training_job, args=(project, job_id), job_id=job_id,
+                            timeout=self.settings.training_timeout_s, result_ttl=3600,
+                            failure_ttl=24 * 3600, description=f'train project {project}')
+
+  def annotation_event(self, project: int, action: str) -> str:
+    """Counts an event; every N of them schedule a trigger after the debounce time."""
+    every = max(1, self.settings.train_every_n_annotations)
+    count = self.redis.incr(_key(project, 'events'))
+    if count < every:
+      return f'counted {count}/{every}'
+    self.redis.decrby(_key(project, 'events'), count)
+    delayed_id = f'debounce-{project}-{uuid.uuid4().hex[:12]}'
+    # Setting the id first makes any delayed trigger still waiting a no-op.
+    self.redis.set(_key(project, 'debounce'), delayed_id)
+    self.queue.enqueue_in(datetime.timedelta(seconds=self.settings.train_debounce_s),
+                          debounced_trigger, project, delayed_id, f'{action} events',
+                          job_id=delayed_id, result_ttl=0)
+    return f'training in {self.settings.train_debounce_s:g} s unless more events arrive'
+
+  def status_of(self, project: int) -> dict:
+    raw = self.redis.get(_key(project, 'status'))
+    status = json.loads(raw) if raw else TrainingStatus().to_dict()
+    if status['state'] == 'running' and not self.redis.exists(_key(project, 'lock')):
+      # The worker died without a word: its lock ran out.
+      status['state'] = 'failed'
+      status['last_error'] = f'the worker ({status.get("worker")}) stopped during training'
+    if status['state'] in ('idle', 'failed') and self.redis.exists(_key(project, 'pending')):
+      status['state'] = 'queued'
+    return status
+
+
+def _job_is_live(connection: redis.Redis, job_id: str) -> bool:
+  try:
+    return Job.fetch(job_id, connection=connection).get_status(refresh=True) in _LIVE
+  except NoSuchJobError:
+    return False
+
+
+def debounced_trigger(project: int, delayed_id: str, reason: str) -> str:
+  """RQ job: the trigger after the debounce time, unless newer events replaced it."""
+  queue = RedisTrainingQueue(Settings.from_env())
+  current = queue.redis.get(_key(project, 'debounce'))
+  if current is None or current.decode() != delayed_id:
+    return 'replaced by a later event'
+  return queue.trigger(project, reason)
+
+
+class _Heartbeat(threading.Thread):
+  """Renews the project lock while the job runs; a dead process stops renewing it."""
+
+  def __init__(self, lock, ttl_s: float):
+    super().__init__(name='lock-heartbeat', daemon=True)
+    self.lock, self.ttl_s = lock, ttl_s
+    self.stopped = threading.Event()
+
+  def run(self):
+    while not self.stopped.wait(self.ttl_s / 3):
+      try:
+        self.lock.reacquire()
+      except redis.exceptions.LockError:
+        log.error('Lost the project lock while training')
+        return
+
+
+def run_training_job(project: int, job_id: str) -> str | None:
+  """RQ job: waits for the project's lock, then trains and publishes one version."""
+  from backend.images import ImageFetcher
+  from backend.store import ModelStore
+  from backend.training import train_project
+  settings = Settings.from_env()
+  connection = redis.Redis.from_url(settings.redis_url)
+  lock = connection.lock(_key(project, 'lock'), timeout=settings.training_lock_ttl_s,
+                         blocking_timeout=settings.training_timeout_s, thread_local=False)
+  if not lock.acquire():
+    raise TimeoutError(f'project {project} stayed locked for {settings.training_timeout_s} s')
+  heartbeat = _Heartbeat(lock, settings.training_lock_ttl_s)
+  heartbeat.start()
+  # From here on, triggers make a new job: this one has not read the tasks yet.
+  connection.delete(_key(project, 'pending'))
+  status = TrainingStatus(state='running', started_at=time.time())
+  status_key = _key(project, 'status')
+  previous = connection.get(status_key)
+  status.runs = json.loads(previous)['runs'] if previous else 0
+  worker = f'{socket.gethostname()}:{os.getpid()}'
+
+  def save(throttle_s: float = 0.0, _last=[0.0]):  # pylint: disable=dangerous-default-value
+    if time.monotonic() - _last[0] >= throttle_s:
+      _last[0] = time.monotonic()
+      connection.set(status_key, json.dumps({**status.to_dict(), 'worker': worker, 'job': job_id}))
+
+  def progress(p):
+    status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
+    status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
+    save(throttle_s=1.0)
+
+  save()
+  log.info('Project %s: training on %s (job %s)', project, worker, job_id)
+  store = ModelStore(settings.model_dir, settings.model_variant)
+  try:
+    status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress)
+    status.state = 'idle'
+    return status.model_version
+  except Exception as error:
+    log.exception('Project %s: training failed; the current version keeps serving', project)
+    status.state, status.last_error = 'failed', f'{type(error).__name__}: {error}'
+    raise
+  finally:
+    status.finished_at, status.runs = time.time(), status.runs + 1
+    save()
+    heartbeat.stopped.set()
+    try:
+      lock.release()
+    except redis.exceptions.LockError:
+      pass
+
+
+def run_worker(settings: Settings) -> None:
+  """`python -m backend worker`: runs training jobs (and delayed triggers) until stopped."""
+  connection = redis.Redis.from_url(settings.redis_url)
+  connection.ping()
+  worker = Worker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
+  worker.work(with_scheduler=True, logging_level=settings.log_level)

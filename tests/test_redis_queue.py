@@ -1,0 +1,97 @@
+"""The Redis + RQ training queue's bookkeeping against a real redis-server, as several processes see it.
+
+Training itself through RQ workers is in tests/test_scale_out.py.
+"""
+
+import json
+
+import pytest
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+
+from backend.redis_queue import QUEUE_NAME, RedisTrainingQueue, debounced_trigger
+from backend.settings import Settings
+
+
+@pytest.fixture
+def connection(redis_url):
+  client = redis.Redis.from_url(redis_url)
+  client.flushdb()
+  return client
+
+
+def _queue(redis_url, **settings) -> RedisTrainingQueue:
+  """One serving process's view (each gets its own connection)."""
+  return RedisTrainingQueue(Settings(training_queue='redis', redis_url=redis_url, **settings))
+
+
+def _pending_jobs(connection) -> list[str]:
+  return Queue(QUEUE_NAME, connection=connection).get_job_ids()
+
+
+def test_triggers_from_several_processes_make_one_job(redis_url, connection):
+  first, second = _queue(redis_url), _queue(redis_url)
+  assert first.trigger(3, 'START_TRAINING') == 'queued'
+  assert second.trigger(3, 'START_TRAINING') == 'coalesced'
+  assert first.trigger(3, 'START_TRAINING') == 'coalesced'
+  assert second.trigger(4, 'START_TRAINING') == 'queued'
+  jobs = _pending_jobs(connection)
+  assert len(jobs) == 2
+  assert second.status_of(3)['state'] == 'queued'
+
+
+def test_triggers_during_a_run_make_exactly_one_follow_up(redis_url, connection):
+  first, second = _queue(redis_url), _queue(redis_url)
+  first.trigger(5, 'START_TRAINING')
+  # A worker takes the job: it holds the project lock and clears the pending mark.
+  connection.set('fewshot:5:lock', 'worker-token', ex=60)
+  connection.delete('fewshot:5:pending')
+  assert second.trigger(5, 'ANNOTATION_CREATED events') == 'follow-up'
+  assert first.trigger(5, 'START_TRAINING') == 'coalesced'
+  assert len(_pending_jobs(connection)) == 2  # the running one is still listed until taken
+  assert len(set(_pending_jobs(connection))) == 2
+
+
+def test_a_pending_job_lost_with_its_worker_is_replaced(redis_url, connection):
+  queue = _queue(redis_url)
+  queue.trigger(6, 'START_TRAINING')
+  lost = connection.get('fewshot:6:pending').decode()
+  Job.fetch(lost, connection=connection).delete()  # what a killed worker leaves: no live job
+  assert queue.trigger(6, 'START_TRAINING') == 'queued'
+  replacement = connection.get('fewshot:6:pending').decode()
+  assert replacement != lost and _pending_jobs(connection) == [replacement]
+
+
+def test_a_run_whose_worker_died_shows_as_failed(redis_url, connection):
+  queue = _queue(redis_url)
+  connection.set('fewshot:8:status', json.dumps({
+      'state': 'running', 'step': 40, 'total_steps': 300, 'loss': 0.5, 'eta_s': 9,
+      'images_per_s': 30, 'model_version': None, 'last_error': None, 'started_at': 1.0,
+      'finished_at': None, 'runs': 0, 'worker': 'host:123'}))
+  connection.set('fewshot:8:lock', 'x', ex=60)
+  assert queue.status_of(8)['state'] == 'running'
+  connection.delete('fewshot:8:lock')  # its TTL ran out: nobody renewed it
+  status = queue.status_of(8)
+  assert status['state'] == 'failed' and 'host:123' in status['last_error']
+
+
+def test_annotation_events_are_counted_then_one_delayed_trigger_fires(redis_url, connection,
+                                                                      monkeypatch):
+  monkeypatch.setenv('REDIS_URL', redis_url)
+  queue = _queue(redis_url, train_every_n_annotations=2, train_debounce_s=30)
+  assert queue.annotation_event(9, 'ANNOTATION_CREATED') == 'counted 1/2'
+  assert 'training in 30 s' in queue.annotation_event(9, 'ANNOTATION_CREATED')
+  scheduled = ScheduledJobRegistry(QUEUE_NAME, connection=connection)
+  assert len(scheduled.get_job_ids()) == 1
+  first_delayed = scheduled.get_job_ids()[0]
+  queue.annotation_event(9, 'ANNOTATION_UPDATED')
+  queue.annotation_event(9, 'ANNOTATION_UPDATED')
+  later_delayed = connection.get('fewshot:9:debounce').decode()
+  assert later_delayed != first_delayed
+  # The scheduler runs both when due: the replaced one does nothing, the last one triggers.
+  assert debounced_trigger(9, first_delayed, 'events') == 'replaced by a later event'
+  assert _pending_jobs(connection) == []
+  assert debounced_trigger(9, later_delayed, 'events') == 'queued'
+  assert len(_pending_jobs(connection)) == 1

@@ -1,10 +1,11 @@
-"""/predict throughput and latency of the backend, float vs int8, batches of 1, 8 and 64 tasks.
+"""/predict throughput and latency of the backend: float vs int8 at batches of 1, 8 and 64
+tasks (1 gunicorn worker), and int8 with 1, 2 and 4 gunicorn workers under 8 concurrent clients.
 
-Runs `python -m backend` (gunicorn, 1 worker) over a model directory holding
-the base and one published version, with the task images on a local HTTP
-server, as Label Studio's "Retrieve Predictions" sends them.
+Runs `python -m backend` over a model directory holding the base and one
+published version, with the task images on a local HTTP server, as Label
+Studio's "Retrieve Predictions" sends them.
 
-  .venv/bin/python benchmarks/backend_predict.py --run RUN_DIR [--images DIR]
+  .venv/bin/python benchmarks/backend_predict.py --run RUN_DIR [--images DIR] [--sections variants workers]
 
 RUN_DIR is a run folder from `python -m model train`; DIR holds .jpg images
 (default: ../shared/datasets/raccoon/images). Writes
@@ -14,6 +15,7 @@ benchmarks/results/backend_predict.{json,md}.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import http.server
 import json
@@ -61,12 +63,60 @@ def measure(url, tasks, config, batch, total):
   return latencies
 
 
+def measure_concurrent(url, tasks, config, clients, batch, total):
+  """Tasks per second with `clients` sending `batch`-task requests at once."""
+  per_client = max(1, total // (clients * batch))
+  began = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    list(pool.map(lambda c: measure(url, tasks[c:] + tasks[:c], config, batch, per_client * batch),
+                  range(clients)))
+  return clients * per_client * batch / (time.perf_counter() - began)
+
+
+def variants_section(model_dir, tasks, config, total) -> dict:
+  results = {}
+  for variant in ('float', 'int8'):
+    backend = Backend(model_dir, MODEL_VARIANT=variant, THREADS='8')
+    try:
+      measure(backend.url, tasks, config, 64, len(tasks))  # warm: images cached, model loaded
+      rows = {}
+      for batch in (1, 8, 64):
+        latencies = measure(backend.url, tasks, config, batch, max(total, batch))
+        rows[batch] = {
+            'tasks_per_s': round(batch * len(latencies) / sum(latencies), 1),
+            'p50_ms': round(1000 * statistics.median(latencies), 1),
+            'p95_ms': round(1000 * sorted(latencies)[math.ceil(0.95 * len(latencies)) - 1], 1),  # nearest rank
+        }
+        print(variant, batch, rows[batch], flush=True)
+      results[variant] = rows
+    finally:
+      backend.stop()
+  return results
+
+
+def workers_section(model_dir, tasks, config, total, clients=8, batch=8) -> dict:
+  results = {}
+  for workers in (1, 2, 4):
+    backend = Backend(model_dir, MODEL_VARIANT='int8', WORKERS=str(workers), THREADS='4')
+    try:
+      # Warm every worker: each loads its interpreter and fills the shared image cache.
+      measure_concurrent(backend.url, tasks, config, clients, batch, 4 * len(tasks))
+      rate = measure_concurrent(backend.url, tasks, config, clients, batch, total)
+      results[workers] = {'tasks_per_s': round(rate, 1), 'clients': clients, 'batch': batch}
+      print('workers', workers, results[workers], flush=True)
+    finally:
+      backend.stop()
+  return results
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--run', type=Path, required=True)
   parser.add_argument('--images', type=Path, default=REPO.parent / 'shared/datasets/raccoon/images')
   parser.add_argument('--model-dir', type=Path, default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--tasks', type=int, default=320, help='tasks per measurement')
+  parser.add_argument('--sections', nargs='+', default=['variants', 'workers'],
+                      choices=['variants', 'workers'])
   args = parser.parse_args()
 
   labels = (args.run / 'labels.txt').read_text().split()
@@ -74,41 +124,35 @@ def main():
   images = sorted(p.name for p in args.images.glob('*.jpg'))[:64]
   server, base_url = serve_folder(args.images)
   tasks = [{'id': i + 1, 'data': {'image': f'{base_url}/{name}'}} for i, name in enumerate(images)]
-  results = {'images': len(images), 'tasks_per_measurement': args.tasks, 'variants': {}}
+  out = REPO / 'benchmarks' / 'results'
+  out.mkdir(parents=True, exist_ok=True)
+  json_path = out / 'backend_predict.json'
+  # Sections not run this time keep their earlier results.
+  results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+  results.update({'images': len(images), 'tasks_per_measurement': args.tasks})
   with tempfile.TemporaryDirectory() as work:
     model_dir = Path(work) / 'models'
     shutil.copytree(args.model_dir / 'base', model_dir / 'base')
     shutil.copytree(args.run, model_dir / 'projects' / '1' / 'versions' / 'v1')
-    for variant in ('float', 'int8'):
-      backend = Backend(model_dir, MODEL_VARIANT=variant, THREADS='8')
-      try:
-        measure(backend.url, tasks, config, 64, len(tasks))  # warm: images cached, model loaded
-        rows = {}
-        for batch in (1, 8, 64):
-          latencies = measure(backend.url, tasks, config, batch, max(args.tasks, batch))
-          rows[batch] = {
-              'tasks_per_s': round(batch * len(latencies) / sum(latencies), 1),
-              'p50_ms': round(1000 * statistics.median(latencies), 1),
-              'p95_ms': round(1000 * sorted(latencies)[math.ceil(0.95 * len(latencies)) - 1], 1),  # nearest rank
-          }
-          print(variant, batch, rows[batch], flush=True)
-        results['variants'][variant] = rows
-      finally:
-        backend.stop()
+    if 'variants' in args.sections:
+      results['variants'] = variants_section(model_dir, tasks, config, args.tasks)
+    if 'workers' in args.sections:
+      results['workers'] = workers_section(model_dir, tasks, config, args.tasks)
   server.shutdown()
-  out = REPO / 'benchmarks' / 'results'
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'backend_predict.json').write_text(json.dumps(results, indent=1) + '\n')
+  json_path.write_text(json.dumps(results, indent=1) + '\n')
   lines = ['# /predict benchmark', '',
            f'{len(images)} raccoon images served over local HTTP (cached by the backend after '
-           f'the first pass), gunicorn 1 worker × 8 threads, {os.cpu_count()} cores.', '',
+           f'the first pass), {os.cpu_count()} cores.', '',
+           '## float vs int8, gunicorn 1 worker × 8 threads, one client', '',
            '| model | tasks per request | tasks/s | p50 ms | p95 ms |', '|---|---|---|---|---|']
-  for variant, rows in results['variants'].items():
+  for variant, rows in results.get('variants', {}).items():
     for batch, row in rows.items():
       lines.append(f'| {variant} | {batch} | {row["tasks_per_s"]} | {row["p50_ms"]} | {row["p95_ms"]} |')
+  lines += ['', '## gunicorn workers (int8, 4 threads each, 8 concurrent clients × 8 tasks per request)',
+            '', '| workers | tasks/s |', '|---|---|']
+  lines += [f'| {w} | {row["tasks_per_s"]} |' for w, row in results.get('workers', {}).items()]
   (out / 'backend_predict.md').write_text('\n'.join(lines) + '\n')
   print('\n'.join(lines))
-
 
 if __name__ == '__main__':
   main()

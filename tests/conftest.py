@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,8 +96,10 @@ class Backend:
     # Output to a file: a pipe nobody reads would fill up and stall the server.
     self.log_path = Path(model_dir).parent / f'backend-{self.port}.log'
     self.log = open(self.log_path, 'w')  # pylint: disable=consider-using-with
+    # Its own process group: kill() takes gunicorn's workers down with it.
     self.process = subprocess.Popen([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
-                                    stdout=self.log, stderr=subprocess.STDOUT)
+                                    stdout=self.log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
       if self.process.poll() is not None:
@@ -111,6 +114,12 @@ class Backend:
   def output(self) -> str:
     """The end of the server's log."""
     return self.log_path.read_text()[-4000:]
+
+  def kill(self):
+    """SIGKILL to gunicorn and its workers at once, as when the machine goes down."""
+    os.killpg(self.process.pid, signal.SIGKILL)
+    self.process.wait(10)
+    self.log.close()
 
   def stop(self):
     self.process.terminate()
@@ -140,27 +149,11 @@ def label_studio(tmp_path_factory):
 def redis_url(tmp_path_factory):
   """A real redis-server (Debian's package; set-up installs it) on a free port."""
   import shutil
-  server = shutil.which('redis-server')
-  if server is None:
+  from tests.redis_servers import RedisServer
+  if shutil.which('redis-server') is None:
     if os.environ.get('CI') == 'true':
       pytest.fail('redis-server is missing: scripts/setup.sh --test must install it')
     pytest.skip('redis-server is not installed here (bash scripts/setup.sh --test installs it)')
-  port = free_port()
-  folder = tmp_path_factory.mktemp('redis')
-  process = subprocess.Popen(
-      [server, '--port', str(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-       '--dir', str(folder)], stdout=open(folder / 'redis.log', 'w'), stderr=subprocess.STDOUT)
-  url = f'redis://127.0.0.1:{port}/0'
-  import redis
-  deadline = time.monotonic() + 20
-  while True:
-    try:
-      redis.Redis.from_url(url).ping()
-      break
-    except redis.exceptions.ConnectionError:
-      if time.monotonic() > deadline or process.poll() is not None:
-        raise RuntimeError((folder / 'redis.log').read_text()[-2000:]) from None
-      time.sleep(0.1)
-  yield url
-  process.terminate()
-  process.wait(10)
+  server = RedisServer(tmp_path_factory.mktemp('redis'))
+  yield server.url
+  server.stop()

@@ -113,6 +113,30 @@ def test_before_training_the_base_predicts_labels_it_knows(backend, image_server
                                          'result': []}]
 
 
+def test_bombs_and_broken_images_get_empty_predictions_and_a_logged_reason(backend, shapes_dataset,
+                                                                          image_server):
+  from PIL import Image
+  bad = shapes_dataset / 'bad'
+  bad.mkdir(exist_ok=True)
+  # 225 megapixels decoded from a few kilobytes: refused before decoding.
+  Image.new('1', (15000, 15000)).save(bad / 'bomb.png')
+  good = (shapes_dataset / 'images' / 'test-2-0.jpg').read_bytes()
+  (bad / 'truncated.jpg').write_bytes(good[:len(good) // 3])
+  (bad / 'text.jpg').write_text('not an image')
+  tasks = [{'id': 50 + i, 'data': {'photo': f'{image_server}/bad/{name}'}}
+           for i, name in enumerate(('bomb.png', 'truncated.jpg', 'text.jpg'))]
+  tasks.append({'id': 60, 'data': {'photo': f'{image_server}/images/test-2-0.jpg'}})
+  response = requests.post(backend.url + '/predict', timeout=60, json={
+      'tasks': tasks, 'project': 7, 'label_config': CONFIG})
+  assert response.status_code == 200, response.text
+  results = response.json()['results']
+  assert [r['result'] for r in results[:3]] == [[], [], []]
+  assert results[3]['result'], 'the good image in the same batch is still predicted'
+  log = backend.output()
+  assert 'bomb.png: too large to decode safely' in log
+  assert 'text.jpg: not a readable image' in log
+
+
 @pytest.mark.parametrize('method, path, body, status, message', [
     ('post', '/predict', b'{"tasks": [', 400, 'JSON object'),
     ('post', '/predict', {'tasks': 'x', 'project': 7, 'label_config': CONFIG}, 400, 'list of task'),

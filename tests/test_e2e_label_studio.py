@@ -5,6 +5,7 @@ tasks, press Start Training, wait for the new model version, run Retrieve
 Predictions on the unlabeled tasks, check what Label Studio stored, then
 download the .tflite from the backend and run it. And basic auth on both of
 Label Studio's paths to the backend: its ML calls and the project webhook.
+And a backend killed mid-training that comes back serving its last version.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from model.detection import iou_xyxy
 from model.detector import TFLiteDetector
 from model.images import load_image
 from tests.conftest import Backend
-from tests.label_studio import annotate, make_disc_project
+from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
 
 LABELED, UNLABELED = 8, 4
 
@@ -129,5 +130,48 @@ def test_basic_auth_passes_on_ml_calls_and_on_the_webhook_with_its_header(label_
             json={'headers': {'Authorization': f'Basic {token}'}})
     annotate(ls, project, project.tasks[1:2])
     assert received_after(before) == 1
+  finally:
+    backend.stop()
+
+
+def test_a_backend_killed_mid_training_restarts_serving_its_last_version(label_studio, base_paths,
+                                                                         trained_run, tmp_path):
+  ls = label_studio
+  project = make_disc_project(ls, tmp_path, 9, seed=13, title='killed')
+  annotate(ls, project, project.tasks[:8])
+  model_dir = tmp_path / 'models'
+  shutil.copytree(base_paths.base_dir, model_dir / 'base')
+  versions = model_dir / 'projects' / str(project.id) / 'versions'
+  shutil.copytree(trained_run, versions / 'v1')
+  env = {'LABEL_STUDIO_URL': ls.url, 'LABEL_STUDIO_API_KEY': ls.token,
+         'TRAIN_EVERY_N_ANNOTATIONS': '0'}
+  backend = Backend(model_dir, **env)
+  try:
+    requests.post(backend.url + '/webhook', json={'action': 'START_TRAINING',
+                                                  'project': {'id': project.id}})
+    deadline = time.monotonic() + 300
+    status = {}
+    while time.monotonic() < deadline and not (status.get('state') == 'running'
+                                               and status.get('step', 0) >= 1):
+      time.sleep(0.3)
+      status = requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()
+    assert status['state'] == 'running', (status, backend.output())
+  finally:
+    backend.kill()
+
+  assert sorted(p.name for p in versions.iterdir()) == ['v1']
+  backend = Backend(model_dir, **env)
+  try:
+    assert requests.post(backend.url + '/setup', json={'project': project.id}).json() == {
+        'model_version': 'fewshot-ssd-v1'}
+    response = requests.post(backend.url + '/predict', timeout=60, json={
+        'tasks': [project.tasks[-1]], 'project': project.id,
+        'label_config': DISC_CONFIG.replace('<Label value="disc"/>',
+                                            '<Label value="disc"/><Label value="square"/>')})
+    (prediction,) = response.json()['results']
+    assert prediction['model_version'] == 'fewshot-ssd-v1'
+    assert prediction['result'][0]['value']['rectanglelabels'] == ['disc']
+    assert requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()[
+        'state'] == 'idle'
   finally:
     backend.stop()

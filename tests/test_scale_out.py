@@ -9,64 +9,19 @@ backends serve without a restart.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 
 from backend.store import ARTIFACTS
 from model.detector import TFLiteDetector, read_labels_file
 from model.images import load_image
-from tests.conftest import REPO, Backend
+from tests.conftest import Backend
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
+from tests.redis_servers import TrainingWorker
 
 LABELED = 8
-
-
-def _parent_of(pid: int) -> int | None:
-  try:
-    return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1])
-  except (FileNotFoundError, ProcessLookupError):
-    return None
-
-
-class TrainingWorker:
-  """`python -m backend worker`; RQ runs each job in a forked child (its work horse)."""
-
-  def __init__(self, log_path, env):
-    self.log_path = log_path
-    self.log = open(log_path, 'w')  # pylint: disable=consider-using-with
-    self.process = subprocess.Popen([sys.executable, '-m', 'backend', 'worker'], cwd=REPO,
-                                    env={**os.environ, **env}, stdout=self.log,
-                                    stderr=subprocess.STDOUT)
-    self.horses: set[int] = set()
-
-  def runs(self, pid: int) -> bool:
-    """Whether `pid` is this worker's work horse."""
-    if _parent_of(pid) == self.process.pid:
-      self.horses.add(pid)
-      return True
-    return False
-
-  def kill(self):
-    """SIGKILL to the worker and its work horse, as when their machine goes down."""
-    for pid in [self.process.pid, *self.horses]:
-      try:
-        os.kill(pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
-    self.process.wait(10)
-
-  def stop(self):
-    self.horses.update(pid for pid in map(int, filter(str.isdigit, os.listdir('/proc')))
-                       if _parent_of(pid) == self.process.pid)
-    self.kill()
-    self.log.close()
 
 
 def _start_training(backend: Backend, project: int) -> str:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from model.config import TrainConfig
+
 
 class SettingsError(ValueError):
   """A bad environment variable; the message names it and what it should be."""
@@ -44,6 +46,10 @@ class Settings:
   # and the quiet time after the last of them before it starts.
   train_every_n_annotations: int = 5
   train_debounce_s: float = 10.0
+  # Cap on a training run's steps (the budget grows with the images up to it),
+  # and what trains: 'heads', 'top' (heads + top of the extractor) or 'all'.
+  train_max_steps: int = TrainConfig.max_steps
+  train_mode: str = TrainConfig.trainable
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
   # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
   training_queue: str = 'inprocess'
@@ -56,6 +62,9 @@ class Settings:
   @property
   def auth_enabled(self) -> bool:
     return self.basic_auth_user is not None
+
+  def train_config(self) -> TrainConfig:
+    return TrainConfig(max_steps=self.train_max_steps, trainable=self.train_mode)
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
@@ -101,6 +110,9 @@ class Settings:
     redis_url = text('REDIS_URL', defaults.redis_url)
     if not redis_url.startswith(('redis://', 'rediss://', 'unix://')):
       raise SettingsError(f'REDIS_URL={redis_url!r} must start with redis://, rediss:// or unix://')
+    train_mode = text('TRAIN_MODE', defaults.train_mode).lower()
+    if train_mode not in ('heads', 'top', 'all'):
+      raise SettingsError(f'TRAIN_MODE={train_mode!r} must be heads, top or all')
     return cls(
         model_dir=Path(text('MODEL_DIR', str(defaults.model_dir))),
         label_studio_url=url.rstrip('/') if url else None,
@@ -120,6 +132,9 @@ class Settings:
         train_every_n_annotations=number('TRAIN_EVERY_N_ANNOTATIONS',
                                          defaults.train_every_n_annotations, minimum=0),
         train_debounce_s=number('TRAIN_DEBOUNCE_S', defaults.train_debounce_s, float, 0.0, 3600.0),
+        train_max_steps=number('TRAIN_MAX_STEPS', defaults.train_max_steps, minimum=10,
+                               maximum=100_000),
+        train_mode=train_mode,
         training_queue=training_queue,
         redis_url=redis_url,
         training_lock_ttl_s=number('TRAINING_LOCK_TTL_S', defaults.training_lock_ttl_s, float,

@@ -133,7 +133,8 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   out = store.next_version_dir(project)
   # Image paths are absolute (the cache), so the images root is never used.
   iteration.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
-                            previous=previous, progress=_logged(project, on_progress))
+                            previous=previous, config=settings.train_config(),
+                            progress=_logged(project, on_progress))
   version = store.find(project, 'latest').name
   log.info('Project %s: published %s in %.0f s', project, version, time.monotonic() - started)
   return version

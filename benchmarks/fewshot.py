@@ -43,6 +43,8 @@ STARTS = {
     'extractor only, fresh box head': dict(restore='extractor'),
     'nothing restored': dict(restore='none', class_init='fresh'),
 }
+# What trains besides the default (`TrainConfig.trainable`), from a partial restore.
+TRAINABLE = ('heads', 'top', 'all')
 
 
 def load_split(tasks, root, split):
@@ -91,10 +93,12 @@ def latency_ms(detector, image, repeats=50):
   return timings
 
 
-def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, results):
+def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, results, only=None):
   num_train = len(tasks_lib.training_examples(tasks_lib.parse_tasks(tasks)[0]))
   variants = [(name, cfg) for name, cfg in STARTS.items()]
   variants.append(('partial restore, fresh class head', dict(restore='extractor+box', class_init='fresh')))
+  variants += [(f'partial restore, trains {mode}', dict(trainable=mode)) for mode in TRAINABLE]
+  variants = [(name, cfg) for name, cfg in variants if only is None or name in only]
   for shots in shots_list:
     seeds = range(subsets) if shots < num_train else range(1)
     for name, cfg in variants:
@@ -215,6 +219,9 @@ def main():
   parser.add_argument('--shots', type=int, nargs='+', default=[1, 5, 10, 10_000])
   parser.add_argument('--subsets', type=int, default=3)
   parser.add_argument('--skip', nargs='*', default=[], choices=['grid', 'export', 'ducky'])
+  parser.add_argument('--variants', nargs='+', metavar='NAME',
+                      help='only these rows of the grid, by their "start" name (default: all but '
+                           '"trains all", which is slow)')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('model', 'tensorflow', 'absl'):
@@ -228,7 +235,10 @@ def main():
     results = {**earlier, **results, 'grid': earlier.get('grid', [])}
   with tempfile.TemporaryDirectory() as work:
     if 'grid' not in args.skip:
-      quality_grid(tasks, args.dataset, args.model_dir, work, test, args.shots, args.subsets, results)
+      only = args.variants or [*STARTS, 'partial restore, fresh class head',
+                               *(f'partial restore, trains {m}' for m in TRAINABLE if m != 'all')]
+      quality_grid(tasks, args.dataset, args.model_dir, work, test, args.shots, args.subsets,
+                   results, only)
     if 'export' not in args.skip:
       export_comparison(tasks, args.dataset, args.model_dir, work, test, results)
     if 'ducky' not in args.skip and args.ducky.is_dir():

@@ -62,7 +62,7 @@ class _ProgressBar:
 def cmd_train(args) -> int:
   from model import iteration, tasks as tasks_lib
   from model.config import TrainConfig
-  config = TrainConfig(seed=args.seed, input_size=args.input_size)
+  config = TrainConfig(seed=args.seed, input_size=args.input_size, trainable=args.train)
   tasks = tasks_lib.load_tasks_file(args.tasks)
   bar = _ProgressBar()
   try:
@@ -149,6 +149,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from model.config import TrainConfig
   parser = argparse.ArgumentParser(prog='python -m model', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model-dir', help='model directory (default: $MODEL_DIR or ./models)')
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--seed', type=int, default=0)
   train.add_argument('--input-size', type=int, default=300,
                      help='model input side in pixels (larger finds smaller objects, costs time)')
+  train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
+                     help='what trains: the heads only (as in the notebook), the heads and the top '
+                          'of the extractor (Conv_1 and the extra layers; default), or everything')
   train.set_defaults(handler=cmd_train)
 
   evaluate = commands.add_parser('eval', help='COCO mAP of a run on a split, as JSON')

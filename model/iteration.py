@@ -127,7 +127,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   from model.evaluate import coco_map
   from model.targets import TargetAssigner
   from model.tf_detector import TFDetector
-  from model.train import CachedViews, HeadTrainer, cache_features
+  from model.train import CachedViews, ExtractorSplit, Trainer, cache_features
 
   out_dir = Path(out_dir)
   if out_dir.exists():
@@ -178,6 +178,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   assigner = TargetAssigner(anchors_yxyx, model.config.box_scale_factors,
                             config.positive_iou, config.negative_iou)
 
+  split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
+
   def build_views(indices, views_each):
     inputs, class_targets, box_targets = [], [], []
     for i in indices:
@@ -190,14 +192,15 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
         class_targets.append(cls)
         box_targets.append(box)
     inputs = np.stack(inputs)
-    return inputs, CachedViews(cache_features(model.feature_extractor, inputs),
+    return inputs, CachedViews(cache_features(split.frozen, inputs),
                                np.stack(class_targets), np.stack(box_targets))
 
   views_each = config.views_per_image(len(fit))
   train_inputs, train_views = build_views(fit, views_each)
   validation_views = build_views(validation, 1)[1] if validation else None
   timings['features_s'] = time.monotonic() - t0
-  log.info('Cached feature maps of %d views (%d per image) in %.1f s', len(train_views),
+  log.info('Cached %s of %d views (%d per image) in %.1f s',
+           'feature maps' if split.rest is None else 'frozen-part outputs', len(train_views),
            views_each, timings['features_s'])
 
   # Class head: background and kept labels from the previous iteration, new
@@ -210,8 +213,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     base_labels_for_init = base_labels
   if base_labels_for_init and any(restore.base_class_by_name(l, base_labels) is None for l in new_labels):
     originals = slice(0, None, views_each)  # view 0 of each image is the image as it is
-    features = [tf.constant(f[originals], tf.float32) for f in train_views.features]
-    base_logits = base_model.class_head(features).numpy()
+    cached = [tf.constant(f[originals], tf.float32) for f in train_views.features]
+    base_logits = base_model.class_head(split.feature_maps(cached)).numpy()
     fits = restore.class_fit(base_logits, train_views.class_targets[originals], labels)
   base_sources = restore.choose_base_sources(new_labels, base_model.class_head,
                                              base_labels_for_init, fits, config.class_init_blend)
@@ -230,9 +233,12 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   steps = config.step_budget(len(fit))
   learning_rate = config.class_learning_rate(len(fit), any(c.head is None for c in columns))
   box_scale = config.box_learning_rate_scale_for(len(fit))
-  log.info('Training the heads for up to %d steps (batch %d, learning rate %.1e, box head x%g)',
-           steps, config.batch_size, learning_rate, box_scale)
-  report = HeadTrainer(model, config, learning_rate, box_scale).train(
+  log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
+           {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
+            'all': 'everything'}[config.trainable], steps, config.batch_size, learning_rate,
+           box_scale, '' if config.trainable == 'heads'
+           else f', extractor x{config.extractor_learning_rate_scale:g}')
+  report = Trainer(model, split, config, learning_rate, box_scale).train(
       train_views, steps, validation_views, progress)
   log.info('Trained %d steps in %.1f s (%.0f views/s)%s', report.steps, report.seconds,
            report.views_per_s, ', stopped early' if report.stopped_early else '')

@@ -85,6 +85,31 @@ def build_feature_extractor(input_size: int) -> tf_keras.Model:
   return tf_keras.Model(image, features, name='feature_extractor')
 
 
+# The last backbone layer before the "top": Conv_1 and the extra layers.
+TOP_INPUT_LAYER = f'{_block_name(len(_INVERTED_RESIDUALS) - 1)}_project'
+FIRST_MAP_LAYER = f'{_block_name(_FIRST_MAP_BLOCK)}_expand_relu6'
+
+
+def split_extractor(feature_extractor: tf_keras.Model) -> tuple[tf_keras.Model, tf_keras.Model]:
+  """The extractor as (trunk, top), sharing its layers and so its weights.
+
+  trunk: image -> [feature map 0, the last block's output (10x10x320 at 300)].
+  top: that block output -> feature maps 1..5 (Conv_1 and the extra layers).
+  Training `top` trains those layers of `feature_extractor` itself.
+  """
+  trunk = tf_keras.Model(feature_extractor.input,
+                         [feature_extractor.get_layer(FIRST_MAP_LAYER).output,
+                          feature_extractor.get_layer(TOP_INPUT_LAYER).output], name='trunk')
+  top_input = tf_keras.Input(feature_extractor.get_layer(TOP_INPUT_LAYER).output.shape[1:])
+  x = feature_extractor.get_layer('Conv_1_relu6')(feature_extractor.get_layer('Conv_1')(top_input))
+  maps = [x]
+  for index, channels in enumerate(_EXTRA_LAYERS):
+    for name in extra_layer_names(index, channels):
+      x = feature_extractor.get_layer(f'{name}_relu6')(feature_extractor.get_layer(name)(x))
+    maps.append(x)
+  return trunk, tf_keras.Model(top_input, maps, name='top')
+
+
 class PredictionHead(tf_keras.layers.Layer):
   """One 1x1 conv per feature map, outputs flattened and concatenated.
 

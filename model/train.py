@@ -1,10 +1,14 @@
-"""Few-shot training of the SSD heads on cached feature maps.
+"""Few-shot training of the SSD on cached views.
 
-The feature extractor is frozen, so each augmented view goes through it once;
-the box and class heads (six 1x1 convs each) then train on the cached maps in
-milliseconds per step. Loss: sigmoid focal loss on the class logits (every
-column, background included, as the base was trained) plus Huber loss on the
-encoded boxes of positive anchors, both normalized by the positive count.
+What is frozen goes through once per augmented view and is cached; only what
+trains runs each step (`ExtractorSplit`). With `trainable='heads'` the whole
+extractor is frozen and the box and class heads (six 1x1 convs each) train on
+the cached feature maps in milliseconds per step; 'top' also trains Conv_1
+and the extra layers on the cached output of the last MobileNetV2 block;
+'all' caches the images and trains everything. Loss: sigmoid focal loss on the
+class logits (every column, background included, as the base was trained)
+plus Huber loss on the encoded boxes of positive anchors, both normalized by
+the positive count.
 """
 
 from __future__ import annotations
@@ -41,11 +45,42 @@ ProgressCallback = Callable[[Progress], None]
 
 
 @dataclasses.dataclass
-class CachedViews:
-  """Feature maps of augmented views and their anchor targets.
+class ExtractorSplit:
+  """The feature extractor cut into a frozen part, whose outputs are cached, and the rest.
 
   Attributes:
-    features: six float16 arrays [V, H_i, W_i, C_i].
+    frozen: a model: images -> the tensors to cache.
+    rest: cached tensors -> the six feature maps; None when `frozen` gives them.
+    variables: the extractor's variables that train (those of `rest`).
+  """
+
+  frozen: tf_keras.Model
+  rest: Callable | None
+  variables: list
+
+  @classmethod
+  def for_training(cls, feature_extractor: tf_keras.Model, trainable: str) -> 'ExtractorSplit':
+    if trainable == 'heads':
+      return cls(feature_extractor, None, [])
+    if trainable == 'top':
+      trunk, top = ssd_lib.split_extractor(feature_extractor)
+      return cls(trunk, lambda cached: [cached[0], *top(cached[1])], top.trainable_variables)
+    images = feature_extractor.input
+    identity = tf_keras.Model(images, [tf_keras.layers.Activation('linear')(images)])
+    return cls(identity, lambda cached: feature_extractor(cached[0]),
+               feature_extractor.trainable_variables)
+
+  def feature_maps(self, cached: list) -> list:
+    return cached if self.rest is None else self.rest(cached)
+
+
+@dataclasses.dataclass
+class CachedViews:
+  """What the frozen part made of augmented views, and their anchor targets.
+
+  Attributes:
+    features: float16 arrays [V, ...], the outputs of `ExtractorSplit.frozen`
+      (the six feature maps when only the heads train).
     class_targets: int32 [V, N] (0 background, 1..C labels, -1 ignored).
     box_targets: float32 [V, N, 4] encoded boxes (zeros off positives).
   """
@@ -59,14 +94,14 @@ class CachedViews:
 
 
 def cache_features(feature_extractor, inputs: np.ndarray, batch_size: int = 16) -> list[np.ndarray]:
-  """Runs the frozen extractor over inputs [V, S, S, 3]; returns six float16 arrays.
+  """Runs a frozen model over inputs [V, S, S, 3]; returns its outputs as float16 arrays.
 
-  float16 halves the cache (about 0.7 MB per view at 300x300); the heads train
-  in float32 on it.
+  float16 halves the cache (about 0.7 MB per view for the six maps at
+  300x300); training runs in float32 on it.
   """
   size = inputs.shape[1]
   # Traced once: about 8 ms per view at 2 threads, five times faster than eager.
-  extract = tf.function(lambda x: feature_extractor(x, training=False),
+  extract = tf.function(lambda x: tf.nest.flatten(feature_extractor(x, training=False)),
                         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
   chunks = [[] for _ in feature_extractor.outputs]
   for start in range(0, len(inputs), batch_size):
@@ -90,19 +125,21 @@ class TrainReport:
   views_per_s: float
 
 
-class HeadTrainer:
-  """Trains `model.box_head` and `model.class_head` on cached views.
+class Trainer:
+  """Trains the heads (and what `split` leaves trainable of the extractor) on cached views.
 
   Args:
-    model: the project's SSD; its heads are updated in place.
+    model: the project's SSD; it is updated in place.
+    split: how its extractor is cut; the views were cached with `split.frozen`.
     config: training settings.
     learning_rate: the class head's peak learning rate.
     box_learning_rate_scale: the box head's, relative to it (0 freezes it).
   """
 
-  def __init__(self, model: ssd_lib.SSD, config: TrainConfig, learning_rate: float,
-               box_learning_rate_scale: float):
+  def __init__(self, model: ssd_lib.SSD, split: ExtractorSplit, config: TrainConfig,
+               learning_rate: float, box_learning_rate_scale: float):
     self.model = model
+    self.split = split
     self.config = config
     self.learning_rate = learning_rate
     self.box_learning_rate_scale = box_learning_rate_scale
@@ -112,10 +149,12 @@ class HeadTrainer:
     self.huber = tf_keras.losses.Huber(delta=1.0, reduction=tf_keras.losses.Reduction.NONE)
     self.class_variables = model.class_head.trainable_variables
     self.box_variables = model.box_head.trainable_variables
-    self.variables = self.box_variables + self.class_variables
+    self.extractor_variables = split.variables
+    self.variables = self.box_variables + self.class_variables + self.extractor_variables
 
-  def losses(self, features, class_targets, box_targets):
+  def losses(self, cached, class_targets, box_targets):
     """Mean per-positive (class loss, box loss) of a batch."""
+    features = self.split.feature_maps(cached)
     class_logits = self.model.class_head(features)
     box_encodings = self.model.box_head(features)
     valid = tf.cast(class_targets >= 0, tf.float32)
@@ -142,9 +181,12 @@ class HeadTrainer:
         class_loss, box_loss = self.losses(batch, tf.gather(class_targets, index),
                                            tf.gather(box_targets, index))
         loss = class_loss + self.config.box_loss_weight * box_loss
-      class_grads, box_grads = tape.gradient(loss, [self.class_variables, self.box_variables])
+      class_grads, box_grads, extractor_grads = tape.gradient(
+          loss, [self.class_variables, self.box_variables, self.extractor_variables])
       optimizers['class'].apply_gradients(zip(class_grads, self.class_variables))
       optimizers['box'].apply_gradients(zip(box_grads, self.box_variables))
+      if self.extractor_variables:
+        optimizers['extractor'].apply_gradients(zip(extractor_grads, self.extractor_variables))
       return loss
     return step
 
@@ -173,7 +215,8 @@ class HeadTrainer:
     # Two optimizers: Adam is blind to gradient scale, so a restored box head
     # that should move gently needs its own, smaller learning rate.
     optimizers = {'class': adam(self.learning_rate),
-                  'box': adam(self.learning_rate * self.box_learning_rate_scale)}
+                  'box': adam(self.learning_rate * self.box_learning_rate_scale),
+                  'extractor': adam(self.learning_rate * config.extractor_learning_rate_scale)}
     step_fn = self._step_fn(optimizers, train_views)
     rng = np.random.default_rng(config.seed)
     batch = min(config.batch_size, max(1, len(train_views)))

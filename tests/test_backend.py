@@ -225,10 +225,18 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
 @pytest.mark.parametrize('env, name', [({'PORT': 'http'}, 'PORT'), ({'WORKERS': '0'}, 'WORKERS'),
                                        ({'BASIC_AUTH_USER': 'x'}, 'BASIC_AUTH'),
                                        ({'LABEL_STUDIO_URL': 'localhost:8080'}, 'LABEL_STUDIO_URL'),
-                                       ({'SCORE_THRESHOLD': '2'}, 'SCORE_THRESHOLD')])
+                                       ({'SCORE_THRESHOLD': '2'}, 'SCORE_THRESHOLD'),
+                                       ({'TRAIN_MODE': 'backbone'}, 'TRAIN_MODE'),
+                                       ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS')])
 def test_bad_settings_are_named(env, name):
   with pytest.raises(SettingsError, match=name):
     Settings.from_env(env)
+
+
+def test_training_settings_reach_the_train_config():
+  config = Settings.from_env({'TRAIN_MODE': 'Heads', 'TRAIN_MAX_STEPS': '200'}).train_config()
+  assert (config.trainable, config.max_steps) == ('heads', 200)
+  assert config.step_budget(50) == 200
 
 
 def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):

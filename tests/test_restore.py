@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from model import iteration, restore
+from model import iteration, restore, ssd as ssd_lib
 from model.config import TrainConfig
 from tests.synthetic import make_task_set
 
@@ -85,8 +85,12 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
   assert info['started_from'] == str(trained_run)
   history = json.loads((out / 'metrics.json').read_text())['history']
   assert [h['iteration'] for h in history] == [1, 2]
-  # The frozen extractor is the previous iteration's; the heads trained on.
-  assert_same_weights(model.feature_extractor.weights, previous.feature_extractor.weights)
+  # The extractor started from the previous iteration's: the part below its
+  # trained top (TrainConfig.trainable='top') is still exactly that one.
+  trunk, _ = ssd_lib.split_extractor(model.feature_extractor)
+  previous_trunk, _ = ssd_lib.split_extractor(previous.feature_extractor)
+  assert TINY.trainable == 'top'
+  assert_same_weights(trunk.weights, previous_trunk.weights)
   assert [c.filters for c in model.class_head.convs] == [9, 18, 18, 18, 18, 18]
 
 
@@ -94,7 +98,6 @@ def test_kept_label_columns_carry_over_exactly(trained_run, base_model):
   previous, previous_labels = iteration.load_run_model(trained_run)
   base, base_labels = base_model
   labels = ['square', 'triangle']
-  from model import ssd as ssd_lib
   from model.config import SSDConfig
   model = ssd_lib.build_ssd(SSDConfig(num_classes=2))
   base_sources = restore.choose_base_sources(['triangle'], base.class_head, base_labels, fits={})

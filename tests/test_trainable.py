@@ -1,0 +1,88 @@
+"""What trains: heads only, heads + top of the extractor, or everything.
+
+Each mode trains a few steps on the shapes set, then the trained extractor is
+compared layer by layer with the base it was restored from.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from model import iteration, ssd as ssd_lib
+from model.config import TrainConfig
+from model.tasks import load_tasks_file
+
+SHORT = dict(base_steps=20, steps_per_image=0, max_steps=20, max_views_per_image=4)
+
+
+def top_layer_names() -> set[str]:
+  names = {'Conv_1'}
+  for index, channels in enumerate(ssd_lib._EXTRA_LAYERS):  # pylint: disable=protected-access
+    names.update(ssd_lib.extra_layer_names(index, channels))
+  return names
+
+
+def changed_layers(trained: ssd_lib.SSD, base: ssd_lib.SSD) -> set[str]:
+  changed = set()
+  for layer in trained.feature_extractor.layers:
+    weights = layer.get_weights()
+    if not weights:
+      continue
+    source = base.feature_extractor.get_layer(layer.name).get_weights()
+    if any(not np.array_equal(a, b) for a, b in zip(weights, source)):
+      changed.add(layer.name)
+  return changed
+
+
+@pytest.fixture(scope='module')
+def trained_by_mode(base_paths, shapes_dataset, tmp_path_factory):
+  tasks = load_tasks_file(shapes_dataset / 'tasks.json')
+  runs = {}
+  for mode in ('heads', 'top', 'all'):
+    out = tmp_path_factory.mktemp('trainable') / mode
+    iteration.train_iteration(tasks, shapes_dataset, out, base_paths.model_dir, max_images=4,
+                              config=TrainConfig(trainable=mode, **SHORT), export_kinds=())
+    runs[mode] = out
+  return runs
+
+
+def test_heads_mode_leaves_the_extractor_as_restored(trained_by_mode, base_model):
+  trained, _ = iteration.load_run_model(trained_by_mode['heads'])
+  assert changed_layers(trained, base_model[0]) == set()
+
+
+def test_top_mode_trains_conv_1_and_the_extra_layers_only(trained_by_mode, base_model):
+  trained, _ = iteration.load_run_model(trained_by_mode['top'])
+  assert changed_layers(trained, base_model[0]) == top_layer_names()
+
+
+def test_all_mode_trains_the_backbone_too(trained_by_mode, base_model):
+  trained, _ = iteration.load_run_model(trained_by_mode['all'])
+  changed = changed_layers(trained, base_model[0])
+  assert top_layer_names() <= changed
+  assert {'Conv', 'expanded_conv_project'} <= changed  # the first layers
+
+
+def test_the_mode_is_recorded_and_every_mode_lowers_the_loss(trained_by_mode):
+  for mode, run in trained_by_mode.items():
+    info = json.loads((run / 'run.json').read_text())
+    assert info['train_config']['trainable'] == mode
+    losses = json.loads((run / 'metrics.json').read_text())['loss_per_step']
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), (mode, losses)
+
+
+def test_split_extractor_reproduces_the_feature_maps(base_model):
+  extractor = base_model[0].feature_extractor
+  trunk, top = ssd_lib.split_extractor(extractor)
+  image = np.random.default_rng(0).uniform(-1, 1, (1, 300, 300, 3)).astype(np.float32)
+  whole = extractor(image)
+  map0, block = trunk(image)
+  parts = [map0, *top(block)]
+  for a, b in zip(whole, parts):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_an_unknown_mode_is_refused():
+  with pytest.raises(ValueError, match='trainable'):
+    TrainConfig(trainable='backbone')

@@ -50,6 +50,8 @@ class Settings:
   # and what trains: 'heads', 'top' (heads + top of the extractor) or 'all'.
   train_max_steps: int = TrainConfig.max_steps
   train_mode: str = TrainConfig.trainable
+  # Model input side: larger finds smaller objects, at a cost in time.
+  train_input_size: int = TrainConfig.input_size
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
   # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
   training_queue: str = 'inprocess'
@@ -64,7 +66,8 @@ class Settings:
     return self.basic_auth_user is not None
 
   def train_config(self) -> TrainConfig:
-    return TrainConfig(max_steps=self.train_max_steps, trainable=self.train_mode)
+    return TrainConfig(max_steps=self.train_max_steps, trainable=self.train_mode,
+                       input_size=self.train_input_size)
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
@@ -135,6 +138,8 @@ class Settings:
         train_max_steps=number('TRAIN_MAX_STEPS', defaults.train_max_steps, minimum=10,
                                maximum=100_000),
         train_mode=train_mode,
+        train_input_size=number('TRAIN_INPUT_SIZE', defaults.train_input_size, minimum=128,
+                                maximum=1024),
         training_queue=training_queue,
         redis_url=redis_url,
         training_lock_ttl_s=number('TRAINING_LOCK_TTL_S', defaults.training_lock_ttl_s, float,

@@ -58,33 +58,46 @@ def draw_shape(pixels: np.ndarray, shape: str, box) -> None:
 
 
 def make_task_set(folder: Path, count: int, shapes=('disc',), split: str | None = 'train',
-                  seed: int = 0, width: int = 320, height: int = 240, start_id: int = 1) -> list[dict]:
-  """Images with one planted shape each (cycling through `shapes`) and their tasks.
+                  seed: int = 0, width: int = 320, height: int = 240, start_id: int = 1,
+                  sides: tuple[int, int] = (60, 120), per_image: int = 1) -> list[dict]:
+  """Images with `per_image` planted shapes each (cycling through `shapes`) and their tasks.
 
-  Returns Label Studio tasks (JSON export format) whose data.image paths are
-  relative to `folder`; images are written under folder/images.
+  Shapes are squares-ish of a side drawn from `sides` (pixels, high end
+  excluded), placed without overlapping. Returns Label Studio tasks (JSON
+  export format) whose data.image paths are relative to `folder`; images are
+  written under folder/images.
   """
   rng = np.random.default_rng(seed)
   (folder / 'images').mkdir(parents=True, exist_ok=True)
   tasks = []
+  planted = 0
   for i in range(count):
-    shape = shapes[i % len(shapes)]
     pixels = textured_background(width, height, seed=seed * 1000 + i)
-    side = int(rng.integers(60, 120))
-    x1 = int(rng.integers(0, width - side))
-    y1 = int(rng.integers(0, height - side))
-    draw_shape(pixels, shape, (x1, y1, x1 + side, y1 + side))
+    boxes = []
+    for _ in range(per_image):
+      side = int(rng.integers(*sides))
+      for _ in range(100):  # a free spot
+        x1 = int(rng.integers(0, width - side))
+        y1 = int(rng.integers(0, height - side))
+        if all(x1 >= bx2 or x1 + side <= bx1 or y1 >= by2 or y1 + side <= by1
+               for bx1, by1, bx2, by2, _ in boxes):
+          break
+      shape = shapes[planted % len(shapes)]
+      planted += 1
+      draw_shape(pixels, shape, (x1, y1, x1 + side, y1 + side))
+      boxes.append((x1, y1, x1 + side, y1 + side, shape))
     name = f'images/{split or "all"}-{seed}-{i}.jpg'
     save_jpeg(pixels, folder / name)
     task = {
         'id': start_id + i,
         'data': {'image': name},
         'annotations': [{'id': start_id + i, 'result': [{
-            'id': f'r{i}', 'type': 'rectanglelabels', 'from_name': 'label', 'to_name': 'image',
+            'id': f'r{i}-{k}', 'type': 'rectanglelabels', 'from_name': 'label', 'to_name': 'image',
             'original_width': width, 'original_height': height, 'image_rotation': 0,
             'value': {'x': 100 * x1 / width, 'y': 100 * y1 / height,
-                      'width': 100 * side / width, 'height': 100 * side / height,
-                      'rotation': 0, 'rectanglelabels': [shape]}}]}],
+                      'width': 100 * (x2 - x1) / width, 'height': 100 * (y2 - y1) / height,
+                      'rotation': 0, 'rectanglelabels': [shape]}}
+            for k, (x1, y1, x2, y2, shape) in enumerate(boxes)]}],
     }
     if split:
       task['meta'] = {'split': split}

@@ -227,15 +227,17 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
                                        ({'LABEL_STUDIO_URL': 'localhost:8080'}, 'LABEL_STUDIO_URL'),
                                        ({'SCORE_THRESHOLD': '2'}, 'SCORE_THRESHOLD'),
                                        ({'TRAIN_MODE': 'backbone'}, 'TRAIN_MODE'),
-                                       ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS')])
+                                       ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS'),
+                                       ({'TRAIN_INPUT_SIZE': '64'}, 'TRAIN_INPUT_SIZE')])
 def test_bad_settings_are_named(env, name):
   with pytest.raises(SettingsError, match=name):
     Settings.from_env(env)
 
 
 def test_training_settings_reach_the_train_config():
-  config = Settings.from_env({'TRAIN_MODE': 'Heads', 'TRAIN_MAX_STEPS': '200'}).train_config()
-  assert (config.trainable, config.max_steps) == ('heads', 200)
+  config = Settings.from_env({'TRAIN_MODE': 'Heads', 'TRAIN_MAX_STEPS': '200',
+                             'TRAIN_INPUT_SIZE': '448'}).train_config()
+  assert (config.trainable, config.max_steps, config.input_size) == ('heads', 200, 448)
   assert config.step_budget(50) == 200
 
 

@@ -3,8 +3,10 @@
 For 1, 5, 10 and all training images (several seeded subsets each) and three
 starts (partial restore; feature extractor only with a fresh box head; nothing
 restored), plus base-fit vs fresh class-head starts: mAP on the test split,
-training wall time and images/s. Then float vs int8 .tflite of one 10-shot
-model: size, latency at 2 threads (post-processing included) and mAP.
+training wall time and images/s. Then the float and int8 .tflite of 10-shot
+models trained plainly (post-training int8), with quantization-aware training,
+and pruned to 50%: size, gzipped size, latency at 2 threads (post-processing
+included) and mAP.
 Optionally the notebook's ducky task: a 5-shot model over the unlabeled frames,
 with a contact sheet PNG.
 
@@ -130,55 +132,55 @@ def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, result
       write(results)
 
 
-def export_comparison(tasks, root, model_dir, work, test, results):
-  run, metrics = train_once(tasks, root, model_dir, work, 10, 0, export_kinds=('float', 'int8'))
-  _, labels, _ = iteration.read_run(run.root)
+# Ways to make the on-device files, compared at 10 shots.
+EXPORT_VARIANTS = {
+    'post-training int8': {},
+    'QAT': dict(quantization_aware=True),
+    'pruned 50%': dict(prune_sparsity=0.5),
+}
+
+
+def export_comparison(tasks, root, model_dir, work, test, results, subsets):
+  """float vs int8 files of each export variant: size, gzip size, latency, mAP (mean over subsets)."""
+  from model import optimize
   rows = {}
-  for kind in ('float', 'int8'):
-    detector = TFLiteDetector(run.tflite(kind), labels, num_threads=2)
-    found = [detector.detect(image, min_score=0.01) for image in test[1]]
-    evaluation = coco_map(test[0], test[1], found, labels)
-    rows[kind] = {'bytes': run.tflite(kind).stat().st_size,
-                  'latency_ms': latency_ms(detector, test[1][0]),
-                  'map50': evaluation['map50'], 'map': evaluation['map'],
-                  'export_s': metrics['wall_time_s']['export_s']}
-  rows['tf'] = tf_map(run.root, *test)
-  results['export'] = rows
-  shutil.rmtree(run.root.parent)
-  write(results)
+  for name, cfg in EXPORT_VARIANTS.items():
+    per_seed = []
+    for seed in range(subsets):
+      run, metrics = train_once(tasks, root, model_dir, work, 10, seed,
+                                export_kinds=('float', 'int8'), **cfg)
+      _, labels, _ = iteration.read_run(run.root)
+      row = {'tf': tf_map(run.root, *test), 'train_s': metrics['wall_time_s']['train_s'],
+             'export_s': metrics['wall_time_s']['export_s']}
+      for kind in ('float', 'int8'):
+        detector = TFLiteDetector(run.tflite(kind), labels, num_threads=2)
+        found = [detector.detect(image, min_score=0.01) for image in test[1]]
+        evaluation = coco_map(test[0], test[1], found, labels)
+        data = run.tflite(kind).read_bytes()
+        row[kind] = {'bytes': len(data), 'gzip_bytes': optimize.gzipped_size(data),
+                     'latency_ms': latency_ms(detector, test[1][0]),
+                     'map50': evaluation['map50'], 'map': evaluation['map']}
+      log.info('%s seed=%s: float mAP@0.5 %.3f / int8 %.3f', name, seed, row['float']['map50'],
+               row['int8']['map50'])
+      per_seed.append(row)
+      shutil.rmtree(run.root.parent)
 
+    def mean(*keys):
+      values = []
+      for row in per_seed:
+        for key in keys:
+          row = row[key]
+        values.append(row)
+      return round(statistics.mean(values), 4)
 
-def ducky(ducky_dir, model_dir, work, results):
-  from PIL import Image, ImageDraw
-  tasks = tasks_lib.load_tasks_file(ducky_dir / 'tasks.json')
-  run, metrics = train_once(tasks, ducky_dir, model_dir, work, None, 0, export_kinds=('float',))
-  _, labels, _ = iteration.read_run(run.root)
-  detector = TFLiteDetector(run.tflite('float'), labels)
-  examples, _ = tasks_lib.parse_tasks(tasks)
-  frames = [e for e in examples if e.split == tasks_lib.UNLABELED]
-  found, found_03, thumbs = 0, 0, []
-  for example in frames:
-    image = load_image(tasks_lib.resolve_image(example, ducky_dir))
-    detections = detector.detect(image, min_score=0.3)
-    found_03 += bool(detections)
-    found += bool(detections and detections[0].score >= 0.5)
-    draw = ImageDraw.Draw(image)
-    for d in detections[:3]:
-      draw.rectangle(d.box, outline=(255, 0, 0), width=4)
-      draw.text((d.box[0] + 4, d.box[1] + 4), f'{d.score:.2f}', fill=(255, 0, 0))
-    image.thumbnail((200, 150))
-    thumbs.append(image)
-  sheet = Image.new('RGB', (200 * 7, 150 * ((len(thumbs) + 6) // 7)), 'white')
-  for i, thumb in enumerate(thumbs):
-    sheet.paste(thumb, ((i % 7) * 200, (i // 7) * 150))
-  sheet_path = REPO / 'benchmarks' / 'results' / 'ducky_contact_sheet.png'
-  sheet.save(sheet_path)
-  results['ducky'] = {'frames': len(frames), 'frames_with_duck_at_0.5': found,
-                      'frames_with_duck_at_0.3': found_03,
-                      'iteration_s': metrics['wall_time_s']['total_s'],
-                      'contact_sheet': str(sheet_path.relative_to(REPO))}
-  shutil.rmtree(run.root.parent)
-  write(results)
+    rows[name] = {'seeds': per_seed, 'train_s': mean('train_s'), 'export_s': mean('export_s'),
+                  'tf': {'map50': mean('tf', 'map50'), 'map': mean('tf', 'map')}}
+    for kind in ('float', 'int8'):
+      rows[name][kind] = {k: mean(kind, k) for k in ('bytes', 'gzip_bytes', 'map50', 'map')}
+      rows[name][kind]['latency_ms'] = {k: mean(kind, 'latency_ms', k)
+                                        for k in ('invoke', 'with_resize')}
+    results['export'] = rows
+    write(results)
 
 
 def write(results):
@@ -195,14 +197,18 @@ def write(results):
                  f'{row["map50_std"]:.3f} | {row["map_mean"]:.3f} | {row["iteration_s_mean"]} | '
                  f'{row["train_s_mean"]} | {row["images_per_s_mean"]} |')
   if 'export' in results:
-    lines += ['', '| .tflite | size MB | ms per image: interpreter with NMS | + resize from 650×417 | '
-              'mAP@0.5 | mAP |', '|---|---|---|---|---|---|']
-    for kind in ('float', 'int8'):
-      row = results['export'][kind]
-      lines.append(f'| {kind} | {row["bytes"] / 1e6:.1f} | {row["latency_ms"]["invoke"]} | '
-                   f'{row["latency_ms"]["with_resize"]} | {row["map50"]:.3f} | {row["map"]:.3f} |')
-    lines.append(f'| TF checkpoint | – | – | – | {results["export"]["tf"]["map50"]:.3f} | '
-                 f'{results["export"]["tf"]["map"]:.3f} |')
+    lines += ['', '10 shots, mean over subsets; ms per image at 2 threads (the interpreter with '
+              'NMS; + resizing a 650×417 photo).', '',
+              '| variant | .tflite | MB | gzip MB | ms | ms + resize | mAP@0.5 | mAP | train s |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for name, variant in results['export'].items():
+      for kind in ('float', 'int8'):
+        row = variant[kind]
+        lines.append(f'| {name} | {kind} | {row["bytes"] / 1e6:.1f} | {row["gzip_bytes"] / 1e6:.1f} | '
+                     f'{row["latency_ms"]["invoke"]} | {row["latency_ms"]["with_resize"]} | '
+                     f'{row["map50"]:.3f} | {row["map"]:.3f} | {variant["train_s"]} |')
+      lines.append(f'| {name} | TF checkpoint | – | – | – | – | {variant["tf"]["map50"]:.3f} | '
+                   f'{variant["tf"]["map"]:.3f} | |')
   if 'ducky' in results:
     d = results['ducky']
     lines += ['', f'Ducky (5 shots): a detection at score ≥ 0.5 in {d["frames_with_duck_at_0.5"]} '
@@ -240,7 +246,7 @@ def main():
       quality_grid(tasks, args.dataset, args.model_dir, work, test, args.shots, args.subsets,
                    results, only)
     if 'export' not in args.skip:
-      export_comparison(tasks, args.dataset, args.model_dir, work, test, results)
+      export_comparison(tasks, args.dataset, args.model_dir, work, test, results, args.subsets)
     if 'ducky' not in args.skip and args.ducky.is_dir():
       ducky(args.ducky, args.model_dir, work, results)
   write(results)

@@ -62,7 +62,12 @@ class _ProgressBar:
 def cmd_train(args) -> int:
   from model import iteration, tasks as tasks_lib
   from model.config import TrainConfig
-  config = TrainConfig(seed=args.seed, input_size=args.input_size, trainable=args.train)
+  try:
+    config = TrainConfig(seed=args.seed, input_size=args.input_size, trainable=args.train,
+                         quantization_aware=args.qat, prune_sparsity=args.prune)
+  except ValueError as error:
+    log.error('%s', error)
+    return 2
   tasks = tasks_lib.load_tasks_file(args.tasks)
   bar = _ProgressBar()
   try:
@@ -175,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers; default), or everything')
+  train.add_argument('--qat', action='store_true',
+                     help='quantization-aware training of what trains in the extractor, for the int8 file')
+  train.add_argument('--prune', type=float, default=0.0, metavar='SPARSITY',
+                     help='prune what trains in the extractor to this fraction of zero weights '
+                          '(e.g. 0.5): the .tflite files compress better')
   train.set_defaults(handler=cmd_train)
 
   evaluate = commands.add_parser('eval', help='COCO mAP of a run on a split, as JSON')

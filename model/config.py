@@ -203,6 +203,11 @@ class TrainConfig:
   # 'heads' gives mAP@0.5 0.92 vs 0.87 and mAP 0.61 vs 0.51 at 10 images, for
   # ~37 s instead of ~21 s of training.
   trainable: str = 'top'
+  # Optional, on the part of the extractor that trains ('top' or 'all'; see
+  # model/optimize.py): quantization-aware training for the int8 file, or
+  # magnitude pruning to this fraction of zero weights (0 = off). Not both.
+  quantization_aware: bool = False
+  prune_sparsity: float = 0.0
   # The extractor's learning rate relative to the class head's, when it trains.
   extractor_learning_rate_scale: float = 0.1
   batch_size: int = 16
@@ -239,6 +244,12 @@ class TrainConfig:
       raise ValueError(f'restore must be extractor+box, extractor or none, not {self.restore!r}')
     if self.trainable not in ('heads', 'top', 'all'):
       raise ValueError(f'trainable must be heads, top or all, not {self.trainable!r}')
+    if not 0.0 <= self.prune_sparsity < 1.0:
+      raise ValueError(f'prune_sparsity must be in [0, 1), not {self.prune_sparsity}')
+    if (self.quantization_aware or self.prune_sparsity) and self.trainable == 'heads':
+      raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
+    if self.quantization_aware and self.prune_sparsity:
+      raise ValueError('choose QAT or pruning, not both')
     if self.class_init not in ('base-fit', 'fresh'):
       raise ValueError(f'class_init must be base-fit or fresh, not {self.class_init!r}')
 

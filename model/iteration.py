@@ -123,7 +123,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   """
   import tensorflow as tf
   from model import anchors as anchors_lib
-  from model import augment, base_weights, export, restore, ssd as ssd_lib
+  from model import augment, base_weights, export, optimize, restore, ssd as ssd_lib
   from model.evaluate import coco_map
   from model.targets import TargetAssigner
   from model.tf_detector import TFDetector
@@ -200,7 +200,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   validation_views = build_views(validation, 1)[1] if validation else None
   timings['features_s'] = time.monotonic() - t0
   log.info('Cached %s of %d views (%d per image) in %.1f s',
-           'feature maps' if split.rest is None else 'frozen-part outputs', len(train_views),
+           'feature maps' if split.trainable is None else 'frozen-part outputs', len(train_views),
            views_each, timings['features_s'])
 
   # Class head: background and kept labels from the previous iteration, new
@@ -233,11 +233,15 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   steps = config.step_budget(len(fit))
   learning_rate = config.class_learning_rate(len(fit), any(c.head is None for c in columns))
   box_scale = config.box_learning_rate_scale_for(len(fit))
+  split.apply_optimization(config, steps, train_views)
   log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
            {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
             'all': 'everything'}[config.trainable], steps, config.batch_size, learning_rate,
            box_scale, '' if config.trainable == 'heads'
            else f', extractor x{config.extractor_learning_rate_scale:g}')
+  if split.optimized:
+    log.info('%s', 'Quantization-aware training' if split.optimized.kind == 'qat' else
+             f'Pruning the extractor\'s trained part to {config.prune_sparsity:.0%} zeros')
   report = Trainer(model, split, config, learning_rate, box_scale).train(
       train_views, steps, validation_views, progress)
   log.info('Trained %d steps in %.1f s (%.0f views/s)%s', report.steps, report.seconds,
@@ -269,17 +273,24 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     staged.labels.write_text(''.join(f'{label}\n' for label in labels))
     t0 = time.monotonic()
     original_views = train_inputs[::views_each][:export_config.calibration_images]
-    sizes = {}
+    sizes, gzipped = {}, {}
     metadata_python = export.metadata_python()
     if export_kinds and metadata_python is None:
       log.warning('No .venv-mediapipe: the .tflite files get no TFLite metadata, which '
                   "MediaPipe's ObjectDetector needs (bash scripts/setup.sh creates it)")
+    # With QAT, the int8 file comes from the quantization-aware copy of what trained.
+    qat_extractor = split.quantization_aware_extractor()
+    int8_model = model if qat_extractor is None else ssd_lib.build_ssd(
+        model.config, feature_extractor=qat_extractor, box_head=model.box_head,
+        class_head=model.class_head)
     for kind in export_kinds:  # benchmarks may skip conversion; the CLI always exports both
-      data = export.convert(model, kind, export_config, calibration=original_views)
+      data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,
+                            calibration=original_views)
       if metadata_python is not None:
         data = export.add_metadata(data, labels, metadata_python)
       staged.tflite(kind).write_bytes(data)
       sizes[staged.tflite(kind).name] = len(data)
+      gzipped[staged.tflite(kind).name] = optimize.gzipped_size(data)
     timings['export_s'] = time.monotonic() - t0
     timings['total_s'] = time.monotonic() - started
     timings['train_s'] = report.seconds
@@ -295,6 +306,12 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
         'learning_rate': {'class_head': learning_rate, 'box_head': learning_rate * box_scale},
         'class_head_init': {l: c.reason for l, c in zip(labels, columns)},
         'file_bytes': sizes,
+        'file_bytes_gzip': gzipped,
+        'optimization': {
+            'quantization_aware': config.quantization_aware,
+            'prune_sparsity': config.prune_sparsity,
+            # zeros over the extractor's (depthwise) conv kernels, all of them
+            'extractor_sparsity': round(optimize.kernel_sparsity(model.feature_extractor), 4)},
         'tflite_metadata': bool(export_kinds and metadata_python),
         'evaluation': evaluation,
         'history': history,

@@ -24,6 +24,7 @@ import tensorflow as tf
 import tf_keras
 from official.vision.losses import focal_loss
 
+from model import optimize
 from model import ssd as ssd_lib
 from model.config import TrainConfig
 
@@ -50,28 +51,67 @@ class ExtractorSplit:
 
   Attributes:
     frozen: a model: images -> the tensors to cache.
-    rest: cached tensors -> the six feature maps; None when `frozen` gives them.
-    variables: the extractor's variables that train (those of `rest`).
+    trainable: the part that trains, cached tensors -> feature maps: the top
+      (the last block's output -> maps 1..5, map 0 passes through from the
+      cache) or the whole extractor; None when only the heads train.
+    optimized: a quantization-aware or pruned copy of `trainable` that trains
+      in its place (`model.optimize`); its weights go back when training ends.
   """
 
   frozen: tf_keras.Model
-  rest: Callable | None
-  variables: list
+  trainable: tf_keras.Model | None
+  passes_first_map: bool = False
+  optimized: optimize.Optimized | None = None
 
   @classmethod
   def for_training(cls, feature_extractor: tf_keras.Model, trainable: str) -> 'ExtractorSplit':
     if trainable == 'heads':
-      return cls(feature_extractor, None, [])
+      return cls(feature_extractor, None)
     if trainable == 'top':
       trunk, top = ssd_lib.split_extractor(feature_extractor)
-      return cls(trunk, lambda cached: [cached[0], *top(cached[1])], top.trainable_variables)
+      return cls(trunk, top, passes_first_map=True)
     images = feature_extractor.input
     identity = tf_keras.Model(images, [tf_keras.layers.Activation('linear')(images)])
-    return cls(identity, lambda cached: feature_extractor(cached[0]),
-               feature_extractor.trainable_variables)
+    return cls(identity, feature_extractor)
 
-  def feature_maps(self, cached: list) -> list:
-    return cached if self.rest is None else self.rest(cached)
+  def apply_optimization(self, config: TrainConfig, steps: int, views: 'CachedViews') -> None:
+    """Trains a QAT or pruned copy of the trainable part, if `config` asks for one.
+
+    `views` calibrate QAT's starting activation ranges.
+    """
+    if config.quantization_aware or config.prune_sparsity > 0:
+      if self.trainable is None:
+        raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
+      self.optimized = optimize.wrap(self.trainable, config, steps)
+      self.optimized.calibrate(self.trainable,
+                               views.features[1 if self.passes_first_map else 0][:64])
+
+  @property
+  def _training_part(self):
+    return self.optimized.model if self.optimized else self.trainable
+
+  @property
+  def variables(self) -> list:
+    """The extractor's variables that train."""
+    return [] if self.trainable is None else self._training_part.trainable_variables
+
+  def feature_maps(self, cached: list, training: bool = False) -> list:
+    if self.trainable is None:
+      return cached
+    if self.passes_first_map:
+      return [cached[0], *self._training_part(cached[1], training=training)]
+    return self._training_part(cached[0], training=training)
+
+  def quantization_aware_extractor(self) -> tf_keras.Model | None:
+    """images -> feature maps through the quantization-aware copy (for the int8 export), or None."""
+    if not self.optimized or self.optimized.kind != 'qat':
+      return None
+    if not self.passes_first_map:
+      return self.optimized.model
+    images = self.frozen.input
+    first_map, block = self.frozen(images)
+    return tf_keras.Model(images, [first_map, *self.optimized.model(block)],
+                          name='feature_extractor_qat')
 
 
 @dataclasses.dataclass
@@ -152,9 +192,9 @@ class Trainer:
     self.extractor_variables = split.variables
     self.variables = self.box_variables + self.class_variables + self.extractor_variables
 
-  def losses(self, cached, class_targets, box_targets):
+  def losses(self, cached, class_targets, box_targets, training=False):
     """Mean per-positive (class loss, box loss) of a batch."""
-    features = self.split.feature_maps(cached)
+    features = self.split.feature_maps(cached, training=training)
     class_logits = self.model.class_head(features)
     box_encodings = self.model.box_head(features)
     valid = tf.cast(class_targets >= 0, tf.float32)
@@ -179,7 +219,7 @@ class Trainer:
       batch = [tf.cast(tf.gather(f, index), tf.float32) for f in features]
       with tf.GradientTape() as tape:
         class_loss, box_loss = self.losses(batch, tf.gather(class_targets, index),
-                                           tf.gather(box_targets, index))
+                                           tf.gather(box_targets, index), training=True)
         loss = class_loss + self.config.box_loss_weight * box_loss
       class_grads, box_grads, extractor_grads = tape.gradient(
           loss, [self.class_variables, self.box_variables, self.extractor_variables])
@@ -218,6 +258,8 @@ class Trainer:
                   'box': adam(self.learning_rate * self.box_learning_rate_scale),
                   'extractor': adam(self.learning_rate * config.extractor_learning_rate_scale)}
     step_fn = self._step_fn(optimizers, train_views)
+    if self.split.optimized:
+      self.split.optimized.begin()
     rng = np.random.default_rng(config.seed)
     batch = min(config.batch_size, max(1, len(train_views)))
     losses, validation_losses = [], []
@@ -249,6 +291,8 @@ class Trainer:
     if best[2] is not None:  # keep the weights that did best on held-out images
       for variable, value in zip(self.variables, best[2]):
         variable.assign(value)
+    if self.split.optimized:
+      self.split.optimized.end(self.split.trainable)
     seconds = time.monotonic() - started
     return TrainReport(steps=len(losses), planned_steps=steps, losses=losses,
                        validation=validation_losses,

@@ -52,6 +52,10 @@ class Settings:
   train_mode: str = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
   train_input_size: int = TrainConfig.input_size
+  # Quantization-aware training for the int8 file, or pruning to this fraction
+  # of zero weights for smaller downloads (both need TRAIN_MODE top or all).
+  train_qat: bool = TrainConfig.quantization_aware
+  train_prune: float = TrainConfig.prune_sparsity
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
   # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
   training_queue: str = 'inprocess'
@@ -67,7 +71,8 @@ class Settings:
 
   def train_config(self) -> TrainConfig:
     return TrainConfig(max_steps=self.train_max_steps, trainable=self.train_mode,
-                       input_size=self.train_input_size)
+                       input_size=self.train_input_size, quantization_aware=self.train_qat,
+                       prune_sparsity=self.train_prune)
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
@@ -116,7 +121,10 @@ class Settings:
     train_mode = text('TRAIN_MODE', defaults.train_mode).lower()
     if train_mode not in ('heads', 'top', 'all'):
       raise SettingsError(f'TRAIN_MODE={train_mode!r} must be heads, top or all')
-    return cls(
+    train_qat = text('TRAIN_QAT', str(defaults.train_qat)).lower()
+    if train_qat not in ('true', 'false', '1', '0'):
+      raise SettingsError(f'TRAIN_QAT={train_qat!r} must be true or false')
+    settings = cls(
         model_dir=Path(text('MODEL_DIR', str(defaults.model_dir))),
         label_studio_url=url.rstrip('/') if url else None,
         label_studio_api_key=text('LABEL_STUDIO_API_KEY'),
@@ -140,9 +148,17 @@ class Settings:
         train_mode=train_mode,
         train_input_size=number('TRAIN_INPUT_SIZE', defaults.train_input_size, minimum=128,
                                 maximum=1024),
+        train_qat=train_qat in ('true', '1'),
+        train_prune=number('TRAIN_PRUNE', defaults.train_prune, kind=float, minimum=0.0,
+                           maximum=0.95),
         training_queue=training_queue,
         redis_url=redis_url,
         training_lock_ttl_s=number('TRAINING_LOCK_TTL_S', defaults.training_lock_ttl_s, float,
                                    2.0, 3600.0),
         training_timeout_s=number('TRAINING_TIMEOUT_S', defaults.training_timeout_s, minimum=60),
     )
+    try:
+      settings.train_config()
+    except ValueError as error:  # a combination the detector refuses, e.g. QAT with heads only
+      raise SettingsError(f'TRAIN_MODE/TRAIN_QAT/TRAIN_PRUNE: {error}') from None
+    return settings

@@ -228,7 +228,11 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
                                        ({'SCORE_THRESHOLD': '2'}, 'SCORE_THRESHOLD'),
                                        ({'TRAIN_MODE': 'backbone'}, 'TRAIN_MODE'),
                                        ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS'),
-                                       ({'TRAIN_INPUT_SIZE': '64'}, 'TRAIN_INPUT_SIZE')])
+                                       ({'TRAIN_INPUT_SIZE': '64'}, 'TRAIN_INPUT_SIZE'),
+                                       ({'TRAIN_QAT': 'maybe'}, 'TRAIN_QAT'),
+                                       ({'TRAIN_PRUNE': '0.99'}, 'TRAIN_PRUNE'),
+                                       ({'TRAIN_MODE': 'heads', 'TRAIN_QAT': 'true'}, 'TRAIN_QAT'),
+                                       ({'TRAIN_QAT': '1', 'TRAIN_PRUNE': '0.5'}, 'not both')])
 def test_bad_settings_are_named(env, name):
   with pytest.raises(SettingsError, match=name):
     Settings.from_env(env)
@@ -239,6 +243,9 @@ def test_training_settings_reach_the_train_config():
                              'TRAIN_INPUT_SIZE': '448'}).train_config()
   assert (config.trainable, config.max_steps, config.input_size) == ('heads', 200, 448)
   assert config.step_budget(50) == 200
+  assert not config.quantization_aware and config.prune_sparsity == 0
+  assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().quantization_aware
+  assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().prune_sparsity == 0.5
 
 
 def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):

@@ -52,8 +52,11 @@ class Settings:
   train_mode: str = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
   train_input_size: int = TrainConfig.input_size
-  # Quantization-aware training for the int8 file, or pruning to this fraction
+  # Fraction of augmented views that shrink the image (objects smaller in new
+  # images than in the labeled ones), then quantization-aware training for
+  # the int8 file, or pruning to this fraction
   # of zero weights for smaller downloads (both need TRAIN_MODE top or all).
+  train_zoom_out: float = TrainConfig.zoom_out_views
   train_qat: bool = TrainConfig.quantization_aware
   train_prune: float = TrainConfig.prune_sparsity
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
@@ -71,7 +74,8 @@ class Settings:
 
   def train_config(self) -> TrainConfig:
     return TrainConfig(max_steps=self.train_max_steps, trainable=self.train_mode,
-                       input_size=self.train_input_size, quantization_aware=self.train_qat,
+                       input_size=self.train_input_size, zoom_out_views=self.train_zoom_out,
+                       quantization_aware=self.train_qat,
                        prune_sparsity=self.train_prune)
 
   @classmethod
@@ -148,6 +152,8 @@ class Settings:
         train_mode=train_mode,
         train_input_size=number('TRAIN_INPUT_SIZE', defaults.train_input_size, minimum=128,
                                 maximum=1024),
+        train_zoom_out=number('TRAIN_ZOOM_OUT', defaults.train_zoom_out, kind=float, minimum=0.0,
+                              maximum=1.0),
         train_qat=train_qat in ('true', '1'),
         train_prune=number('TRAIN_PRUNE', defaults.train_prune, kind=float, minimum=0.0,
                            maximum=0.95),

@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
   from model.config import TrainConfig
   try:
     config = TrainConfig(seed=args.seed, input_size=args.input_size, trainable=args.train,
-                         quantization_aware=args.qat, prune_sparsity=args.prune)
+                         quantization_aware=args.qat, prune_sparsity=args.prune,
+                         zoom_out_views=args.zoom_out)
   except ValueError as error:
     log.error('%s', error)
     return 2
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers; default), or everything')
+  train.add_argument('--zoom-out', type=float, default=0.0, metavar='FRACTION',
+                     help='fraction of augmented views that shrink the image (e.g. 0.5): for '
+                          'objects smaller in new images than in the labeled ones')
   train.add_argument('--qat', action='store_true',
                      help='quantization-aware training of what trains in the extractor, for the int8 file')
   train.add_argument('--prune', type=float, default=0.0, metavar='SPARSITY',

@@ -1,9 +1,10 @@
 """Box-aware augmented views of a training image, with tf-models-official's ops.
 
 View 0 is the image as it is, view 1 its mirror; further views are random
-crops that keep the boxes whose centres they contain (clipped), each mirrored
-at random and colour-jittered. Every view is stretched to the model input, as
-at inference time.
+crops that keep the boxes whose centres they contain (clipped) or, with
+probability `zoom_out`, the image shrunk onto a black canvas (objects smaller
+than in any photo given); each mirrored at random and colour-jittered. Every view is stretched to the model input, as at inference
+time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from model.images import to_model_input
 
 
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
-               input_size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+               input_size: int, zoom_out: float = 0.0,
+               zoom_out_scale: tuple[float, float] = (0.4, 0.9),
+               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """`count` views of one image.
 
   Args:
@@ -26,6 +29,8 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     class_ids: int32 [K].
     count: number of views (at least 1).
     input_size: side of the model input.
+    zoom_out: probability that a random view shrinks the image instead of cropping it.
+    zoom_out_scale: range of the shrink factor.
 
   Returns:
     (model input float32 [S, S, 3] in [-1, 1], boxes [K', 4], class ids [K']) per view.
@@ -40,7 +45,9 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
                        box_ops.horizontal_flip_boxes(boxes), class_ids, input_size))
   for _ in range(count - 2):
     crop, crop_boxes, crop_ids = pixels, tf.constant(boxes), tf.constant(class_ids)
-    if len(boxes):
+    if zoom_out > 0 and tf.random.uniform([]) < zoom_out:
+      crop, crop_boxes = _shrink_onto_canvas(pixels, boxes, zoom_out_scale)
+    elif len(boxes):
       crop, crop_boxes, crop_ids = preprocess_ops.random_crop_image_with_boxes_and_labels(
           pixels, crop_boxes, crop_ids, min_scale=0.3, aspect_ratio_range=(0.5, 2.0),
           min_overlap_params=(0.0, 1.4, 0.2, 0.1), max_retry=50)
@@ -50,6 +57,19 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     crop = preprocess_ops.color_jitter(crop, brightness=0.2, contrast=0.2, saturation=0.2)
     views.append(_view(crop, crop_boxes, crop_ids, input_size))
   return views
+
+
+def _shrink_onto_canvas(pixels, boxes, scale_range):
+  """The image scaled by a random factor in `scale_range` into the top-left of a black
+  canvas of its own size (official.vision's scale jitter), and its boxes."""
+  height, width = pixels.shape[0], pixels.shape[1]
+  image, info = preprocess_ops.resize_and_crop_image(
+      pixels, [height, width], [height, width], aug_scale_min=scale_range[0],
+      aug_scale_max=scale_range[1])
+  size = tf.constant([height, width, height, width], tf.float32)
+  moved = preprocess_ops.resize_and_crop_boxes(tf.constant(boxes) * size, info[2, :], info[1, :],
+                                               info[3, :])
+  return tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), moved / size
 
 
 def _view(pixels, boxes, class_ids, input_size):

@@ -186,7 +186,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
       example = train_examples[i]
       ids = np.array([label_ids[label] for label in example.labels], np.int32)
       for x, boxes, view_ids in augment.make_views(train_images[i], example.boxes, ids,
-                                                   views_each, config.input_size):
+                                                   views_each, config.input_size,
+                                                   config.zoom_out_views):
         cls, box = assigner.assign(boxes, view_ids)
         inputs.append(x)
         class_targets.append(cls)

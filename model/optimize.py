@@ -94,12 +94,22 @@ class Optimized:
       callback.set_model(self.model)
       callback.on_train_begin()  # collects the pruned layers; the step is already past 0
       callback.on_epoch_end(0)   # weights = weights * mask, once more after the last update
+    names = _layer_names(target)
     for layer in self.model.layers:
       inner = getattr(layer, 'layer', layer)  # both tfmot wrappers keep the layer as `.layer`
-      if inner.weights and inner.name in _layer_names(target):
-        # The layer's own float weights: a QAT wrapper's ranges and a pruning
-        # wrapper's mask are variables of the wrapper, not of `inner`.
-        target.get_layer(inner.name).set_weights(inner.get_weights())
+      if inner.name not in names or not layer.trainable_weights:
+        continue
+      # The float weights are the wrapper's trainable ones (QAT may swap the inner
+      # layer's kernel attribute for its fake-quantized tensor; ranges and
+      # pruning masks are not trainable).
+      own = {_short_name(w): w for w in layer.trainable_weights}
+      copy = target.get_layer(inner.name)
+      copy.set_weights([own[_short_name(w)].numpy() for w in copy.weights])
+
+
+def _short_name(variable) -> str:
+  """'Conv/kernel:0' -> 'kernel'."""
+  return variable.name.rsplit('/', 1)[-1].split(':')[0]
 
 
 def _layer_names(model: tf_keras.Model) -> set[str]:

@@ -230,6 +230,7 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
                                        ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS'),
                                        ({'TRAIN_INPUT_SIZE': '64'}, 'TRAIN_INPUT_SIZE'),
                                        ({'TRAIN_QAT': 'maybe'}, 'TRAIN_QAT'),
+                                       ({'TRAIN_ZOOM_OUT': '2'}, 'TRAIN_ZOOM_OUT'),
                                        ({'TRAIN_PRUNE': '0.99'}, 'TRAIN_PRUNE'),
                                        ({'TRAIN_MODE': 'heads', 'TRAIN_QAT': 'true'}, 'TRAIN_QAT'),
                                        ({'TRAIN_QAT': '1', 'TRAIN_PRUNE': '0.5'}, 'not both')])
@@ -246,6 +247,7 @@ def test_training_settings_reach_the_train_config():
   assert not config.quantization_aware and config.prune_sparsity == 0
   assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().quantization_aware
   assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().prune_sparsity == 0.5
+  assert Settings.from_env({'TRAIN_ZOOM_OUT': '0.5'}).train_config().zoom_out_views == 0.5
 
 
 def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):

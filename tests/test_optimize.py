@@ -124,3 +124,19 @@ def test_cli_refuses_qat_with_heads_only_and_creates_nothing(shapes_dataset, bas
   assert result.returncode == 2
   assert 'train "top" or "all"' in result.stderr
   assert not out.exists()
+
+
+def test_qat_of_the_whole_extractor_trains_and_exports(base_paths, shapes_dataset, tmp_path,
+                                                       base_model):
+  # trainable='all': every layer of the extractor is wrapped, including the
+  # linear "project" convs whose kernel tfmot holds outside the inner layer.
+  tasks = load_tasks_file(shapes_dataset / 'tasks.json')
+  run = iteration.train_iteration(
+      tasks, shapes_dataset, tmp_path / 'run', base_paths.model_dir, max_images=3,
+      config=TrainConfig(trainable='all', quantization_aware=True, base_steps=6, steps_per_image=0,
+                         max_steps=6, max_views_per_image=2), export_kinds=('int8',))
+  assert run.tflite('int8').stat().st_size > 1_000_000
+  trained, _ = iteration.load_run_model(run.root)
+  for name in ('Conv', 'expanded_conv_project', 'Conv_1'):
+    assert not np.array_equal(trained.feature_extractor.get_layer(name).get_weights()[0],
+                              base_model[0].feature_extractor.get_layer(name).get_weights()[0]), name

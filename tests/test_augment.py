@@ -1,0 +1,56 @@
+"""Augmented views keep their boxes on the objects: crops, flips, colour and zoom-out."""
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from model.augment import make_views
+
+SIZE = 96
+
+
+def red_square_image():
+  """A 160x120 grey image with a red square at x 100..140, y 20..60."""
+  pixels = np.full((120, 160, 3), 128, np.uint8)
+  pixels[20:60, 100:140] = (230, 20, 20)
+  box = np.array([[20 / 120, 100 / 160, 60 / 120, 140 / 160]], np.float32)
+  return Image.fromarray(pixels), box
+
+
+def redness_inside(view, box):
+  """Mean (red - green) of the model input inside `box` (normalized yxyx), in [-2, 2]."""
+  y1, x1, y2, x2 = (np.array(box) * SIZE).round().astype(int)
+  inside = view[y1 + 1:y2 - 1, x1 + 1:x2 - 1]
+  return float(np.mean(inside[..., 0] - inside[..., 1]))
+
+
+def test_every_view_has_its_box_on_the_object():
+  tf.random.set_seed(3)
+  image, box = red_square_image()
+  views = make_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_out=0.5)
+  assert len(views) == 12
+  for index, (view, boxes, ids) in enumerate(views):
+    assert view.shape == (SIZE, SIZE, 3) and -1.0 <= view.min() and view.max() <= 1.0
+    assert list(ids) == [1] and boxes.shape == (1, 4)
+    assert np.all(boxes >= 0) and np.all(boxes <= 1), index
+    assert redness_inside(view, boxes[0]) > 1.0, index
+
+
+def test_zoom_out_views_make_the_object_smaller_on_a_black_canvas():
+  tf.random.set_seed(5)
+  image, box = red_square_image()
+  original_area = (box[0, 2] - box[0, 0]) * (box[0, 3] - box[0, 1])
+  views = make_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_out=0.5)
+  # A shrunk image sits in a top corner: the bottom rows are canvas (-1 at the model input).
+  zoomed = [boxes for view, boxes, _ in views[2:] if np.allclose(view[-2:], -1.0, atol=0.05)]
+  assert 2 <= len(zoomed) <= 8
+  for boxes in zoomed:
+    area = (boxes[0, 2] - boxes[0, 0]) * (boxes[0, 3] - boxes[0, 1])
+    assert 0.4 ** 2 * original_area * 0.9 <= area <= 0.9 ** 2 * original_area * 1.1
+
+
+def test_no_zoom_out_by_default():
+  tf.random.set_seed(5)
+  image, box = red_square_image()
+  for view, _, _ in make_views(image, box, np.array([1], np.int32), 8, SIZE):
+    assert not np.any(np.all(view < -0.8, axis=-1))  # grey and red only: no black canvas

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from model import iteration, restore, ssd as ssd_lib
+from model import anchors as anchors_lib, iteration, restore, ssd as ssd_lib
 from model.config import TrainConfig
 from tests.synthetic import make_task_set
 
@@ -109,3 +109,29 @@ def test_kept_label_columns_carry_over_exactly(trained_run, base_model):
       for a, b in zip(class_column(model.class_head, level, ours, 3),
                       class_column(previous.class_head, level, theirs, 3)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_next_iteration_can_change_the_input_size(trained_run, tmp_path, base_paths):
+  # TRAIN_INPUT_SIZE changed between iterations: the network is fully
+  # convolutional, so every restored weight still fits the new size.
+  previous, previous_labels = iteration.load_run_model(trained_run)
+  assert previous.config.input_size == 300
+  tasks = make_task_set(tmp_path, 4, ('disc', 'square'), 'train', seed=6)
+  out = tmp_path / 'iteration-2'
+  iteration.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
+                            config=TrainConfig(input_size=384, base_steps=30, steps_per_image=0,
+                                               max_views_per_image=2), export_kinds=())
+  model, labels = iteration.load_run_model(out)
+  assert labels == previous_labels
+  assert model.config.input_size == 384
+  assert json.loads((out / 'run.json').read_text())['input_size'] == 384
+  # The trunk below the trained top is the previous iteration's, unchanged by the size.
+  trunk, _ = ssd_lib.split_extractor(model.feature_extractor)
+  previous_trunk, _ = ssd_lib.split_extractor(previous.feature_extractor)
+  assert_same_weights(trunk.weights, previous_trunk.weights)
+  # Anchors follow the larger feature maps (24x24 ... 1x1 instead of 19x19 ... 1x1).
+  outputs = model(np.zeros((1, 384, 384, 3), np.float32))
+  num_anchors = anchors_lib.generate_anchors_cycxhw(model.config).shape[0]
+  assert num_anchors > anchors_lib.generate_anchors_cycxhw(previous.config).shape[0]
+  assert outputs['class_logits'].shape == (1, num_anchors, 3)
+  assert outputs['box_encodings'].shape == (1, num_anchors, 4)

@@ -138,7 +138,9 @@ def versions():
 
 @routes.get('/metrics')
 def metrics():
-  return jsonify(_services()['counters'].snapshot())
+  services = _services()
+  return jsonify(**services['counters'].snapshot(),
+                 loaded_models=services['predictor'].detectors.loaded())
 
 
 @routes.get('/artifacts/<project>')

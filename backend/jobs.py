@@ -4,17 +4,23 @@ A trigger while the project's job is queued or running sets one follow-up run;
 any number of triggers during a run give exactly one more. One worker thread
 trains one project at a time (training is CPU-bound; predictions keep being
 served from the current version meanwhile). A file lock per project keeps two
-processes (several gunicorn workers) from training the same project at once.
+processes (several gunicorn workers) from training the same project at once,
+and the process that trains writes the project's status beside that lock, so
+/train/status reads the same in every worker.
 
 Annotation events are counted and debounced: after TRAIN_EVERY_N_ANNOTATIONS
-events, training starts TRAIN_DEBOUNCE_S seconds after the last one.
+events, training starts TRAIN_DEBOUNCE_S seconds after the last one (an event
+while that wait is on pushes it back, so a burst of edits trains once).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import fcntl
+import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -97,10 +103,12 @@ class TrainingQueue:
     """Counts an annotation event; schedules training when enough have arrived."""
     with self._lock:
       self._annotation_events[project] += 1
-      if self._annotation_events[project] < self.every_n_annotations:
+      waiting = project in self._timers and self._timers[project].is_alive()
+      if self._annotation_events[project] < self.every_n_annotations and not waiting:
         return f'counted {self._annotation_events[project]}/{self.every_n_annotations}'
+      # Enough events, or one more during the quiet time: (re)start the wait.
       self._annotation_events[project] = 0
-      if project in self._timers:
+      if waiting:
         self._timers[project].cancel()
       timer = threading.Timer(self.debounce_s, self.trigger, (project, f'{action} events'))
       timer.daemon = True
@@ -109,8 +117,45 @@ class TrainingQueue:
     return f'training in {self.debounce_s:g} s unless more events arrive'
 
   def status_of(self, project: int) -> dict:
-    """What /train/status shows for the project."""
-    return self.status[project].to_dict()
+    """What /train/status shows for the project, whichever worker process trains it."""
+    local = self.status[project]
+    if local.state in ('queued', 'running'):
+      return local.to_dict()
+    shared = self._read_shared_status(project)
+    if shared is None or (shared.started_at or 0) <= (local.started_at or 0):
+      return local.to_dict()
+    return shared.to_dict()
+
+  def _status_path(self, project: int) -> Path:
+    return self.lock_dir / f'{project}.status.json'
+
+  def _write_shared_status(self, project: int) -> None:
+    """Writes this process's status of a project it trains (atomically) for the others."""
+    path = self._status_path(project)
+    partial = path.with_name(f'{path.name}.{os.getpid()}')
+    partial.write_text(json.dumps({**self.status[project].to_dict(), 'pid': os.getpid()}))
+    partial.replace(path)
+
+  def _read_shared_status(self, project: int) -> TrainingStatus | None:
+    try:
+      data = json.loads(self._status_path(project).read_text())
+    except (OSError, ValueError):
+      return None
+    pid = data.pop('pid', None)
+    fields = {f.name for f in dataclasses.fields(TrainingStatus)}
+    status = TrainingStatus(**{k: v for k, v in data.items() if k in fields})
+    if status.state == 'running' and self._nobody_trains(project):
+      status.state = 'failed'
+      status.last_error = f'the backend process (pid {pid}) stopped during training'
+    return status
+
+  def _nobody_trains(self, project: int) -> bool:
+    """True when no process holds the project's lock: the kernel frees a dead one's."""
+    probe = ProjectLock(self.lock_dir / f'{project}.lock')
+    if not probe.acquire():
+      return False
+    probe.release()
+    return True
 
   def wait_idle(self, timeout: float) -> bool:
     """Blocks until nothing is queued or running (for tests and shutdown)."""
@@ -150,10 +195,12 @@ class TrainingQueue:
       time.sleep(5)
       return
     status.state, status.started_at, status.step, status.last_error = 'running', time.time(), 0, None
+    self._write_shared_status(project)
 
     def progress(p):
       status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
       status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
+      self._write_shared_status(project)
 
     try:
       status.model_version = self.run_job(project, progress)
@@ -164,4 +211,6 @@ class TrainingQueue:
     finally:
       status.finished_at = time.time()
       status.runs += 1
+      self._write_shared_status(project)
       lock.release()
+

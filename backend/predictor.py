@@ -12,6 +12,7 @@ import concurrent.futures
 import logging
 import threading
 import uuid
+from pathlib import Path
 
 from backend.images import ImageFetcher
 from backend.label_config import RectangleTarget
@@ -25,7 +26,9 @@ log = logging.getLogger(__name__)
 class DetectorCache:
   """One TFLite interpreter per model file, built on first use.
 
-  Interpreters are not thread-safe, so each holds a lock while it runs.
+  Interpreters are not thread-safe, so each holds a lock while it runs. A
+  project's new version replaces its older one in memory (a request still
+  running on the old one finishes with it).
   """
 
   def __init__(self, num_threads: int = 2):
@@ -38,9 +41,19 @@ class DetectorCache:
     with self._lock:
       if key not in self._detectors:
         log.info('Loading %s (%s)', version.name, version.tflite)
+        # Versions of one project share a parent folder (the base has its own).
+        older = [k for k in self._detectors
+                 if Path(k).parent.parent == version.tflite.parent.parent]
+        for stale in older:
+          del self._detectors[stale]
         self._detectors[key] = (TFLiteDetector(version.tflite, list(version.labels),
                                                self.num_threads), threading.Lock())
       return self._detectors[key]
+
+  def loaded(self) -> list[str]:
+    """The model files held in memory now."""
+    with self._lock:
+      return sorted(self._detectors)
 
 
 def to_region(detection, target: RectangleTarget, label: str, width: int, height: int) -> dict:

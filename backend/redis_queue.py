@@ -15,8 +15,9 @@ volume they all share. Per project, Redis holds:
                               at a time, and a killed worker's hold runs out.
   fewshot:<project>:status    /train/status as JSON, readable by every process.
   fewshot:<project>:events    annotation events counted towards the next trigger.
-  fewshot:<project>:debounce  the id of the delayed trigger that may fire; an
-                              older one finds itself replaced and does nothing.
+  fewshot:<project>:debounce  the id of the delayed trigger that may fire, for as
+                              long as it waits; an older one finds itself replaced
+                              and does nothing.
 
 Publishing stays the rename of a finished run folder (`model.iteration`), so
 every replica serves the newest version from the shared disk without a restart.
@@ -96,15 +97,21 @@ class RedisTrainingQueue:
                             failure_ttl=24 * 3600, description=f'train project {project}')
 
   def annotation_event(self, project: int, action: str) -> str:
-    """Counts an event; every N of them schedule a trigger after the debounce time."""
+    """Counts an event; every N of them schedule a trigger after the debounce time.
+
+    An event while a delayed trigger waits replaces it with a later one.
+    """
     every = max(1, self.settings.train_every_n_annotations)
     count = self.redis.incr(_key(project, 'events'))
-    if count < every:
+    waiting = self.redis.exists(_key(project, 'debounce'))
+    if count < every and not waiting:
       return f'counted {count}/{every}'
     self.redis.decrby(_key(project, 'events'), count)
     delayed_id = f'debounce-{project}-{uuid.uuid4().hex[:12]}'
-    # Setting the id first makes any delayed trigger still waiting a no-op.
-    self.redis.set(_key(project, 'debounce'), delayed_id)
+    # Setting the id first makes any delayed trigger still waiting a no-op. The
+    # key lives as long as the wait: once it is gone, events count afresh.
+    self.redis.set(_key(project, 'debounce'), delayed_id,
+                   px=max(1, int(self.settings.train_debounce_s * 1000)))
     self.queue.enqueue_in(datetime.timedelta(seconds=self.settings.train_debounce_s),
                           debounced_trigger, project, delayed_id, f'{action} events',
                           job_id=delayed_id, result_ttl=0)
@@ -133,7 +140,8 @@ def debounced_trigger(project: int, delayed_id: str, reason: str) -> str:
   """RQ job: the trigger after the debounce time, unless newer events replaced it."""
   queue = RedisTrainingQueue(Settings.from_env())
   current = queue.redis.get(_key(project, 'debounce'))
-  if current is None or current.decode() != delayed_id:
+  # None: the wait ran out before the scheduler got here, and no event came since.
+  if current is not None and current.decode() != delayed_id:
     return 'replaced by a later event'
   return queue.trigger(project, reason)
 

@@ -27,13 +27,17 @@ class LabelStudio:
   def __init__(self, data_dir: Path):
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
+    self.files_root = data_dir / 'files'
+    self.files_root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ('HOST', 'PORT', 'USERNAME', 'PASSWORD')}
     env.update(
         LABEL_STUDIO_BASE_DATA_DIR=str(data_dir), LABEL_STUDIO_USERNAME=USER,
         LABEL_STUDIO_PASSWORD=PASSWORD, LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK='true',
         LABEL_STUDIO_ML_BLOCK_LOCAL_IP='false', LABEL_STUDIO_SSRF_PROTECTION_ENABLED='false',
         LABEL_STUDIO_LATEST_VERSION_CHECK='false', LABEL_STUDIO_COLLECT_ANALYTICS='false',
-        LABEL_STUDIO_SENTRY_DSN='', LABEL_STUDIO_FRONTEND_SENTRY_DSN='')
+        LABEL_STUDIO_SENTRY_DSN='', LABEL_STUDIO_FRONTEND_SENTRY_DSN='',
+        # Local files storage, as a user mounts a folder of images into Label Studio.
+        LOCAL_FILES_SERVING_ENABLED='true', LOCAL_FILES_DOCUMENT_ROOT=str(self.files_root))
     self.log_path = data_dir / 'label-studio.log'
     self.log = open(self.log_path, 'w')  # pylint: disable=consider-using-with
     self.process = subprocess.Popen(

@@ -15,7 +15,7 @@ import requests
 
 from backend.settings import Settings, SettingsError
 from model.detection import iou_xyxy
-from tests.conftest import REPO, Backend
+from tests.conftest import REPO, Backend, free_port
 
 CONFIG = ('<View><Image name="img" value="$photo"/>'
           '<RectangleLabels name="box" toName="img">'
@@ -99,18 +99,104 @@ def test_predict_returns_one_prediction_per_task_in_order(backend, shapes_datase
     assert 0 < prediction['score'] <= 1
 
 
-def test_before_training_the_base_predicts_labels_it_knows(backend, image_server):
-  tasks = [{'id': 1, 'data': {'image': f'{image_server}/images/test-2-0.jpg'}}]
-  response = requests.post(backend.url + '/predict', json={
-      'tasks': tasks, 'project': 8, 'label_config': BASE_CONFIG})
+def test_before_training_the_base_predicts_labels_it_knows(model_dir, image_server, shapes_dataset):
+  """Base classes reach the project's labels by name or `predicted_values`; others are dropped.
+
+  At a low score threshold the base finds something in any textured image;
+  its own detections, mapped by hand, are what the backend must send.
+  """
+  from model.detector import TFLiteDetector, read_labels_file
+  from model.images import load_image
+  base = model_dir / 'base'
+  detector = TFLiteDetector(base / 'detector.tflite', read_labels_file(base / 'detector_labels.txt'))
+  found = detector.detect(load_image(shapes_dataset / 'images' / 'test-2-0.jpg'), min_score=0.02)
+  classes = sorted({d.label for d in found})
+  assert len(classes) >= 2, found
+  # The first class the base found maps by predicted_values, the second by its own name;
+  # any others are not in the config and must not appear.
+  mapped = {classes[0]: 'thing', classes[1]: classes[1].lower()}
+  config = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+            f'<Label value="thing" predicted_values="Unicorn, {classes[0]}"/>'
+            f'<Label value="{classes[1].lower()}"/></RectangleLabels></View>')
+  expected = sorted((mapped[d.label], round(d.score, 4)) for d in found if d.label in mapped)
+  server = Backend(model_dir, SCORE_THRESHOLD='0.02')
+  try:
+    tasks = [{'id': 1, 'data': {'image': f'{image_server}/images/test-2-0.jpg'}}]
+    response = requests.post(server.url + '/predict', json={
+        'tasks': tasks, 'project': 8, 'label_config': config})
+    (prediction,) = response.json()['results']
+    assert prediction['model_version'] == 'fewshot-ssd-base'
+    assert sorted((r['value']['rectanglelabels'][0], r['score'])
+                  for r in prediction['result']) == expected
+    # A project whose labels the base doesn't know gets empty predictions.
+    response = requests.post(server.url + '/predict', json={
+        'tasks': tasks, 'project': 8, 'label_config': CONFIG.replace('$photo', '$image')})
+    assert response.json()['results'] == [{'model_version': 'fewshot-ssd-base', 'score': 0.0,
+                                           'result': []}]
+  finally:
+    server.stop()
+
+
+def test_predicted_values_map_model_classes_to_the_projects_labels(backend, shapes_dataset,
+                                                                  image_server):
+  """The trained model says "disc"; this project calls it "round thing" and has no squares."""
+  tasks_file = json.loads((shapes_dataset / 'tasks.json').read_text())
+  disc_task = next(t for t in tasks_file if t['meta']['split'] == 'test'
+                   and t['annotations'][0]['result'][0]['value']['rectanglelabels'] == ['disc'])
+  square_task = next(t for t in tasks_file if t['meta']['split'] == 'test'
+                     and t['annotations'][0]['result'][0]['value']['rectanglelabels'] == ['square'])
+  tasks = [{'id': t['id'], 'data': {'photo': f'{image_server}/{t["data"]["image"]}'}}
+           for t in (disc_task, square_task)]
+
+  def labels_predicted(config):
+    response = requests.post(backend.url + '/predict', timeout=60, json={
+        'tasks': tasks, 'project': 7, 'label_config': config})
+    return [{r['value']['rectanglelabels'][0] for r in p['result']}
+            for p in response.json()['results']]
+
+  assert labels_predicted(CONFIG)[1] >= {'square'}
+  config = CONFIG.replace('<Label value="disc"/><Label value="square"/>',
+                          '<Label value="round thing" predicted_values="disc"/>')
+  on_disc, on_square = labels_predicted(config)
+  assert on_disc == {'round thing'}
+  assert 'square' not in on_square and on_square <= {'round thing'}
+
+
+def test_the_store_resolves_only_published_artifacts(model_dir):
+  from backend.errors import BackendError
+  from backend.store import ModelStore
+  store = ModelStore(model_dir)
+  assert store.artifact(7, 'latest', 'labels.txt') == model_dir / 'projects/7/versions/v1/labels.txt'
+  for version, filename in (('latest', '../../../base/labels.txt'), ('latest', 'ckpt.index'),
+                            ('../../../base', 'labels.txt'), ('v1', 'labels.txt'),
+                            ('fewshot-ssd-v1/..', 'labels.txt')):
+    with pytest.raises(BackendError) as raised:
+      store.artifact(7, version, filename)
+    assert raised.value.status == 404
+
+
+def test_exif_rotated_images_get_boxes_in_the_upright_image(backend, shapes_dataset, image_server):
+  """A phone photo stored sideways with an EXIF orientation: percent of the image as shown."""
+  import numpy as np
+  from PIL import Image
+  from tests.synthetic import save_jpeg
+  tasks_file = json.loads((shapes_dataset / 'tasks.json').read_text())
+  task = next(t for t in tasks_file if t['meta']['split'] == 'test')
+  upright = np.asarray(Image.open(shapes_dataset / task['data']['image']))
+  (shapes_dataset / 'rotated').mkdir(exist_ok=True)
+  # Stored turned 90° counter-clockwise; orientation 6 says "turn clockwise to view".
+  save_jpeg(np.ascontiguousarray(np.rot90(upright)), shapes_dataset / 'rotated' / 'phone.jpg',
+            orientation=6)
+  response = requests.post(backend.url + '/predict', timeout=60, json={
+      'tasks': [{'id': 5, 'data': {'photo': f'{image_server}/rotated/phone.jpg'}}],
+      'project': 7, 'label_config': CONFIG})
   (prediction,) = response.json()['results']
-  assert prediction['model_version'] == 'fewshot-ssd-base'
-  assert all(r['value']['rectanglelabels'][0] in ('hound', 'car') for r in prediction['result'])
-  # A project whose labels the base doesn't know gets empty predictions.
-  response = requests.post(backend.url + '/predict', json={
-      'tasks': tasks, 'project': 8, 'label_config': CONFIG.replace('$photo', '$image')})
-  assert response.json()['results'] == [{'model_version': 'fewshot-ssd-base', 'score': 0.0,
-                                         'result': []}]
+  best = max(prediction['result'], key=lambda r: r['score'])
+  assert (best['original_width'], best['original_height']) == (320, 240)
+  value, truth = best['value'], task['annotations'][0]['result'][0]['value']
+  assert iou_xyxy((value['x'], value['y'], value['x'] + value['width'], value['y'] + value['height']),
+                  (truth['x'], truth['y'], truth['x'] + truth['width'],
+                   truth['y'] + truth['height'])) >= 0.5
 
 
 def test_bombs_and_broken_images_get_empty_predictions_and_a_logged_reason(backend, shapes_dataset,
@@ -125,16 +211,21 @@ def test_bombs_and_broken_images_get_empty_predictions_and_a_logged_reason(backe
   (bad / 'text.jpg').write_text('not an image')
   tasks = [{'id': 50 + i, 'data': {'photo': f'{image_server}/bad/{name}'}}
            for i, name in enumerate(('bomb.png', 'truncated.jpg', 'text.jpg'))]
+  # Nothing listens on this port: connection refused.
+  tasks.append({'id': 58, 'data': {'photo': f'http://127.0.0.1:{free_port()}/gone.jpg'}})
+  tasks.append({'id': 59, 'data': {'photo': 's3://bucket/photo.jpg'}})  # no LABEL_STUDIO_URL
   tasks.append({'id': 60, 'data': {'photo': f'{image_server}/images/test-2-0.jpg'}})
   response = requests.post(backend.url + '/predict', timeout=60, json={
       'tasks': tasks, 'project': 7, 'label_config': CONFIG})
   assert response.status_code == 200, response.text
   results = response.json()['results']
-  assert [r['result'] for r in results[:3]] == [[], [], []]
-  assert results[3]['result'], 'the good image in the same batch is still predicted'
+  assert [r['result'] for r in results[:5]] == [[], [], [], [], []]
+  assert results[5]['result'], 'the good image in the same batch is still predicted'
   log = backend.output()
   assert 'bomb.png: too large to decode safely' in log
   assert 'text.jpg: not a readable image' in log
+  assert 'Task 58: no prediction, image unreadable' in log and 'gone.jpg: unreachable' in log
+  assert 'Task 59: no prediction' in log and 'LABEL_STUDIO_URL is not set' in log
 
 
 @pytest.mark.parametrize('method, path, body, status, message', [
@@ -150,7 +241,10 @@ def test_bombs_and_broken_images_get_empty_predictions_and_a_logged_reason(backe
     ('post', '/webhook', {'project': {}}, 400, 'action'),
     ('get', '/nowhere', None, 404, 'Not Found'),
     ('get', '/artifacts/7/latest/ckpt.index', None, 404, 'no artifact'),
-    ('get', '/artifacts/7/latest/..%2F..%2F..%2Fbase%2Flabels.txt', None, 404, ''),
+    ('get', '/artifacts/7/latest/..%2F..%2F..%2Fbase%2Flabels.txt', None, 404, 'Not Found'),
+    ('get', '/artifacts/7/..%2F..%2Fbase/labels.txt', None, 404, 'Not Found'),
+    ('get', '/artifacts/7/v1/labels.txt', None, 404, "no published version 'v1'"),
+    ('get', '/artifacts/7/..../labels.txt', None, 404, 'no published version'),
     ('get', '/artifacts/7/fewshot-ssd-v9/model.tflite', None, 404, 'no published version'),
     ('get', '/artifacts/x/latest/model.tflite', None, 400, 'project id'),
 ])
@@ -265,3 +359,27 @@ def test_metrics_count_predictions_and_webhooks(backend):
   after = requests.get(backend.url + '/metrics').json()
   assert after['webhooks'] == before['webhooks'] + 1
   assert after['predicted_tasks'] == before['predicted_tasks'] + 1
+
+
+def test_a_new_version_replaces_the_old_one_in_memory(model_dir, trained_run, shapes_dataset,
+                                                      image_server):
+  """Publishing v2 (a folder renamed into place) is served without a restart; v1 leaves memory."""
+  versions = model_dir / 'projects' / '11' / 'versions'
+  shutil.copytree(trained_run, versions / 'v1')
+  server = Backend(model_dir)
+  try:
+    task = {'id': 1, 'data': {'photo': f'{image_server}/images/test-2-0.jpg'}}
+
+    def predict_version():
+      response = requests.post(server.url + '/predict', timeout=60, json={
+          'tasks': [task], 'project': 11, 'label_config': CONFIG})
+      return response.json()['results'][0]['model_version']
+
+    assert predict_version() == 'fewshot-ssd-v1'
+    shutil.copytree(trained_run, versions / '.v2.staging')
+    (versions / '.v2.staging').rename(versions / 'v2')
+    assert predict_version() == 'fewshot-ssd-v2'
+    loaded = requests.get(server.url + '/metrics').json()['loaded_models']
+    assert loaded == [str(versions / 'v2' / 'model_int8.tflite')]
+  finally:
+    server.stop()

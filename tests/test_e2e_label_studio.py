@@ -5,7 +5,9 @@ tasks, press Start Training, wait for the new model version, run Retrieve
 Predictions on the unlabeled tasks, check what Label Studio stored, then
 download the .tflite from the backend and run it. And basic auth on both of
 Label Studio's paths to the backend: its ML calls and the project webhook.
-And a backend killed mid-training that comes back serving its last version.
+And a backend killed mid-training that comes back serving its last version;
+a second iteration warm-started from the first with a legacy token; and the
+errors a user meets (empty or unknown project, a wrong API key) in plain words.
 """
 
 from __future__ import annotations
@@ -171,7 +173,148 @@ def test_a_backend_killed_mid_training_restarts_serving_its_last_version(label_s
     (prediction,) = response.json()['results']
     assert prediction['model_version'] == 'fewshot-ssd-v1'
     assert prediction['result'][0]['value']['rectanglelabels'] == ['disc']
-    assert requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()[
-        'state'] == 'idle'
+    # The status the killed process left says what happened to that run.
+    status = requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()
+    assert status['state'] == 'failed' and 'stopped during training' in status['last_error']
+  finally:
+    backend.stop()
+
+
+def _wait_for_training(backend, project_id: int, done, timeout: float = 600) -> dict:
+  """Polls /train/status until `done(status)` (or the timeout); returns the last status."""
+  deadline = time.monotonic() + timeout
+  status = {}
+  while time.monotonic() < deadline:
+    status = requests.get(f'{backend.url}/train/status', params={'project': project_id}).json()
+    if done(status):
+      break
+    time.sleep(1)
+  return status
+
+
+def test_the_next_iteration_starts_from_the_last_with_a_legacy_token(label_studio, base_paths,
+                                                                    trained_run, tmp_path):
+  """v1 knows "disc" and "square"; the project labels only discs: v2 keeps disc's weights and
+  drops "square". Tasks and uploaded images come through a legacy token this time."""
+  ls = label_studio
+  # Organization -> API Tokens Settings: legacy tokens on (Label Studio 1.23 has them off).
+  ls.call('POST', '/api/jwt/settings', json={'api_tokens_enabled': True,
+                                              'legacy_api_tokens_enabled': True})
+  legacy_token = ls.call('GET', '/api/current-user/token')['token']
+  project = make_disc_project(ls, tmp_path, 9, seed=14, title='second iteration')
+  labeled = project.tasks[:6]
+  annotate(ls, project, labeled[:5])
+  # An annotation with a label the config doesn't have: left out of training, logged.
+  foreign = dict(project.region_for(labeled[5]), id='foreign')
+  foreign['value'] = dict(foreign['value'], rectanglelabels=['raccoon'])
+  ls.call('POST', f'/api/tasks/{labeled[5]["id"]}/annotations/',
+          json={'result': [project.region_for(labeled[5]), foreign]})
+  model_dir = tmp_path / 'models'
+  shutil.copytree(base_paths.base_dir, model_dir / 'base')
+  shutil.copytree(trained_run, model_dir / 'projects' / str(project.id) / 'versions' / 'v1')
+  backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=legacy_token,
+                    TRAIN_EVERY_N_ANNOTATIONS='0')
+  try:
+    ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': project.id,
+                                            'title': 'fewshot-ssd', 'is_interactive': False})
+    ls.call('POST', f'/api/ml/{ml["id"]}/train')
+    status = _wait_for_training(backend, project.id, lambda s: s['state'] == 'failed' or s[
+        'current_version'] == 'fewshot-ssd-v2')
+    assert status['current_version'] == 'fewshot-ssd-v2', (status, backend.output())
+    assert requests.get(backend.url + '/versions', json={'project': project.id}).json() == {
+        'versions': ['fewshot-ssd-base', 'fewshot-ssd-v1', 'fewshot-ssd-v2']}
+    artifact = f'{backend.url}/artifacts/{project.id}/fewshot-ssd-v2'
+    assert requests.get(f'{artifact}/labels.txt').text == 'disc\n'
+    metrics = requests.get(f'{artifact}/metrics.json').json()
+    assert metrics['class_head_init'] == {'disc': 'kept from the previous iteration'}
+    assert [h['iteration'] for h in metrics['history']] == [1, 2]
+    assert metrics['images']['train'] == 6
+    assert '1 boxes with labels not in the config were left out' in backend.log_path.read_text()
+
+    # Retrieve Predictions: the backend fetches the uploaded images with the legacy token.
+    ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}',
+            json={'selectedItems': {'all': True, 'excluded': []}})
+    for task in project.tasks[6:]:
+      (prediction,) = ls.call('GET', f'/api/predictions/?task={task["id"]}')
+      assert prediction['model_version'] == 'fewshot-ssd-v2'
+      best = max(prediction['result'], key=lambda r: r['score'])
+      expected = project.truth[project.original_name(task)]['value']
+      assert iou_xyxy(_percent_box(best['value']), _percent_box(expected)) >= 0.5
+  finally:
+    backend.stop()
+
+
+def test_training_errors_say_what_is_wrong_and_publish_nothing(label_studio, base_paths, tmp_path):
+  ls = label_studio
+  empty = make_disc_project(ls, tmp_path, 2, seed=15, title='nothing labeled yet')
+  model_dir = tmp_path / 'models'
+  shutil.copytree(base_paths.base_dir, model_dir / 'base')
+
+  def start_training(backend, project_id):
+    response = requests.post(backend.url + '/webhook', json={'action': 'START_TRAINING',
+                                                             'project': {'id': project_id}})
+    assert response.status_code == 200
+    return _wait_for_training(backend, project_id, lambda s: s['state'] == 'failed', 120)
+
+  backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token)
+  try:
+    status = start_training(backend, empty.id)
+    assert status['state'] == 'failed'
+    assert f'project {empty.id} has no annotated tasks' in status['last_error']
+    status = start_training(backend, 987654)
+    assert status['state'] == 'failed'
+    assert 'Label Studio answered HTTP 404 for project 987654' in status['last_error']
+  finally:
+    backend.stop()
+
+  annotate(ls, empty, empty.tasks[:1])
+  backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY='not-a-real-token')
+  try:
+    status = start_training(backend, empty.id)
+    assert 'Label Studio answered HTTP 401' in status['last_error']
+    # Pre-annotations with the wrong key: the image is refused, the task gets an empty
+    # prediction, and the log says why.
+    config = DISC_CONFIG.replace('<Label value="disc"/>',
+                                 '<Label value="disc" predicted_values="Person,Dog,Cat,Car"/>')
+    response = requests.post(backend.url + '/predict', timeout=60, json={
+        'tasks': [empty.tasks[1]], 'project': empty.id, 'label_config': config})
+    assert response.json()['results'] == [{'model_version': 'fewshot-ssd-base', 'score': 0.0,
+                                           'result': []}]
+    assert 'HTTP 401 (Label Studio needs a valid LABEL_STUDIO_API_KEY' in backend.log_path.read_text()
+  finally:
+    backend.stop()
+  assert not list((model_dir / 'projects' / str(empty.id) / 'versions').glob('*'))
+
+
+def test_images_from_local_files_storage_are_predicted(label_studio, base_paths, trained_run,
+                                                       tmp_path):
+  """A folder connected as Local Files storage: tasks point at /data/local-files/?d=..."""
+  from tests.synthetic import make_task_set
+  ls = label_studio
+  folder = ls.files_root / 'discs'
+  tasks = make_task_set(folder, 3, ('disc',), split=None, seed=16)
+  truth = {t['data']['image'].split('/')[-1]: t['annotations'][0]['result'][0]['value']
+           for t in tasks}
+  project = ls.call('POST', '/api/projects/', json={'title': 'local files',
+                                                     'label_config': DISC_CONFIG})
+  storage = ls.call('POST', '/api/storages/localfiles/', json={
+      'project': project['id'], 'title': 'discs', 'path': str(folder / 'images'),
+      'regex_filter': r'.*\.jpg', 'use_blob_urls': True})
+  ls.call('POST', f'/api/storages/localfiles/{storage["id"]}/sync')
+  ls_tasks = ls.call('GET', f'/api/tasks/?project={project["id"]}&page_size=100')['tasks']
+  assert len(ls_tasks) == 3 and all(t['data']['image'].startswith('/data/local-files/?d=')
+                                    for t in ls_tasks), ls_tasks
+  model_dir = tmp_path / 'models'
+  shutil.copytree(base_paths.base_dir, model_dir / 'base')
+  shutil.copytree(trained_run, model_dir / 'projects' / str(project['id']) / 'versions' / 'v1')
+  backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token)
+  try:
+    response = requests.post(backend.url + '/predict', timeout=60, json={
+        'tasks': ls_tasks, 'project': project['id'], 'label_config': DISC_CONFIG})
+    for task, prediction in zip(ls_tasks, response.json()['results']):
+      assert prediction['model_version'] == 'fewshot-ssd-v1', backend.output()
+      best = max(prediction['result'], key=lambda r: r['score'])
+      expected = truth[task['data']['image'].split('/')[-1]]
+      assert iou_xyxy(_percent_box(best['value']), _percent_box(expected)) >= 0.5
   finally:
     backend.stop()

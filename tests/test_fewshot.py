@@ -171,3 +171,22 @@ def test_mediapipe_object_detector_loads_the_file_and_finds_the_shape(trained_ru
   for label, *box in json.loads(result.stdout.strip().splitlines()[-1]):
     assert label == value['rectanglelabels'][0]
     assert iou_xyxy(box, truth) >= 0.5
+
+
+def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_paths, tmp_path):
+  """From 20 training images on, a tenth is held out: its mAP goes into metrics.json and history."""
+  from model.config import TrainConfig
+  from tests.synthetic import make_task_set
+  tasks = make_task_set(tmp_path, 20, ('disc',), 'train', seed=21)
+  config = TrainConfig(trainable='heads', max_steps=60)
+  first = iteration.train_iteration(tasks, tmp_path, tmp_path / 'v1', base_paths.model_dir,
+                                    config=config, export_kinds=())
+  second = iteration.train_iteration(tasks, tmp_path, tmp_path / 'v2', base_paths.model_dir,
+                                     previous=first.root, config=config, export_kinds=())
+  metrics = json.loads(second.metrics.read_text())
+  assert (metrics['images']['train'], metrics['images']['validation']) == (18, 2)
+  held_out = metrics['evaluation']['validation']
+  assert 0.5 <= held_out['map50'] <= 1.0 and set(held_out['per_class']) == {'disc'}
+  first_map = json.loads(first.metrics.read_text())['evaluation']['validation']['map50']
+  assert metrics['history'] == [{'iteration': 1, 'images': 18, 'map50': first_map},
+                                {'iteration': 2, 'images': 18, 'map50': held_out['map50']}]

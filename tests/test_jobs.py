@@ -77,6 +77,53 @@ def test_annotation_events_are_counted_then_debounced(tmp_path):
   assert job.runs == [5]
 
 
+def test_an_event_during_the_quiet_time_pushes_training_back(tmp_path):
+  job = Recorder()
+  job.release.set()
+  queue = TrainingQueue(job, tmp_path, every_n_annotations=2, debounce_s=1.0)
+  queue.annotation_event(6, 'ANNOTATION_CREATED')
+  assert queue.annotation_event(6, 'ANNOTATION_CREATED').startswith('training in 1 s')
+  time.sleep(0.6)
+  # One event, fewer than N, but inside the wait: it restarts the wait.
+  assert queue.annotation_event(6, 'ANNOTATION_UPDATED').startswith('training in 1 s')
+  time.sleep(0.7)  # 1.3 s after the second event: the first wait would have fired
+  assert job.runs == []
+  assert queue.wait_idle(10)
+  assert job.runs == [6]
+  # Once it has fired, events count towards the next run afresh.
+  assert queue.annotation_event(6, 'ANNOTATION_CREATED') == 'counted 1/2'
+
+
+def test_every_worker_process_shows_the_status_of_the_one_that_trains(tmp_path):
+  """Two gunicorn workers: A trains; B, asked for /train/status, reads what A writes."""
+  job = Recorder()
+  trainer, other = TrainingQueue(job, tmp_path), TrainingQueue(Recorder(), tmp_path)
+  assert other.status_of(4)['state'] == 'idle'
+  trainer.trigger(4, 'START_TRAINING')
+  assert job.started.wait(5)
+  seen = other.status_of(4)
+  assert seen['state'] == 'running' and seen['started_at'] is not None
+  job.release.set()
+  assert trainer.wait_idle(10)
+  seen = other.status_of(4)
+  assert (seen['state'], seen['model_version'], seen['runs']) == ('idle', 'fewshot-ssd-v1', 1)
+
+
+def test_a_status_left_running_by_a_dead_process_shows_as_failed(tmp_path):
+  import json
+  (tmp_path / '5.status.json').write_text(json.dumps(
+      {'state': 'running', 'step': 30, 'total_steps': 300, 'started_at': 10.0, 'pid': 4321}))
+  queue = TrainingQueue(Recorder(), tmp_path)
+  # While some process holds the project's lock, the run is live.
+  holder = ProjectLock(tmp_path / '5.lock')
+  assert holder.acquire()
+  assert queue.status_of(5)['state'] == 'running'
+  holder.release()  # what the kernel does when the holder dies
+  status = queue.status_of(5)
+  assert status['state'] == 'failed' and 'pid 4321' in status['last_error']
+  assert status['step'] == 30
+
+
 def test_a_project_lock_is_exclusive(tmp_path):
   first, second = ProjectLock(tmp_path / '1.lock'), ProjectLock(tmp_path / '1.lock')
   assert first.acquire()

@@ -4,6 +4,7 @@ Training itself through RQ workers is in tests/test_scale_out.py.
 """
 
 import json
+import time
 
 import pytest
 import redis
@@ -86,12 +87,25 @@ def test_annotation_events_are_counted_then_one_delayed_trigger_fires(redis_url,
   scheduled = ScheduledJobRegistry(QUEUE_NAME, connection=connection)
   assert len(scheduled.get_job_ids()) == 1
   first_delayed = scheduled.get_job_ids()[0]
-  queue.annotation_event(9, 'ANNOTATION_UPDATED')
-  queue.annotation_event(9, 'ANNOTATION_UPDATED')
+  # One event, fewer than N, while the trigger waits: it pushes the trigger back.
+  assert 'training in 30 s' in queue.annotation_event(9, 'ANNOTATION_UPDATED')
   later_delayed = connection.get('fewshot:9:debounce').decode()
+  assert len(scheduled.get_job_ids()) == 2
   assert later_delayed != first_delayed
   # The scheduler runs both when due: the replaced one does nothing, the last one triggers.
   assert debounced_trigger(9, first_delayed, 'events') == 'replaced by a later event'
   assert _pending_jobs(connection) == []
   assert debounced_trigger(9, later_delayed, 'events') == 'queued'
   assert len(_pending_jobs(connection)) == 1
+
+
+def test_events_after_the_wait_count_afresh(redis_url, connection, monkeypatch):
+  monkeypatch.setenv('REDIS_URL', redis_url)
+  queue = _queue(redis_url, train_every_n_annotations=2, train_debounce_s=0.2)
+  queue.annotation_event(10, 'ANNOTATION_CREATED')
+  assert queue.annotation_event(10, 'ANNOTATION_CREATED').startswith('training in 0.2 s')
+  delayed = connection.get('fewshot:10:debounce').decode()
+  time.sleep(0.4)  # the wait is over; the scheduler may come late: the trigger still fires
+  assert connection.get('fewshot:10:debounce') is None
+  assert queue.annotation_event(10, 'ANNOTATION_CREATED') == 'counted 1/2'
+  assert debounced_trigger(10, delayed, 'events') == 'queued'

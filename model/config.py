@@ -218,17 +218,21 @@ class TrainConfig:
   # chosen from the data (`box_learning_rate_scale_for`).
   box_learning_rate_scale: float | None = None
   warmup_fraction: float = 0.1
-  # Step budget: base + per_image * images, capped. Measured with 'top' on
-  # raccoon: 300 steps at 10 images match 500 (mAP@0.5 0.919 vs 0.922), and
-  # 1000 at 160 images match 1500 (0.959 vs 0.965) in 41 s instead of 53 s.
-  base_steps: int = 300
-  steps_per_image: int = 10
+  # Step budget: base + per_image * images, capped. Few images overfit soon:
+  # measured with 'top' on raccoon (6 subsets), one image scores mAP@0.5 0.79
+  # after 60 steps, 0.78 after 110 and 0.74 after 310; five images 0.91 after
+  # 200 or 350; ten 0.92 after 300 or 500; 160 images 0.96 after 1000 or 1500
+  # (41 s instead of 53 s). This budget (75 / 175 / 300 / 1000 steps) scores
+  # 0.78 / 0.93 / 0.92 / 0.96 in benchmarks/fewshot.py.
+  base_steps: int = 50
+  steps_per_image: int = 25
   max_steps: int = 1000
   # Fraction of the random views that shrink the image onto a canvas instead
   # of cropping it, for objects smaller at prediction time than in the labeled
   # images. Measured (benchmarks/fewshot.py): 0.5 finds the duck in 43 instead
-  # of 35 of ducky's 49 frames, but costs raccoon (large objects) mAP@0.5 at
-  # 5 shots (0.87 vs 0.94) and mAP@[.5:.95] at 10 (0.58 vs 0.62); so off by default.
+  # of 27 of ducky's 49 frames (mAP@0.5 0.95 vs 0.61), but costs raccoon
+  # (objects as large as labeled) mAP@0.5 at 1 shot (0.70 vs 0.78) and 5 shots
+  # (0.88 vs 0.93); so off by default.
   zoom_out_views: float = 0.0
   # Augmented views per image: many for a handful of images, few for many.
   max_views_per_image: int = 16

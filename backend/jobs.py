@@ -126,6 +126,9 @@ class TrainingQueue:
       return local.to_dict()
     return shared.to_dict()
 
+  def _lock_for(self, project: int) -> ProjectLock:
+    return ProjectLock(self.lock_dir / f'{project}.lock')
+
   def _status_path(self, project: int) -> Path:
     return self.lock_dir / f'{project}.status.json'
 
@@ -151,7 +154,7 @@ class TrainingQueue:
 
   def _nobody_trains(self, project: int) -> bool:
     """True when no process holds the project's lock: the kernel frees a dead one's."""
-    probe = ProjectLock(self.lock_dir / f'{project}.lock')
+    probe = self._lock_for(project)
     if not probe.acquire():
       return False
     probe.release()
@@ -187,7 +190,7 @@ class TrainingQueue:
 
   def _run(self, project: int) -> None:
     status = self.status[project]
-    lock = ProjectLock(self.lock_dir / f'{project}.lock')
+    lock = self._lock_for(project)
     if not lock.acquire():
       log.info('Project %s: another process is training it; will try again after', project)
       with self._lock:
@@ -213,4 +216,3 @@ class TrainingQueue:
       status.runs += 1
       self._write_shared_status(project)
       lock.release()
-

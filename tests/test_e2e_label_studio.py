@@ -50,13 +50,8 @@ def test_label_train_and_retrieve_predictions_through_label_studio(label_studio,
     annotate(ls, project, project.tasks[:LABELED])
 
     ls.call('POST', f'/api/ml/{ml["id"]}/train')  # the Start Training button
-    deadline = time.monotonic() + 600
-    status = {}
-    while time.monotonic() < deadline:
-      status = requests.get(f'{backend.url}/train/status', params={'project': pid}).json()
-      if status['current_version'] == 'fewshot-ssd-v1' or status['state'] == 'failed':
-        break
-      time.sleep(2)
+    status = _wait_for_training(backend, pid, lambda s: s['state'] == 'failed' or s[
+        'current_version'] == 'fewshot-ssd-v1')
     assert status['current_version'] == 'fewshot-ssd-v1', (status, backend.output())
 
     # "Retrieve Predictions" on every task; Label Studio stores what /predict returns.

@@ -52,10 +52,10 @@ class Settings:
   train_mode: str = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
   train_input_size: int = TrainConfig.input_size
-  # Fraction of augmented views that shrink the image (objects smaller in new
-  # images than in the labeled ones), then quantization-aware training for
-  # the int8 file, or pruning to this fraction
-  # of zero weights for smaller downloads (both need TRAIN_MODE top or all).
+  # Zoom-outs (each image also shrunk onto a canvas, for objects smaller in
+  # new images than in the labeled ones) as a fraction of the random crops;
+  # then quantization-aware training for the int8 file, or pruning to this
+  # fraction of zero weights for smaller downloads (both need TRAIN_MODE top or all).
   train_zoom_out: float = TrainConfig.zoom_out_views
   train_qat: bool = TrainConfig.quantization_aware
   train_prune: float = TrainConfig.prune_sparsity

@@ -181,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers; default), or everything')
-  train.add_argument('--zoom-out', type=float, default=0.0, metavar='FRACTION',
-                     help='fraction of augmented views that shrink the image (e.g. 0.5): for '
-                          'objects smaller in new images than in the labeled ones')
+  train.add_argument('--zoom-out', type=float, default=TrainConfig.zoom_out_views,
+                     metavar='FRACTION',
+                     help='views of each image shrunk onto a canvas, added as this fraction of its '
+                          'random crops, so objects smaller than the labeled ones are found too '
+                          '(default %(default)s; 0 turns them off)')
   train.add_argument('--qat', action='store_true',
                      help='quantization-aware training of what trains in the extractor, for the int8 file')
   train.add_argument('--prune', type=float, default=0.0, metavar='SPARSITY',

@@ -1,10 +1,10 @@
 """Box-aware augmented views of a training image, with tf-models-official's ops.
 
-View 0 is the image as it is, view 1 its mirror; further views are random
-crops that keep the boxes whose centres they contain (clipped) or, with
-probability `zoom_out`, the image shrunk onto a black canvas (objects smaller
-than in any photo given); each mirrored at random and colour-jittered. Every view is stretched to the model input, as at inference
-time.
+View 0 is the image as it is, view 1 its mirror; then random crops that keep
+the boxes whose centres they contain (clipped), and last the zoom-outs: the
+image shrunk onto a black canvas, so that objects also appear smaller than in
+any photo given. Random views are mirrored at random and colour-jittered. Every
+view is stretched to the model input, as at inference time.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from model.images import to_model_input
 
 
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
-               input_size: int, zoom_out: float = 0.0,
+               input_size: int, zoom_outs: int = 0,
                zoom_out_scale: tuple[float, float] = (0.4, 0.9),
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """`count` views of one image.
+  """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones.
 
   Args:
     image: RGB, upright.
     boxes: float32 [K, 4] normalized (ymin, xmin, ymax, xmax).
     class_ids: int32 [K].
-    count: number of views (at least 1).
+    count: number of views before the zoom-outs (at least 1).
     input_size: side of the model input.
-    zoom_out: probability that a random view shrinks the image instead of cropping it.
+    zoom_outs: number of views of the image shrunk onto a canvas.
     zoom_out_scale: range of the shrink factor.
 
   Returns:
@@ -45,18 +45,24 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
                        box_ops.horizontal_flip_boxes(boxes), class_ids, input_size))
   for _ in range(count - 2):
     crop, crop_boxes, crop_ids = pixels, tf.constant(boxes), tf.constant(class_ids)
-    if zoom_out > 0 and tf.random.uniform([]) < zoom_out:
-      crop, crop_boxes = _shrink_onto_canvas(pixels, boxes, zoom_out_scale)
-    elif len(boxes):
+    if len(boxes):
       crop, crop_boxes, crop_ids = preprocess_ops.random_crop_image_with_boxes_and_labels(
           pixels, crop_boxes, crop_ids, min_scale=0.3, aspect_ratio_range=(0.5, 2.0),
           min_overlap_params=(0.0, 1.4, 0.2, 0.1), max_retry=50)
-    if tf.random.uniform([]) < 0.5:
-      crop = tf.image.flip_left_right(crop)
-      crop_boxes = box_ops.horizontal_flip_boxes(crop_boxes)
-    crop = preprocess_ops.color_jitter(crop, brightness=0.2, contrast=0.2, saturation=0.2)
-    views.append(_view(crop, crop_boxes, crop_ids, input_size))
+    views.append(_random_view(crop, crop_boxes, crop_ids, input_size))
+  for _ in range(zoom_outs):
+    shrunk, shrunk_boxes = _shrink_onto_canvas(pixels, boxes, zoom_out_scale)
+    views.append(_random_view(shrunk, shrunk_boxes, class_ids, input_size))
   return views
+
+
+def _random_view(pixels, boxes, class_ids, input_size):
+  """Mirrored at random and colour-jittered."""
+  if tf.random.uniform([]) < 0.5:
+    pixels = tf.image.flip_left_right(pixels)
+    boxes = box_ops.horizontal_flip_boxes(boxes)
+  pixels = preprocess_ops.color_jitter(pixels, brightness=0.2, contrast=0.2, saturation=0.2)
+  return _view(pixels, boxes, class_ids, input_size)
 
 
 def _shrink_onto_canvas(pixels, boxes, scale_range):

@@ -218,23 +218,29 @@ class TrainConfig:
   # chosen from the data (`box_learning_rate_scale_for`).
   box_learning_rate_scale: float | None = None
   warmup_fraction: float = 0.1
-  # Step budget: base + per_image * images, capped. Few images overfit soon:
-  # measured with 'top' on raccoon (6 subsets), one image scores mAP@0.5 0.79
-  # after 60 steps, 0.78 after 110 and 0.74 after 310; five images 0.91 after
-  # 200 or 350; ten 0.92 after 300 or 500; 160 images 0.96 after 1000 or 1500
-  # (41 s instead of 53 s). This budget (75 / 175 / 300 / 1000 steps) scores
-  # 0.78 / 0.93 / 0.92 / 0.96 in benchmarks/fewshot.py.
-  base_steps: int = 50
-  steps_per_image: int = 25
+  # Step budget: base + per_image for each of the first few images + per
+  # further image, capped. Measured with 'top' on raccoon (6 subsets) before
+  # zoom-outs: one image scores mAP@0.5 0.79 after 60 steps, 0.78 after 110 and
+  # 0.74 after 310; five images 0.91 after 200 or 350; ten 0.92 after 300 or
+  # 500; 160 images 0.96 after 1000 or 1500 (41 s instead of 53 s). With
+  # zoom-outs (more views per image) one image still overfits after 135 steps
+  # (0.70) while five need more than 175: ducky's duck is found in 43 of 49
+  # frames after 300 steps, 39 after 175. Ten images score 0.95 after 400
+  # steps, in 60 s of training on a slow machine: hence 75 / 275 / 325 / 1000
+  # steps for 1 / 5 / 10 / 160 images.
+  base_steps: int = 25
+  steps_per_image: int = 50
+  first_images: int = 5
+  steps_per_further_image: int = 10
   max_steps: int = 1000
-  # Fraction of the random views that shrink the image onto a canvas instead
-  # of cropping it, for objects smaller at prediction time than in the labeled
-  # images. Measured (benchmarks/fewshot.py): 0.5 finds the duck in 43 instead
-  # of 27 of ducky's 49 frames (mAP@0.5 0.95 vs 0.61), but costs raccoon
-  # (objects as large as labeled) mAP@0.5 at 1 shot (0.70 vs 0.78) and 5 shots
-  # (0.88 vs 0.93); so off by default.
-  zoom_out_views: float = 0.0
-  # Augmented views per image: many for a handful of images, few for many.
+  # Zoom-outs (the image shrunk onto a canvas, for objects smaller at
+  # prediction time than in the labeled images), added per image as a fraction
+  # of its random crops. Measured (benchmarks/fewshot.py): see README's
+  # "Few-shot quality"; 0 turns them off.
+  zoom_out_views: float = 0.5
+  # Augmented views per image: many for a handful of images, few for many
+  # (zoom-outs come on top: at most 1.5 x max_cached_views feature maps, about
+  # a GB at 300x300 with 'top').
   max_views_per_image: int = 16
   max_cached_views: int = 480
   # Anchors with IoU >= positive are matched, < negative are background.
@@ -290,11 +296,17 @@ class TrainConfig:
     return 0.0 if num_images < 3 else 0.1
 
   def step_budget(self, num_images: int) -> int:
-    return min(self.max_steps, self.base_steps + self.steps_per_image * num_images)
+    first = min(num_images, self.first_images)
+    return min(self.max_steps, self.base_steps + self.steps_per_image * first
+               + self.steps_per_further_image * (num_images - first))
 
   def views_per_image(self, num_images: int) -> int:
     """Original + flip at least; more random crops when images are few."""
     return max(2, min(self.max_views_per_image, self.max_cached_views // max(1, num_images)))
+
+  def zoom_outs_per_image(self, num_images: int) -> int:
+    """Zoom-outs on top of the views above: a fraction of the random crops."""
+    return round(self.zoom_out_views * (self.views_per_image(num_images) - 2))
 
 
 @dataclasses.dataclass(frozen=True)

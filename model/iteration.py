@@ -180,14 +180,13 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
 
   split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
 
-  def build_views(indices, views_each):
+  def build_views(indices, views_each, zoom_outs):
     inputs, class_targets, box_targets = [], [], []
     for i in indices:
       example = train_examples[i]
       ids = np.array([label_ids[label] for label in example.labels], np.int32)
       for x, boxes, view_ids in augment.make_views(train_images[i], example.boxes, ids,
-                                                   views_each, config.input_size,
-                                                   config.zoom_out_views):
+                                                   views_each, config.input_size, zoom_outs):
         cls, box = assigner.assign(boxes, view_ids)
         inputs.append(x)
         class_targets.append(cls)
@@ -197,12 +196,15 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
                                np.stack(class_targets), np.stack(box_targets))
 
   views_each = config.views_per_image(len(fit))
-  train_inputs, train_views = build_views(fit, views_each)
-  validation_views = build_views(validation, 1)[1] if validation else None
+  zoom_outs = config.zoom_outs_per_image(len(fit))
+  train_inputs, train_views = build_views(fit, views_each, zoom_outs)
+  validation_views = build_views(validation, 1, 0)[1] if validation else None
   timings['features_s'] = time.monotonic() - t0
-  log.info('Cached %s of %d views (%d per image) in %.1f s',
+  log.info('Cached %s of %d views (%d per image, %d of them zoomed out) in %.1f s',
            'feature maps' if split.trainable is None else 'frozen-part outputs', len(train_views),
-           views_each, timings['features_s'])
+           views_each + zoom_outs, zoom_outs, timings['features_s'])
+  # View 0 of each image's views is the image as it is.
+  originals = slice(0, None, views_each + zoom_outs)
 
   # Class head: background and kept labels from the previous iteration, new
   # labels from the base class that fits them best.
@@ -213,7 +215,6 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   else:
     base_labels_for_init = base_labels
   if base_labels_for_init and any(restore.base_class_by_name(l, base_labels) is None for l in new_labels):
-    originals = slice(0, None, views_each)  # view 0 of each image is the image as it is
     cached = [tf.constant(f[originals], tf.float32) for f in train_views.features]
     base_logits = base_model.class_head(split.feature_maps(cached)).numpy()
     fits = restore.class_fit(base_logits, train_views.class_targets[originals], labels)
@@ -273,7 +274,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
     staged.labels.write_text(''.join(f'{label}\n' for label in labels))
     t0 = time.monotonic()
-    original_views = train_inputs[::views_each][:export_config.calibration_images]
+    original_views = train_inputs[originals][:export_config.calibration_images]
     sizes, gzipped = {}, {}
     metadata_python = export.metadata_python()
     if export_kinds and metadata_python is None:
@@ -297,7 +298,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     timings['train_s'] = report.seconds
     metrics = {
         'labels': labels,
-        'images': {'train': len(fit), 'validation': len(validation), 'views': len(train_views)},
+        'images': {'train': len(fit), 'validation': len(validation), 'views': len(train_views),
+                   'zoom_outs': zoom_outs * len(fit)},
         'steps': report.steps, 'planned_steps': report.planned_steps,
         'best_step': report.best_step, 'stopped_early': report.stopped_early,
         'loss_per_step': [round(v, 5) for v in report.losses],

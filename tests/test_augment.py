@@ -5,6 +5,7 @@ import tensorflow as tf
 from PIL import Image
 
 from model.augment import make_views
+from model.config import TrainConfig
 
 SIZE = 96
 
@@ -27,8 +28,8 @@ def redness_inside(view, box):
 def test_every_view_has_its_box_on_the_object():
   tf.random.set_seed(3)
   image, box = red_square_image()
-  views = make_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_out=0.5)
-  assert len(views) == 12
+  views = make_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5)
+  assert len(views) == 17
   for index, (view, boxes, ids) in enumerate(views):
     assert view.shape == (SIZE, SIZE, 3) and -1.0 <= view.min() and view.max() <= 1.0
     assert list(ids) == [1] and boxes.shape == (1, 4)
@@ -36,21 +37,34 @@ def test_every_view_has_its_box_on_the_object():
     assert redness_inside(view, boxes[0]) > 1.0, index
 
 
-def test_zoom_out_views_make_the_object_smaller_on_a_black_canvas():
+def is_on_canvas(view):
+  """A shrunk image sits in a top corner: the bottom rows are canvas, black (-1 at the model
+  input) but for the colour jitter, and even."""
+  bottom = view[-2:]
+  return float(bottom.mean()) < -0.7 and float(bottom.std()) < 0.02
+
+
+def test_zoom_outs_come_after_the_crops_and_make_the_object_smaller():
   tf.random.set_seed(5)
   image, box = red_square_image()
   original_area = (box[0, 2] - box[0, 0]) * (box[0, 3] - box[0, 1])
-  views = make_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_out=0.5)
-  # A shrunk image sits in a top corner: the bottom rows are canvas (-1 at the model input).
-  zoomed = [boxes for view, boxes, _ in views[2:] if np.allclose(view[-2:], -1.0, atol=0.05)]
-  assert 2 <= len(zoomed) <= 8
-  for boxes in zoomed:
+  views = make_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4)
+  assert not any(is_on_canvas(view) for view, _, _ in views[:8])
+  for view, boxes, _ in views[8:]:
+    assert is_on_canvas(view)
     area = (boxes[0, 2] - boxes[0, 0]) * (boxes[0, 3] - boxes[0, 1])
     assert 0.4 ** 2 * original_area * 0.9 <= area <= 0.9 ** 2 * original_area * 1.1
 
 
-def test_no_zoom_out_by_default():
+def test_no_zoom_out_unless_asked():
   tf.random.set_seed(5)
   image, box = red_square_image()
   for view, _, _ in make_views(image, box, np.array([1], np.int32), 8, SIZE):
     assert not np.any(np.all(view < -0.8, axis=-1))  # grey and red only: no black canvas
+
+
+def test_zoom_outs_are_added_as_a_fraction_of_the_crops():
+  config = TrainConfig()
+  assert config.views_per_image(5) == 16 and config.zoom_outs_per_image(5) == 7
+  assert config.views_per_image(160) == 3 and config.zoom_outs_per_image(160) == 0
+  assert TrainConfig(zoom_out_views=0.0).zoom_outs_per_image(5) == 0

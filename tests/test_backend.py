@@ -341,7 +341,8 @@ def test_training_settings_reach_the_train_config():
   assert not config.quantization_aware and config.prune_sparsity == 0
   assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().quantization_aware
   assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().prune_sparsity == 0.5
-  assert Settings.from_env({'TRAIN_ZOOM_OUT': '0.5'}).train_config().zoom_out_views == 0.5
+  assert config.zoom_out_views == 0.5  # on by default
+  assert Settings.from_env({'TRAIN_ZOOM_OUT': '0'}).train_config().zoom_out_views == 0
 
 
 def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):

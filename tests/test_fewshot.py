@@ -25,6 +25,8 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   metrics = json.loads((trained_run / 'metrics.json').read_text())
   assert metrics['labels'] == ['disc', 'square']
   assert metrics['images']['train'] == 12
+  # Per image: itself, its mirror, 14 crops and 7 zoom-outs.
+  assert (metrics['images']['views'], metrics['images']['zoom_outs']) == (12 * 23, 12 * 7)
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
   assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]

@@ -24,7 +24,8 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
   with open(log, 'w') as stderr:
     process = subprocess.Popen(
         [sys.executable, '-m', 'model', 'train', '--tasks', str(shapes_dataset / 'tasks.json'),
-         '--out', str(out), '--from', str(store.versions_dir(7) / 'v1')],
+         '--out', str(out), '--from', str(store.versions_dir(7) / 'v1'),
+         '--max-images', '2'],  # a short training: the export is what gets killed
         cwd=REPO, env=dict(os.environ, MODEL_DIR=str(model_dir)), stderr=stderr,
         stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

@@ -229,7 +229,7 @@ class TrainConfig:
   # steps, in 60 s of training on a slow machine: hence 75 / 275 / 325 / 1000
   # steps for 1 / 5 / 10 / 160 images.
   base_steps: int = 25
-  steps_per_image: int = 50
+  steps_per_first_image: int = 50
   first_images: int = 5
   steps_per_further_image: int = 10
   max_steps: int = 1000
@@ -297,7 +297,7 @@ class TrainConfig:
 
   def step_budget(self, num_images: int) -> int:
     first = min(num_images, self.first_images)
-    return min(self.max_steps, self.base_steps + self.steps_per_image * first
+    return min(self.max_steps, self.base_steps + self.steps_per_first_image * first
                + self.steps_per_further_image * (num_images - first))
 
   def views_per_image(self, num_images: int) -> int:

@@ -20,7 +20,7 @@ from model.tasks import evaluation_examples, load_tasks_file, parse_tasks, resol
 from tests.conftest import run_model_cli
 from tests.test_trainable import top_layer_names
 
-SHORT = dict(base_steps=200, steps_per_image=0, max_steps=200, max_views_per_image=6)
+SHORT = dict(base_steps=200, steps_per_first_image=0, max_steps=200, max_views_per_image=6)
 
 
 @pytest.fixture(scope='module')
@@ -133,8 +133,9 @@ def test_qat_of_the_whole_extractor_trains_and_exports(base_paths, shapes_datase
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
   run = iteration.train_iteration(
       tasks, shapes_dataset, tmp_path / 'run', base_paths.model_dir, max_images=3,
-      config=TrainConfig(trainable='all', quantization_aware=True, base_steps=6, steps_per_image=0,
-                         max_steps=6, max_views_per_image=2), export_kinds=('int8',))
+      config=TrainConfig(trainable='all', quantization_aware=True, base_steps=6,
+                         steps_per_first_image=0, max_steps=6, max_views_per_image=2),
+      export_kinds=('int8',))
   assert run.tflite('int8').stat().st_size > 1_000_000
   trained, _ = iteration.load_run_model(run.root)
   for name in ('Conv', 'expanded_conv_project', 'Conv_1'):

@@ -13,7 +13,7 @@ from model import iteration, ssd as ssd_lib
 from model.config import TrainConfig
 from model.tasks import load_tasks_file
 
-SHORT = dict(base_steps=20, steps_per_image=0, max_steps=20, max_views_per_image=4)
+SHORT = dict(base_steps=20, steps_per_first_image=0, max_steps=20, max_views_per_image=4)
 
 
 def top_layer_names() -> set[str]:

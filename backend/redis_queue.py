@@ -19,7 +19,7 @@ volume they all share. Per project, Redis holds:
                               long as it waits; an older one finds itself replaced
                               and does nothing.
 
-Publishing stays the rename of a finished run folder (`model.iteration`), so
+Publishing stays the rename of a finished run folder (`model.run_folder`), so
 every replica serves the newest version from the shared disk without a restart.
 """
 

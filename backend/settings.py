@@ -51,7 +51,8 @@ class Settings:
   train_max_steps: int = TrainConfig.max_steps
   train_mode: str = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
-  train_input_size: int = TrainConfig.input_size
+  # None ('auto'): chosen from the sizes of the labeled boxes.
+  train_input_size: int | None = TrainConfig.input_size
   # Zoom-outs (each image also shrunk onto a canvas, for objects smaller in
   # new images than in the labeled ones) as a fraction of the random crops;
   # then quantization-aware training for the int8 file, or pruning to this
@@ -150,8 +151,9 @@ class Settings:
         train_max_steps=number('TRAIN_MAX_STEPS', defaults.train_max_steps, minimum=10,
                                maximum=100_000),
         train_mode=train_mode,
-        train_input_size=number('TRAIN_INPUT_SIZE', defaults.train_input_size, minimum=128,
-                                maximum=1024),
+        train_input_size=(None if text('TRAIN_INPUT_SIZE', 'auto').lower() == 'auto' else
+                          number('TRAIN_INPUT_SIZE', defaults.train_input_size, minimum=128,
+                                 maximum=1024)),
         train_zoom_out=number('TRAIN_ZOOM_OUT', defaults.train_zoom_out, kind=float, minimum=0.0,
                               maximum=1.0),
         train_qat=train_qat in ('true', '1'),
@@ -166,5 +168,5 @@ class Settings:
     try:
       settings.train_config()
     except ValueError as error:  # a combination the detector refuses, e.g. QAT with heads only
-      raise SettingsError(f'TRAIN_MODE/TRAIN_QAT/TRAIN_PRUNE: {error}') from None
+      raise SettingsError(f'TRAIN_MODE/TRAIN_INPUT_SIZE/TRAIN_QAT/TRAIN_PRUNE: {error}') from None
     return settings

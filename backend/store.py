@@ -4,7 +4,7 @@
   MODEL_DIR/projects/<id>/versions/v<n>/  one published iteration (a run folder)
 
 A version folder appears by one rename when its iteration is complete (see
-`model.iteration`), so readers never see half a version, and after a restart
+`model.run_folder`), so readers never see half a version, and after a restart
 the newest folder is the current version. The model version string belongs to
 the folder: `fewshot-ssd-v<n>`; before a project's first training it is
 `fewshot-ssd-base`.
@@ -21,17 +21,14 @@ from pathlib import Path
 
 from backend.errors import BackendError
 from model.config import BasePaths
-from model.detector import read_labels_file
+from model.run_folder import ARTIFACTS, FLOAT, RunPaths, read_labels_file, staging_pattern
 
 log = logging.getLogger(__name__)
 
 BASE_VERSION = 'fewshot-ssd-base'
 VERSION_PREFIX = 'fewshot-ssd-v'
-# The files a version publishes; nothing else is ever served.
-ARTIFACTS = ('model.tflite', 'model_int8.tflite', 'labels.txt', 'metrics.json', 'report.png')
 _VERSION_DIR = re.compile(r'v([1-9][0-9]{0,8})')
-# model.iteration stages a run in `.<name>.<random>` beside its final folder.
-_STAGING_DIR = re.compile(r'\.v[1-9][0-9]{0,8}\.[A-Za-z0-9_]+')
+_STAGING_DIR = staging_pattern(r'v[1-9][0-9]{0,8}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +87,7 @@ class ModelStore:
   def __init__(self, model_dir: Path, variant: str = 'int8'):
     self.model_dir = Path(model_dir)
     self.base_paths = BasePaths(self.model_dir)
-    self.serving_file = 'model_int8.tflite' if variant == 'int8' else 'model.tflite'
+    self.variant = variant
 
   def versions_dir(self, project: int) -> Path:
     return self.model_dir / 'projects' / str(int(project)) / 'versions'
@@ -111,11 +108,12 @@ class ModelStore:
     found = []
     for child in folder.iterdir():
       match = _VERSION_DIR.fullmatch(child.name)
-      if match and (child / 'model.tflite').is_file() and (child / 'labels.txt').is_file():
-        serving = child / self.serving_file
+      run = RunPaths(child)
+      if match and run.tflite(FLOAT).is_file() and run.labels.is_file():
+        serving = run.tflite(self.variant)
         found.append(Version(f'{VERSION_PREFIX}{match.group(1)}', int(match.group(1)), child,
-                             serving if serving.is_file() else child / 'model.tflite',
-                             tuple(read_labels_file(child / 'labels.txt'))))
+                             serving if serving.is_file() else run.tflite(FLOAT),
+                             tuple(read_labels_file(run.labels))))
     return sorted(found, key=lambda v: v.number)
 
   def current(self, project: int) -> Version | None:

@@ -117,9 +117,9 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
 
   Raises:
     BackendError: Label Studio unreachable, a bad config, or nothing to train on.
-    model.iteration.RunError: training itself refused (no boxes, ...).
+    model.run_folder.RunError: training itself refused (no boxes, ...).
   """
-  from model import iteration
+  from model import pipeline
   started = time.monotonic()
   store.remove_staging(project)
   config, tasks = fetch_project(settings, project)
@@ -132,7 +132,7 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   previous = current.path if current is not None and not current.is_base else None
   out = store.next_version_dir(project)
   # Image paths are absolute (the cache), so the images root is never used.
-  iteration.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
+  pipeline.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
                             previous=previous, config=settings.train_config(),
                             progress=_logged(project, on_progress))
   version = store.find(project, 'latest').name

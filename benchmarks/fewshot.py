@@ -38,10 +38,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import numpy as np  # noqa: E402
 
-from model import iteration, tasks as tasks_lib  # noqa: E402
-from model.config import PostprocessConfig, TrainConfig  # noqa: E402
-from model.detector import TFLiteDetector  # noqa: E402
-from model.evaluate import coco_map  # noqa: E402
+from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
+from model.config import TrainConfig  # noqa: E402
+from model.tflite_detector import TFLiteDetector  # noqa: E402
+from model.evaluate import coco_map, evaluate_run  # noqa: E402
 from model.images import load_image  # noqa: E402
 
 log = logging.getLogger('benchmark')
@@ -56,21 +56,17 @@ TRAINABLE = ('heads', 'top', 'all')
 
 def load_split(tasks, root, split):
   examples, _ = tasks_lib.parse_tasks(tasks)
-  examples = tasks_lib.evaluation_examples(examples, split)
-  return examples, [load_image(tasks_lib.resolve_image(e, root)) for e in examples]
+  return tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples, split), root)
 
 
 def tf_map(run_dir, test_examples, test_images):
-  from model.tf_detector import TFDetector
-  model, labels = iteration.load_run_model(run_dir)
-  detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=0.01))
-  return coco_map(test_examples, test_images, detector.detect(test_images), labels)
+  return evaluate_run(run_dir, test_examples, test_images)
 
 
 def train_once(tasks, root, model_dir, work, shots, seed, export_kinds=(), **config):
   out = Path(tempfile.mkdtemp(dir=work)) / 'run'
   started = time.monotonic()
-  run = iteration.train_iteration(tasks, root, out, model_dir, config=TrainConfig(seed=seed, **config),
+  run = pipeline.train_iteration(tasks, root, out, model_dir, config=TrainConfig(seed=seed, **config),
                                   max_images=shots, export_kinds=export_kinds)
   metrics = json.loads(run.metrics.read_text())
   metrics['wall_s'] = time.monotonic() - started
@@ -150,14 +146,14 @@ EXPORT_VARIANTS = {
 
 def export_comparison(tasks, root, model_dir, work, test, results, subsets):
   """float vs int8 files of each export variant: size, gzip size, latency, mAP (mean over subsets)."""
-  from model import optimize
+  from model import compression
   rows = {}
   for name, cfg in EXPORT_VARIANTS.items():
     per_seed = []
     for seed in range(subsets):
       run, metrics = train_once(tasks, root, model_dir, work, 10, seed,
                                 export_kinds=('float', 'int8'), **cfg)
-      _, labels, _ = iteration.read_run(run.root)
+      _, labels, _ = run_folder.read_run(run.root)
       row = {'tf': tf_map(run.root, *test), 'train_s': metrics['wall_time_s']['train_s'],
              'export_s': metrics['wall_time_s']['export_s']}
       for kind in ('float', 'int8'):
@@ -165,7 +161,7 @@ def export_comparison(tasks, root, model_dir, work, test, results, subsets):
         found = [detector.detect(image, min_score=0.01) for image in test[1]]
         evaluation = coco_map(test[0], test[1], found, labels)
         data = run.tflite(kind).read_bytes()
-        row[kind] = {'bytes': len(data), 'gzip_bytes': optimize.gzipped_size(data),
+        row[kind] = {'bytes': len(data), 'gzip_bytes': compression.gzipped_size(data),
                      'latency_ms': latency_ms(detector, test[1][0]),
                      'map50': evaluation['map50'], 'map': evaluation['map']}
       log.info('%s seed=%s: float mAP@0.5 %.3f / int8 %.3f', name, seed, row['float']['map50'],
@@ -219,11 +215,11 @@ def ducky(ducky_dir, model_dir, work, results, key='ducky', **config):
   frames with a detection >= 0.3 elsewhere, and mAP over the 49 frames.
   """
   from PIL import Image, ImageDraw
-  from model.detection import iou_xyxy
+  from model.boxes import iou_xyxy
   tasks = tasks_lib.load_tasks_file(ducky_dir / 'tasks.json')
   run, metrics = train_once(tasks, ducky_dir, model_dir, work, None, 0, export_kinds=('float',),
                             **config)
-  _, labels, _ = iteration.read_run(run.root)
+  _, labels, _ = run_folder.read_run(run.root)
   detector = TFLiteDetector(run.tflite('float'), labels)
   examples, _ = tasks_lib.parse_tasks(tasks)
   frames = [e for e in examples if e.split == tasks_lib.UNLABELED]

@@ -30,11 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from model import iteration, tasks as tasks_lib  # noqa: E402
+from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
-from model.detector import TFLiteDetector  # noqa: E402
-from model.evaluate import coco_map  # noqa: E402
-from model.images import load_image  # noqa: E402
+from model.tflite_detector import TFLiteDetector  # noqa: E402
+from model.evaluate import coco_map, evaluate_run  # noqa: E402
 from tests.synthetic import make_task_set  # noqa: E402
 
 log = logging.getLogger('benchmark')
@@ -63,25 +62,22 @@ def interpreter_ms(detector: TFLiteDetector, image, repeats: int = 30) -> float:
 
 
 def measure(size: int, tasks, root: Path, model_dir: Path, work: Path) -> dict:
-  from model.tf_detector import TFDetector
-  from model.config import PostprocessConfig
   out = work / f'run-{size}'
   started = time.monotonic()
-  run = iteration.train_iteration(tasks, root, out, model_dir, config=TrainConfig(input_size=size),
+  run = pipeline.train_iteration(tasks, root, out, model_dir, config=TrainConfig(input_size=size),
                                   export_kinds=('int8',))
   wall_s = time.monotonic() - started
   metrics = json.loads(run.metrics.read_text())
   examples, _ = tasks_lib.parse_tasks(tasks)
   test = tasks_lib.evaluation_examples(examples, tasks_lib.TEST)
-  images = [load_image(tasks_lib.resolve_image(e, root)) for e in test]
-  model, labels = iteration.load_run_model(run.root)
-  tf_detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=0.01))
-  tf_eval = coco_map(test, images, tf_detector.detect(images), labels)
+  test, images = tasks_lib.load_example_images(test, root)
+  labels = run_folder.read_labels_file(run.labels)
+  tf_eval = evaluate_run(run.root, test, images)
   tflite = TFLiteDetector(run.tflite('int8'), labels, num_threads=2)
   int8_eval = coco_map(test, images, [tflite.detect(i, min_score=0.01) for i in images], labels)
   row = {'input_size': size, 'map50': tf_eval['map50'], 'map': tf_eval['map'],
          'int8_map50': int8_eval['map50'], 'iteration_s': round(wall_s, 1),
-         'train_s': metrics['wall_time_s']['train_s'], 'features_s': metrics['wall_time_s']['features_s'],
+         'train_s': metrics['wall_time_s']['train_s'], 'features_s': metrics['wall_time_s']['make_views_s'],
          'int8_ms': interpreter_ms(tflite, images[0]),
          'int8_mb': round(run.tflite('int8').stat().st_size / 1e6, 1)}
   log.info('input %d: %s', size, row)

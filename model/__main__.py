@@ -39,28 +39,25 @@ def _images_root(args) -> Path:
 
 
 class _ProgressBar:
-  """One updating line on stderr: step, loss, images/s, ETA."""
+  """tqdm on stderr: step, loss, images/s; closed when training ends (early stops too)."""
 
-  open = False
-
-  def close(self) -> None:
-    if self.open:
-      sys.stderr.write('\n')
-      self.open = False
+  def __init__(self):
+    self.bar = None
 
   def __call__(self, p) -> None:
-    self.open = True
-    width = 30
-    done = int(width * p.step / max(1, p.total_steps))
-    sys.stderr.write(f'\r[{"#" * done}{"." * (width - done)}] step {p.step}/{p.total_steps} '
-                     f'loss {p.loss:.4f} {p.images_per_s:.0f} img/s ETA {p.eta_s:.0f}s ')
-    if p.step >= p.total_steps:
-      self.close()
-    sys.stderr.flush()
+    from tqdm import tqdm
+    if self.bar is None:
+      self.bar = tqdm(total=p.total_steps, desc='training', unit='step', file=sys.stderr)
+    self.bar.update(p.step - self.bar.n)
+    self.bar.set_postfix(loss=f'{p.loss:.4f}', img_s=f'{p.images_per_s:.0f}', refresh=False)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def cmd_train(args) -> int:
-  from model import iteration, tasks as tasks_lib
+  from model import pipeline, tasks as tasks_lib
   from model.config import TrainConfig
   try:
     config = TrainConfig(seed=args.seed, input_size=args.input_size, trainable=args.train,
@@ -72,7 +69,7 @@ def cmd_train(args) -> int:
   tasks = tasks_lib.load_tasks_file(args.tasks)
   bar = _ProgressBar()
   try:
-    run = iteration.train_iteration(
+    run = pipeline.train_iteration(
         tasks, _images_root(args), Path(args.out), _model_dir(args), previous=args.previous,
         config=config, max_images=args.max_images, progress=bar)
   finally:
@@ -81,49 +78,23 @@ def cmd_train(args) -> int:
   return 0
 
 
-def _tflite_detect_fn(detector, min_score):
-  return lambda images: [detector.detect(image, min_score=min_score) for image in images]
-
-
 def cmd_eval(args) -> int:
   from model import tasks as tasks_lib
-  from model.evaluate import coco_map
-  from model.images import ImageError, load_image
+  from model.evaluate import evaluate_run
   examples, _ = tasks_lib.parse_tasks(tasks_lib.load_tasks_file(args.tasks))
   examples = tasks_lib.evaluation_examples(examples, args.split)
   if not examples:
     raise tasks_lib.TaskError(f'{args.tasks}: no labeled tasks in split "{args.split}"')
-  kept, images = [], []
-  for example in examples:
-    try:
-      images.append(load_image(tasks_lib.resolve_image(example, _images_root(args))))
-      kept.append(example)
-    except ImageError as error:
-      log.warning('Task %s left out: %s', example.task_id, error)
-  detect, labels = _run_detector(args.run, args.tflite, min_score=0.01)
-  result = coco_map(kept, images, detect(images), labels)
-  json.dump(result, sys.stdout)
+  kept, images = tasks_lib.load_example_images(examples, _images_root(args))
+  json.dump(evaluate_run(args.run, kept, images, args.tflite), sys.stdout)
   sys.stdout.write('\n')
   return 0
 
 
-def _run_detector(run_dir, tflite_kind, min_score):
-  """detect(images) -> detections per image, and the run's labels."""
-  from model import iteration
-  if tflite_kind:
-    from model.detector import TFLiteDetector
-    paths, labels, _ = iteration.read_run(run_dir)
-    detector = TFLiteDetector(paths.tflite(tflite_kind), labels)
-    return _tflite_detect_fn(detector, min_score), labels
-  from model.config import PostprocessConfig
-  from model.tf_detector import TFDetector
-  model, labels = iteration.load_run_model(run_dir)
-  detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=min_score))
-  return detector.detect, labels
-
-
 def cmd_predict(args) -> int:
   from model import base_weights, images as images_lib
+  from model.boxes import one_label_per_object
+  from model.config import PostprocessConfig
 
   loaded, results = [], []
   for path in args.images:
@@ -133,14 +104,14 @@ def cmd_predict(args) -> int:
       log.error('%s', error)
       loaded.append(None)
   if args.base:
-    from model.config import PostprocessConfig
-    from model.tf_detector import TFDetector
+    from model.checkpoint_detector import CheckpointDetector
     model, labels = base_weights.load_base_ssd(_model_dir(args))
-    detect = TFDetector(model, labels, PostprocessConfig(min_score=args.min_score)).detect
+    detect = CheckpointDetector(model, labels[1:], PostprocessConfig(min_score=args.min_score)).detect
   else:
-    detect, _ = _run_detector(args.run, args.tflite, args.min_score)
+    from model.evaluate import run_detector
+    detect, _ = run_detector(args.run, args.tflite, args.min_score)
   readable = [image for image in loaded if image is not None]
-  found = iter(detect(readable))
+  found = iter(one_label_per_object(d, PostprocessConfig.cross_class_iou) for d in detect(readable))
   for path, image in zip(args.images, loaded):
     entry = {'image': path}
     if image is None:
@@ -175,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help='previous run folder to continue from (default: the base)')
   train.add_argument('--images-root', help="where data.image paths start (default: the tasks file's folder)")
   train.add_argument('--max-images', type=int, help='use only K training images (a seeded subset)')
-  train.add_argument('--seed', type=int, default=0)
-  train.add_argument('--input-size', type=int, default=300,
-                     help='model input side in pixels (larger finds smaller objects, costs time)')
+  train.add_argument('--seed', type=int, default=TrainConfig.seed)
+  train.add_argument('--input-size', type=int, default=TrainConfig.input_size,
+                     help='model input side in pixels (larger finds smaller objects, costs time; '
+                          'default: chosen from the sizes of the labeled boxes)')
   train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers; default), or everything')
@@ -188,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                           '(default %(default)s; 0 turns them off)')
   train.add_argument('--qat', action='store_true',
                      help='quantization-aware training of what trains in the extractor, for the int8 file')
-  train.add_argument('--prune', type=float, default=0.0, metavar='SPARSITY',
+  train.add_argument('--prune', type=float, default=TrainConfig.prune_sparsity, metavar='SPARSITY',
                      help='prune what trains in the extractor to this fraction of zero weights '
                           '(e.g. 0.5): the .tflite files compress better')
   train.set_defaults(handler=cmd_train)
@@ -220,7 +192,7 @@ def main(argv=None) -> int:
   logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                       format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   from model.base_weights import BaseWeightsError
-  from model.iteration import RunError
+  from model.run_folder import RunError
   from model.tasks import TaskError
   try:
     return args.handler(args)

@@ -71,3 +71,8 @@ def cycxhw_to_yxyx(anchors: np.ndarray) -> np.ndarray:
   cy, cx, h, w = np.split(anchors, 4, axis=-1)
   return np.concatenate([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2],
                         axis=-1).astype(anchors.dtype)
+
+
+def anchors_yxyx(config: SSDConfig) -> np.ndarray:
+  """The network's anchors as float32 [N, 4] normalized (ymin, xmin, ymax, xmax)."""
+  return cycxhw_to_yxyx(generate_anchors_cycxhw(config))

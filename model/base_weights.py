@@ -5,8 +5,9 @@ The way of the weights:
   .tflite --(float16 constants, [out, kh, kw, in])--> tf_keras SSD
   tf_keras SSD --(checked against the .tflite's raw outputs)--> checkpoint
 
-Everything lands under `<model dir>/base/`, written to a temporary folder and
-renamed into place, so a crash never leaves half a base behind.
+Everything lands under `<model dir>/base/`, written to a staging folder and
+renamed into place (`run_folder.published_folder`), so a crash never leaves
+half a base behind.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import re
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from model.config import BasePackage, BasePaths, SSDConfig
+from model.run_folder import published_folder, write_labels_file
+from model.tflite_detector import tflite_ops
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,7 @@ def read_conv_weights(tflite_path: Path) -> dict[str, tuple[np.ndarray, np.ndarr
   """
   interpreter = _tflite_interpreter(tflite_path)
   tensors = {t['index']: t for t in interpreter.get_tensor_details()}
-  ops = interpreter._get_ops_details()  # pylint: disable=protected-access
+  ops = tflite_ops(interpreter)
   # Weights are float16 constants behind DEQUANTIZE ops: follow them back.
   dequantized_from = {op['outputs'][0]: op['inputs'][0] for op in ops
                       if op['op_name'] == 'DEQUANTIZE'}
@@ -325,11 +327,8 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
     return paths
   started = time.monotonic()
   files, origin = obtain(source, paths.downloads_dir)
-  paths.model_dir.mkdir(parents=True, exist_ok=True)
-  staging = Path(tempfile.mkdtemp(prefix='.base-', dir=paths.model_dir))
-  try:
-    staged = BasePaths(staging)
-    staged.base_dir.mkdir()
+  with published_folder(paths.base_dir, replace=True) as staging:
+    staged = BasePaths(staging.parent, staging.name)
     staged.tflite.write_bytes(files.tflite)
     staged.labels.write_text('\n'.join(files.labels) + '\n')
     log.info('Converting the base SSD into tf_keras ...')
@@ -343,7 +342,7 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
     # The serving form, so the backend can pre-annotate with the base without TensorFlow.
     staged.detector_tflite.write_bytes(export.convert(model, export.FLOAT))
-    staged.detector_labels.write_text(''.join(f'{label}\n' for label in files.labels[1:]))
+    write_labels_file(staged.detector_labels, files.labels[1:])
     manifest = {
         'package': PACKAGE.spec,
         'source': origin,
@@ -354,11 +353,6 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
         'conversion_seconds': round(time.monotonic() - started, 2),
     }
     staged.manifest.write_text(json.dumps(manifest, indent=2) + '\n')
-    if paths.base_dir.exists():
-      shutil.rmtree(paths.base_dir)
-    staged.base_dir.rename(paths.base_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   log.info('Base SSD ready in %s (%.1f s)', paths.base_dir, time.monotonic() - started)
   return paths
 

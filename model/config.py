@@ -131,17 +131,26 @@ class PostprocessConfig:
   min_score: float = 0.25
   nms_iou_threshold: float = 0.5
   max_detections: int = 100
+  # NMS is per class, so an object the model is unsure about can come back
+  # once per label; what a person sees (the backend, `predict`) keeps only the
+  # likeliest label of boxes that overlap this much (`boxes.one_label_per_object`).
+  cross_class_iou: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
 class BasePaths:
-  """Where the converted base lives under the model directory."""
+  """Where the converted base lives under the model directory.
+
+  `base_name` is the base folder's name; the conversion writes a staging
+  folder of another name and renames it into place.
+  """
 
   model_dir: Path
+  base_name: str = 'base'
 
   @property
   def base_dir(self) -> Path:
-    return self.model_dir / 'base'
+    return self.model_dir / self.base_name
 
   @property
   def downloads_dir(self) -> Path:
@@ -187,7 +196,16 @@ class TrainConfig:
   """
 
   seed: int = 0
-  input_size: int = 300
+  # Model input side in pixels. None: chosen from the labeled boxes
+  # (`choose_input_size`), the smallest of `input_sizes` at which every
+  # label's typical object (median sqrt(width * height)) spans
+  # `min_object_px` or more: the smallest anchors are 30 px, and fewer pixels
+  # leave an object to forced matches alone (BCCD's platelets, 21 px at 300,
+  # get 448). Larger inputs cost time as the square of the side, and 640
+  # scored below 448 on shapes of 7-14 px (benchmarks/small_objects.py).
+  input_size: int | None = None
+  input_sizes: tuple[int, ...] = (300, 384, 448)
+  min_object_px: float = 30.0
   # What a new model restores from the base (or the previous iteration):
   # 'extractor+box' (the few-shot default), 'extractor' (fresh box head), 'none'.
   restore: str = 'extractor+box'
@@ -204,7 +222,7 @@ class TrainConfig:
   # ~37 s instead of ~21 s of training.
   trainable: str = 'top'
   # Optional, on the part of the extractor that trains ('top' or 'all'; see
-  # model/optimize.py): quantization-aware training for the int8 file, or
+  # model/compression.py): quantization-aware training for the int8 file, or
   # magnitude pruning to this fraction of zero weights (0 = off). Not both.
   quantization_aware: bool = False
   prune_sparsity: float = 0.0
@@ -256,6 +274,9 @@ class TrainConfig:
   patience_evals: int = 6
 
   def __post_init__(self):
+    for size in (self.input_size, *self.input_sizes):
+      if size is not None and (size < 128 or size > 1024 or size % 2):
+        raise ValueError(f'input sizes must be even numbers from 128 to 1024, not {size}')
     if self.restore not in ('extractor+box', 'extractor', 'none'):
       raise ValueError(f'restore must be extractor+box, extractor or none, not {self.restore!r}')
     if self.trainable not in ('heads', 'top', 'all'):
@@ -270,6 +291,22 @@ class TrainConfig:
       raise ValueError('choose QAT or pruning, not both')
     if self.class_init not in ('base-fit', 'fresh'):
       raise ValueError(f'class_init must be base-fit or fresh, not {self.class_init!r}')
+
+  def choose_input_size(self, typical_sides: dict[str, float]) -> tuple[int, str]:
+    """The input side for objects of these sizes, and why.
+
+    Args:
+      typical_sides: label -> median sqrt(height * width) of its boxes,
+        normalized (a fraction of the image side; the input is square).
+    """
+    if self.input_size is not None:
+      return self.input_size, 'set'
+    label, side = min(typical_sides.items(), key=lambda item: item[1])
+    for size in self.input_sizes:
+      if side * size >= self.min_object_px:
+        break
+    return size, (f'"{label}", the smallest label, is typically {side * size:.0f} px at {size} '
+                  f'(aim: {self.min_object_px:g} px or more, from {self.input_sizes[0]} up)')
 
   def restored_parts(self) -> tuple[str, ...]:
     return {'extractor+box': ('feature_extractor', 'box_head'),

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from model.detection import Detection
+from model.boxes import Detection
 from model.tasks import Example
 
 # Detections per image that COCO mAP counts (its maxDets).
@@ -97,3 +97,28 @@ def coco_map(examples: list[Example], images: list[Image.Image],
       per_class[label] = {'map50': round(label_map50, 4), 'map': round(label_map, 4)}
   return {'map50': round(map50, 4), 'map': round(map_all, 4), 'per_class': per_class,
           'images': len(examples), 'boxes': boxes}
+
+
+def run_detector(run_dir, kind: str | None = None, min_score: float = 0.01):
+  """A run's detector: its TensorFlow checkpoint (kind None) or one of its .tflite files.
+
+  Returns:
+    (detect(images) -> detections per image, the run's labels).
+  """
+  from model import run_folder
+  if kind:
+    from model.tflite_detector import TFLiteDetector
+    paths, labels, _ = run_folder.read_run(run_dir)
+    detector = TFLiteDetector(paths.tflite(kind), labels)
+    return (lambda images: [detector.detect(image, min_score) for image in images]), labels
+  from model.checkpoint_detector import CheckpointDetector
+  from model.config import PostprocessConfig
+  model, labels = run_folder.load_run_model(run_dir)
+  return CheckpointDetector(model, labels, PostprocessConfig(min_score=min_score)).detect, labels
+
+
+def evaluate_run(run_dir, examples: list[Example], images: list[Image.Image],
+                 kind: str | None = None) -> dict:
+  """`coco_map` of a run folder's checkpoint (kind None) or .tflite (FLOAT, INT8) on examples."""
+  detect, labels = run_detector(run_dir, kind)
+  return coco_map(examples, images, detect(images), labels)

@@ -27,12 +27,10 @@ from official.vision.modeling.layers import detection_generator
 from model import anchors as anchors_lib
 from model import ssd as ssd_lib
 from model.config import ExportConfig
-from model.detector import POSTPROCESS_OP
+from model.run_folder import FLOAT, INT8, write_labels_file
+from model.tflite_detector import POSTPROCESS_OP, tflite_ops
 
 log = logging.getLogger(__name__)
-
-FLOAT, INT8 = 'float', 'int8'
-
 
 class ExportError(RuntimeError):
   """The converter produced something we would not ship."""
@@ -44,7 +42,11 @@ def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig):
       'max_detections': config.max_detections,
       'max_classes_per_detection': 1,
       'detections_per_class': config.max_detections,
-      'use_regular_nms': False,
+      # Per-class NMS, as the checkpoint's evaluation runs it. The "fast" NMS
+      # (class-agnostic, one class per anchor) lets a confident box of one
+      # class suppress a touching object of another, which cost crowded
+      # multi-class sets mAP against the checkpoint.
+      'use_regular_nms': True,
       'nms_score_threshold': config.nms_score_threshold,
       'nms_iou_threshold': config.nms_iou_threshold,
       'y_scale': y, 'x_scale': x, 'h_scale': h, 'w_scale': w,
@@ -128,7 +130,7 @@ def op_names(data: bytes) -> list[str]:
   """Operator names of a .tflite, in execution order."""
   from ai_edge_litert.interpreter import Interpreter
   interpreter = Interpreter(model_content=data)
-  return [op['op_name'] for op in interpreter._get_ops_details()]  # pylint: disable=protected-access
+  return [op['op_name'] for op in tflite_ops(interpreter)]
 
 
 def check_tflite(data: bytes) -> None:
@@ -157,7 +159,7 @@ def add_metadata(data: bytes, labels: list[str], python: Path) -> bytes:
   with tempfile.TemporaryDirectory() as work:
     source, target, labels_file = (Path(work) / n for n in ('in.tflite', 'out.tflite', 'labels.txt'))
     source.write_bytes(data)
-    labels_file.write_text(''.join(f'{label}\n' for label in labels))
+    write_labels_file(labels_file, labels)
     result = subprocess.run(
         [str(python), '-m', 'model.tflite_metadata', str(source), str(target),
          '--labels', str(labels_file)],

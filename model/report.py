@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from model.detection import Detection
+from model.boxes import Detection
 
 
 def write_report(path: Path, losses: list[float], validation: list[tuple[int, float]],

@@ -216,3 +216,20 @@ def resolve_image(example: Example, images_root: Path) -> Path:
     image = image.split('?d=', 1)[1]
   path = Path(image)
   return path if path.is_absolute() else images_root / path
+
+
+def load_example_images(examples: list[Example], images_root: Path):
+  """Decodes each example's image; unreadable ones are logged and left out.
+
+  Returns:
+    (the examples kept, their upright RGB images), aligned.
+  """
+  from model.images import ImageError, load_image
+  kept, images = [], []
+  for example in examples:
+    try:
+      images.append(load_image(resolve_image(example, images_root)))
+      kept.append(example)
+    except ImageError as error:
+      log.warning('Task %s left out: %s', example.task_id, error)
+  return kept, images

@@ -68,3 +68,4 @@ def test_zoom_outs_are_added_as_a_fraction_of_the_crops():
   assert config.views_per_image(5) == 16 and config.zoom_outs_per_image(5) == 7
   assert config.views_per_image(160) == 3 and config.zoom_outs_per_image(160) == 0
   assert TrainConfig(zoom_out_views=0.0).zoom_outs_per_image(5) == 0
+

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from backend.settings import Settings, SettingsError
-from model.detection import iou_xyxy
+from model.boxes import iou_xyxy
 from tests.conftest import REPO, Backend, free_port
 
 CONFIG = ('<View><Image name="img" value="$photo"/>'
@@ -105,7 +105,8 @@ def test_before_training_the_base_predicts_labels_it_knows(model_dir, image_serv
   At a low score threshold the base finds something in any textured image;
   its own detections, mapped by hand, are what the backend must send.
   """
-  from model.detector import TFLiteDetector, read_labels_file
+  from model.run_folder import read_labels_file
+  from model.tflite_detector import TFLiteDetector
   from model.images import load_image
   base = model_dir / 'base'
   detector = TFLiteDetector(base / 'detector.tflite', read_labels_file(base / 'detector_labels.txt'))
@@ -323,6 +324,7 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
                                        ({'TRAIN_MODE': 'backbone'}, 'TRAIN_MODE'),
                                        ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS'),
                                        ({'TRAIN_INPUT_SIZE': '64'}, 'TRAIN_INPUT_SIZE'),
+                                       ({'TRAIN_INPUT_SIZE': '301'}, 'TRAIN_INPUT_SIZE'),
                                        ({'TRAIN_QAT': 'maybe'}, 'TRAIN_QAT'),
                                        ({'TRAIN_ZOOM_OUT': '2'}, 'TRAIN_ZOOM_OUT'),
                                        ({'TRAIN_PRUNE': '0.99'}, 'TRAIN_PRUNE'),
@@ -343,6 +345,8 @@ def test_training_settings_reach_the_train_config():
   assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().prune_sparsity == 0.5
   assert config.zoom_out_views == 0.5  # on by default
   assert Settings.from_env({'TRAIN_ZOOM_OUT': '0'}).train_config().zoom_out_views == 0
+  for auto in ({}, {'TRAIN_INPUT_SIZE': 'auto'}):  # chosen from the boxes by default
+    assert Settings.from_env(auto).train_config().input_size is None
 
 
 def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):

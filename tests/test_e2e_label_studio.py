@@ -19,8 +19,8 @@ import time
 
 import requests
 
-from model.detection import iou_xyxy
-from model.detector import TFLiteDetector
+from model.boxes import iou_xyxy
+from model.tflite_detector import TFLiteDetector
 from model.images import load_image
 from tests.conftest import Backend
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project

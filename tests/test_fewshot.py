@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from model import iteration
-from model.detection import iou_xyxy
-from model.detector import TFLiteDetector
+from model import pipeline, run_folder
+from model.boxes import iou_xyxy
+from model.tflite_detector import TFLiteDetector
 from model.images import load_image
 from tests.conftest import REPO, run_model_cli
 
@@ -75,10 +75,10 @@ def test_predict_with_a_run_prints_labeled_boxes(trained_run, shapes_dataset, ba
 def test_tflite_detections_agree_with_tensorflow(trained_run, shapes_dataset, kind, min_iou,
                                                  max_score_gap):
   from model.config import PostprocessConfig
-  from model.tf_detector import TFDetector
-  model, labels = iteration.load_run_model(trained_run)
-  tf_detector = TFDetector(model, [iteration.BACKGROUND, *labels], PostprocessConfig(min_score=0.3))
-  lite = TFLiteDetector(trained_run / iteration.RunPaths(trained_run).tflite(kind).name, labels)
+  from model.checkpoint_detector import CheckpointDetector
+  model, labels = run_folder.load_run_model(trained_run)
+  tf_detector = CheckpointDetector(model, labels, PostprocessConfig(min_score=0.3))
+  lite = TFLiteDetector(trained_run / run_folder.RunPaths(trained_run).tflite(kind).name, labels)
   images = [load_image(p) for p in sorted((shapes_dataset / 'images').glob('test-*.jpg'))[:3]]
   for image, ours in zip(images, tf_detector.detect(images)):
     theirs = lite.detect(image, min_score=0.3)
@@ -86,6 +86,40 @@ def test_tflite_detections_agree_with_tensorflow(trained_run, shapes_dataset, ki
     assert theirs[0].label == ours[0].label
     assert iou_xyxy(theirs[0].box, ours[0].box) >= min_iou
     assert abs(theirs[0].score - ours[0].score) <= max_score_gap
+
+
+def _test_split(shapes_dataset):
+  from model import tasks as tasks_lib
+  examples, _ = tasks_lib.parse_tasks(tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json'))
+  return tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), shapes_dataset)
+
+
+def test_float_tflite_scores_what_the_checkpoint_scores(trained_run, shapes_dataset):
+  from model.evaluate import evaluate_run
+  examples, images = _test_split(shapes_dataset)
+  checkpoint = evaluate_run(trained_run, examples, images)
+  lite = evaluate_run(trained_run, examples, images, 'float')
+  assert checkpoint['map50'] > 0.5
+  assert lite['map50'] == pytest.approx(checkpoint['map50'], abs=0.01)
+  for label, scores in checkpoint['per_class'].items():
+    assert lite['per_class'][label]['map50'] == pytest.approx(scores['map50'], abs=0.02)
+
+
+def test_tflite_suppresses_per_class_and_serving_keeps_one_label_per_object(trained_run,
+                                                                            shapes_dataset):
+  """Per-class NMS (as the checkpoint runs it) leaves a weak second label on an
+  object; what a person sees keeps the likeliest one."""
+  from itertools import combinations
+  from model.boxes import one_label_per_object
+  lite = TFLiteDetector(run_folder.RunPaths(trained_run).tflite('float'), ['disc', 'square'])
+
+  def cross_label_pairs(found):
+    return [(a, b) for a, b in combinations(found, 2)
+            if a.label != b.label and iou_xyxy(a.box, b.box) >= 0.5]
+
+  found = [lite.detect(image, min_score=0.01) for image in _test_split(shapes_dataset)[1]]
+  assert any(cross_label_pairs(f) for f in found)
+  assert not any(cross_label_pairs(one_label_per_object(f, 0.5)) for f in found)
 
 
 def test_exported_files_have_the_standard_ssd_outputs(trained_run):
@@ -104,7 +138,8 @@ def test_serving_detector_never_imports_tensorflow(trained_run, shapes_dataset):
   image = sorted((shapes_dataset / 'images').glob('test-*.jpg'))[0]
   code = (
       'import sys\n'
-      'from model.detector import TFLiteDetector, read_labels_file\n'
+      'from model.run_folder import read_labels_file\n'
+      'from model.tflite_detector import TFLiteDetector\n'
       'from model.images import load_image\n'
       f'run = {str(trained_run)!r}\n'
       "d = TFLiteDetector(run + '/model_int8.tflite', read_labels_file(run + '/labels.txt'))\n"
@@ -183,9 +218,9 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   # Two views per image (no crops, no zoom-outs): this is about the split, and caching
   # 23 views of 18 images twice took three minutes.
   config = TrainConfig(trainable='heads', max_steps=60, max_views_per_image=2)
-  first = iteration.train_iteration(tasks, tmp_path, tmp_path / 'v1', base_paths.model_dir,
+  first = pipeline.train_iteration(tasks, tmp_path, tmp_path / 'v1', base_paths.model_dir,
                                     config=config, export_kinds=())
-  second = iteration.train_iteration(tasks, tmp_path, tmp_path / 'v2', base_paths.model_dir,
+  second = pipeline.train_iteration(tasks, tmp_path, tmp_path / 'v2', base_paths.model_dir,
                                      previous=first.root, config=config, export_kinds=())
   metrics = json.loads(second.metrics.read_text())
   assert (metrics['images']['train'], metrics['images']['validation']) == (18, 2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.detection import iou_xyxy, normalized_yxyx_to_pixel_xyxy
+from model.boxes import iou_xyxy, normalized_yxyx_to_pixel_xyxy
 from model.images import ImageError, load_image, to_model_input
 from tests.synthetic import save_jpeg, textured_background
 

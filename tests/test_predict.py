@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from model.detection import iou_xyxy
+from model.boxes import iou_xyxy
 from model.images import load_image
-from model.tf_detector import TFDetector
+from model.checkpoint_detector import CheckpointDetector
 from tests.conftest import RACCOON, REPO
 from tests.synthetic import save_jpeg, textured_background
 
@@ -52,8 +52,8 @@ def test_min_score_filters_detections(base_model, tmp_path):
   model, labels = base_model
   from model.config import PostprocessConfig
   image = load_image(save_jpeg(textured_background(300, 200, seed=5), tmp_path / 'a.jpg'))
-  loose = TFDetector(model, labels, PostprocessConfig(min_score=0.01)).detect([image])[0]
-  strict = TFDetector(model, labels, PostprocessConfig(min_score=0.5)).detect([image])[0]
+  loose = CheckpointDetector(model, labels[1:], PostprocessConfig(min_score=0.01)).detect([image])[0]
+  strict = CheckpointDetector(model, labels[1:], PostprocessConfig(min_score=0.5)).detect([image])[0]
   assert len(loose) > len(strict)
   assert all(d.score >= 0.01 for d in loose) and all(d.score >= 0.5 for d in strict)
   assert all(d.label != '???' for d in loose)  # the background is never a detection

@@ -15,7 +15,8 @@ import time
 import requests
 
 from backend.store import ARTIFACTS
-from model.detector import TFLiteDetector, read_labels_file
+from model.run_folder import read_labels_file
+from model.tflite_detector import TFLiteDetector
 from model.images import load_image
 from tests.conftest import Backend
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from model import iteration, ssd as ssd_lib
+from model import pipeline, run_folder, ssd as ssd_lib
 from model.config import TrainConfig
 from model.tasks import load_tasks_file
 
@@ -41,24 +41,24 @@ def trained_by_mode(base_paths, shapes_dataset, tmp_path_factory):
   runs = {}
   for mode in ('heads', 'top', 'all'):
     out = tmp_path_factory.mktemp('trainable') / mode
-    iteration.train_iteration(tasks, shapes_dataset, out, base_paths.model_dir, max_images=4,
+    pipeline.train_iteration(tasks, shapes_dataset, out, base_paths.model_dir, max_images=4,
                               config=TrainConfig(trainable=mode, **SHORT), export_kinds=())
     runs[mode] = out
   return runs
 
 
 def test_heads_mode_leaves_the_extractor_as_restored(trained_by_mode, base_model):
-  trained, _ = iteration.load_run_model(trained_by_mode['heads'])
+  trained, _ = run_folder.load_run_model(trained_by_mode['heads'])
   assert changed_layers(trained, base_model[0]) == set()
 
 
 def test_top_mode_trains_conv_1_and_the_extra_layers_only(trained_by_mode, base_model):
-  trained, _ = iteration.load_run_model(trained_by_mode['top'])
+  trained, _ = run_folder.load_run_model(trained_by_mode['top'])
   assert changed_layers(trained, base_model[0]) == top_layer_names()
 
 
 def test_all_mode_trains_the_backbone_too(trained_by_mode, base_model):
-  trained, _ = iteration.load_run_model(trained_by_mode['all'])
+  trained, _ = run_folder.load_run_model(trained_by_mode['all'])
   changed = changed_layers(trained, base_model[0])
   assert top_layer_names() <= changed
   assert {'Conv', 'expanded_conv_project'} <= changed  # the first layers

@@ -12,15 +12,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.detection import Detection, normalized_yxyx_to_pixel_xyxy
+from model.boxes import Detection, normalized_yxyx_to_pixel_xyxy
 from model.images import to_model_input
 
 POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
 
 
-def read_labels_file(path: Path) -> list[str]:
-  """labels.txt: one real label per line, in class-id order."""
-  return [line.rstrip('\n') for line in Path(path).read_text().splitlines() if line.strip()]
+def tflite_ops(interpreter) -> list[dict]:
+  """The operators of a loaded .tflite in execution order (name, input and output tensors).
+
+  The one place that uses the interpreter's private op listing: ai-edge-litert
+  has no public one.
+  """
+  return interpreter._get_ops_details()  # pylint: disable=protected-access
 
 
 class TFLiteDetector:
@@ -43,7 +47,7 @@ class TFLiteDetector:
 
   def _postprocess_outputs(self) -> list[int]:
     """Tensor indices of boxes, classes, scores, count: the op's outputs in order."""
-    for op in self.interpreter._get_ops_details():  # pylint: disable=protected-access
+    for op in tflite_ops(self.interpreter):
       if op['op_name'] == POSTPROCESS_OP:
         return list(op['outputs'])
     raise ValueError(f'no {POSTPROCESS_OP} op in the model: not a detection .tflite')

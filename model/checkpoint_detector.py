@@ -13,28 +13,26 @@ from PIL import Image
 
 from model import anchors as anchors_lib
 from model.config import PostprocessConfig
-from model.detection import Detection, normalized_yxyx_to_pixel_xyxy
+from model.boxes import Detection, normalized_yxyx_to_pixel_xyxy
 from model.images import to_model_input
 
 
-class TFDetector:
+class CheckpointDetector:
   """Runs an SSD on PIL images and returns labeled pixel boxes.
 
   Args:
     model: an `ssd.SSD`.
-    labels: class names by class id; index 0 is the background.
+    labels: the real labels in class-id order (labels.txt; no background).
     postprocess: score threshold, NMS IoU and how many detections to keep.
   """
 
   def __init__(self, model, labels, postprocess: PostprocessConfig = PostprocessConfig()):
-    if len(labels) != model.config.num_classes + 1:
-      raise ValueError(f'{len(labels)} labels for a model with '
-                       f'{model.config.num_classes} classes + background')
+    if len(labels) != model.config.num_classes:
+      raise ValueError(f'{len(labels)} labels for a model with {model.config.num_classes} classes')
     self.model = model
     self.labels = list(labels)
     self.input_size = model.config.input_size
-    self.anchors_yxyx = tf.constant(
-        anchors_lib.cycxhw_to_yxyx(anchors_lib.generate_anchors_cycxhw(model.config)))
+    self.anchors_yxyx = tf.constant(anchors_lib.anchors_yxyx(model.config))
     self.scale_factors = list(model.config.box_scale_factors)
     # Sigmoid scores, background column dropped, class-aware NMS (v1: per-class
     # tf.image.non_max_suppression), boxes clipped to the normalized image.
@@ -71,7 +69,8 @@ class TFDetector:
         boxes = normalized_yxyx_to_pixel_xyxy(found['detection_boxes'][i, :count],
                                               image.width, image.height)
         results.append([
-            Detection(self.labels[int(cls)], float(score), tuple(map(float, box)))
+            # The generator's class ids count the background as 0.
+            Detection(self.labels[int(cls) - 1], float(score), tuple(map(float, box)))
             for box, score, cls in zip(boxes, found['detection_scores'][i, :count],
                                        found['detection_classes'][i, :count])
         ])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_model_optimization as tfmot
 
-from model import iteration, optimize, ssd as ssd_lib
+from model import compression, pipeline, run_folder, ssd as ssd_lib
 from model.config import TrainConfig
 from model.evaluate import coco_map
-from model.detector import TFLiteDetector
+from model.tflite_detector import TFLiteDetector
 from model.images import load_image
 from model.tasks import evaluation_examples, load_tasks_file, parse_tasks, resolve_image
 from tests.conftest import run_model_cli
@@ -27,10 +27,10 @@ SHORT = dict(base_steps=200, steps_per_first_image=0, max_steps=200, max_views_p
 def optimized_runs(base_paths, shapes_dataset, tmp_path_factory):
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
   folder = tmp_path_factory.mktemp('optimized')
-  qat = iteration.train_iteration(
+  qat = pipeline.train_iteration(
       tasks, shapes_dataset, folder / 'qat', base_paths.model_dir,
       config=TrainConfig(quantization_aware=True, **SHORT), export_kinds=('int8',))
-  pruned = iteration.train_iteration(
+  pruned = pipeline.train_iteration(
       tasks, shapes_dataset, folder / 'pruned', base_paths.model_dir,
       config=TrainConfig(prune_sparsity=0.5, **SHORT), export_kinds=('float',))
   return {'qat': qat.root, 'pruned': pruned.root}
@@ -44,8 +44,8 @@ def shapes_test_split(shapes_dataset):
 
 def tflite_map50(run_dir, kind, shapes_dataset):
   examples, images = shapes_test_split(shapes_dataset)
-  labels = iteration.read_run(run_dir)[1]
-  detector = TFLiteDetector(iteration.RunPaths(run_dir).tflite(kind), labels)
+  labels = run_folder.read_run(run_dir)[1]
+  detector = TFLiteDetector(run_folder.RunPaths(run_dir).tflite(kind), labels)
   found = [detector.detect(image, min_score=0.01) for image in images]
   return coco_map(examples, images, found, labels)['map50']
 
@@ -59,7 +59,7 @@ def test_qat_int8_model_finds_the_shapes(optimized_runs, shapes_dataset):
 def test_qat_checkpoint_holds_plain_trained_layers(optimized_runs, base_model):
   # The quantization-aware copy's weights went back into the SSD's own layers:
   # the checkpoint loads into the plain model and its top differs from the base.
-  trained, _ = iteration.load_run_model(optimized_runs['qat'])
+  trained, _ = run_folder.load_run_model(optimized_runs['qat'])
   base = base_model[0]
   for name in top_layer_names():
     assert not np.array_equal(trained.feature_extractor.get_layer(name).get_weights()[0],
@@ -71,7 +71,7 @@ def test_qat_checkpoint_holds_plain_trained_layers(optimized_runs, base_model):
 def test_qat_ranges_start_from_the_float_activations():
   extractor = ssd_lib.build_feature_extractor(96)
   _, top = ssd_lib.split_extractor(extractor)
-  wrapped = optimize.Optimized(tfmot.quantization.keras.quantize_model(top), 'qat')
+  wrapped = compression.Optimized(tfmot.quantization.keras.quantize_model(top), 'qat')
   inputs = np.random.default_rng(0).uniform(-2.0, 3.0, (8, *top.input.shape[1:])).astype(np.float32)
   wrapped.calibrate(top, inputs, batch_size=8)
   input_layer = wrapped.model.layers[1]  # tfmot's QuantizeLayer: `<its name>_min` and `_max`
@@ -88,7 +88,7 @@ def test_qat_ranges_start_from_the_float_activations():
 
 
 def test_pruning_zeroes_half_of_each_trained_kernel_and_leaves_the_trunk(optimized_runs, base_model):
-  trained, _ = iteration.load_run_model(optimized_runs['pruned'])
+  trained, _ = run_folder.load_run_model(optimized_runs['pruned'])
   base = base_model[0]
   for name in top_layer_names():
     kernel = trained.feature_extractor.get_layer(name).get_weights()[0]
@@ -131,13 +131,13 @@ def test_qat_of_the_whole_extractor_trains_and_exports(base_paths, shapes_datase
   # trainable='all': every layer of the extractor is wrapped, including the
   # linear "project" convs whose kernel tfmot holds outside the inner layer.
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
-  run = iteration.train_iteration(
+  run = pipeline.train_iteration(
       tasks, shapes_dataset, tmp_path / 'run', base_paths.model_dir, max_images=3,
       config=TrainConfig(trainable='all', quantization_aware=True, base_steps=6,
                          steps_per_first_image=0, max_steps=6, max_views_per_image=2),
       export_kinds=('int8',))
   assert run.tflite('int8').stat().st_size > 1_000_000
-  trained, _ = iteration.load_run_model(run.root)
+  trained, _ = run_folder.load_run_model(run.root)
   for name in ('Conv', 'expanded_conv_project', 'Conv_1'):
     assert not np.array_equal(trained.feature_extractor.get_layer(name).get_weights()[0],
                               base_model[0].feature_extractor.get_layer(name).get_weights()[0]), name

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -187,3 +188,53 @@ def columns_for_labels(labels: list[str], previous_labels: list[str] | None,
 def log_sources(labels: list[str], columns: list[ColumnSource]) -> None:
   for label, source in zip(labels, columns):
     log.info('Class head column for "%s": %s', label, source.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSources:
+  """The class heads a new one can start from.
+
+  Attributes:
+    base_head, base_labels: the pretrained SSD's (labels with `???` at 0).
+    previous_head, previous_labels: the previous iteration's (real labels), or None.
+  """
+
+  base_head: ssd_lib.PredictionHead
+  base_labels: list[str]
+  previous_head: ssd_lib.PredictionHead | None = None
+  previous_labels: list[str] | None = None
+
+
+def start_class_head(head: ssd_lib.PredictionHead, labels: list[str], sources: HeadSources, *,
+                     class_init: str, blend: int, seed: int,
+                     fit_data: Callable[[], tuple[np.ndarray, np.ndarray]]) -> list[ColumnSource]:
+  """Fills every column of `head`: the background and kept labels from the previous
+  iteration, new labels from the base class that names or fits them (or fresh).
+
+  Args:
+    class_init: 'base-fit' or 'fresh' (`TrainConfig.class_init`).
+    blend: how many best-fitting base classes a base-fit column averages.
+    fit_data: () -> (base class logits [V, N, K], class targets [V, N]) on the
+      training images as they are; called only when a new label needs a fit.
+
+  Returns:
+    where each label's column came from, in label order.
+  """
+  previous = sources.previous_labels or []
+  new_labels = [label for label in labels if label not in previous]
+  base_labels = sources.base_labels if class_init == 'base-fit' else []  # fresh: nothing fits
+  fits = {}
+  if base_labels and any(base_class_by_name(l, base_labels) is None for l in new_labels):
+    fits = class_fit(*fit_data(), labels)
+  base_sources = choose_base_sources(new_labels, sources.base_head, base_labels, fits, blend)
+  columns = columns_for_labels(labels, sources.previous_labels, sources.previous_head,
+                               base_sources)
+  if sources.previous_head is not None:
+    background = ColumnSource(sources.previous_head, 0, 'background')
+  elif class_init == 'fresh':
+    background = ColumnSource(None, 0, 'background, fresh')
+  else:
+    background = ColumnSource(sources.base_head, 0, 'background')
+  init_class_head(head, background, columns, seed)
+  log_sources(labels, columns)
+  return columns

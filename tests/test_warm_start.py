@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from model import anchors as anchors_lib, iteration, restore, ssd as ssd_lib
+from model import anchors as anchors_lib, pipeline, run_folder, ssd as ssd_lib, warm_start
 from model.config import TrainConfig
 from tests.synthetic import make_task_set
 
@@ -28,7 +28,7 @@ def assert_same_weights(a, b):
 
 def test_new_model_restores_extractor_and_box_head_but_not_the_class_head(base_model, base_paths):
   base, _ = base_model
-  model = restore.build_project_model(['disc', 'square'], 300, parts_from=base_paths.checkpoint_prefix)
+  model = warm_start.build_project_model(['disc', 'square'], 300, parts_from=base_paths.checkpoint_prefix)
   assert_same_weights(model.feature_extractor.weights, base.feature_extractor.weights)
   assert_same_weights(model.box_head.weights, base.box_head.weights)
   assert [c.filters for c in model.class_head.convs] == [9, 18, 18, 18, 18, 18]
@@ -41,11 +41,11 @@ def test_new_model_restores_extractor_and_box_head_but_not_the_class_head(base_m
 def test_a_label_naming_a_base_class_starts_from_it(base_model, base_paths):
   base, base_labels = base_model
   labels = ['dog', 'widget']
-  model = restore.build_project_model(labels, 300, parts_from=base_paths.checkpoint_prefix)
-  sources = restore.choose_base_sources(labels, base.class_head, base_labels, fits={})
+  model = warm_start.build_project_model(labels, 300, parts_from=base_paths.checkpoint_prefix)
+  sources = warm_start.choose_base_sources(labels, base.class_head, base_labels, fits={})
   assert sources['dog'].index == base_labels.index('Dog')
   assert sources['widget'].head is None
-  restore.init_class_head(model.class_head, restore.ColumnSource(base.class_head, 0, 'bg'),
+  warm_start.init_class_head(model.class_head, warm_start.ColumnSource(base.class_head, 0, 'bg'),
                           [sources[l] for l in labels], seed=0)
   for level in range(6):
     for ours, theirs in ((0, 0), (1, base_labels.index('Dog'))):
@@ -64,22 +64,22 @@ def test_class_fit_prefers_the_class_that_singles_out_the_boxes():
   targets = np.zeros((2, 50), np.int32)
   targets[:, :5] = 1
   logits[:, :5, 2] = 1.0
-  fit, on_boxes = restore.class_fit(logits, targets, ['thing'])['thing']
+  fit, on_boxes = warm_start.class_fit(logits, targets, ['thing'])['thing']
   assert np.argmax(fit[1:]) + 1 == 2
-  sources = restore.choose_base_sources(['thing'], None, ['bg', 'a', 'b'], {'thing': (fit, on_boxes)})
+  sources = warm_start.choose_base_sources(['thing'], None, ['bg', 'a', 'b'], {'thing': (fit, on_boxes)})
   assert sources['thing'].index == 2
 
 
 def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run, tmp_path,
                                                                     base_paths):
-  previous, previous_labels = iteration.load_run_model(trained_run)
+  previous, previous_labels = run_folder.load_run_model(trained_run)
   assert previous_labels == ['disc', 'square']
   # The label set changes: square removed, triangle added.
   tasks = (make_task_set(tmp_path, 4, ('triangle', 'disc'), 'train', seed=5))
   out = tmp_path / 'iteration-2'
-  iteration.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
+  pipeline.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
                             config=TINY, export_kinds=())
-  model, labels = iteration.load_run_model(out)
+  model, labels = run_folder.load_run_model(out)
   assert labels == ['disc', 'triangle']  # kept labels first, in their old order
   info = json.loads((out / 'run.json').read_text())
   assert info['started_from'] == str(trained_run)
@@ -95,14 +95,14 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
 
 
 def test_kept_label_columns_carry_over_exactly(trained_run, base_model):
-  previous, previous_labels = iteration.load_run_model(trained_run)
+  previous, previous_labels = run_folder.load_run_model(trained_run)
   base, base_labels = base_model
   labels = ['square', 'triangle']
   from model.config import SSDConfig
   model = ssd_lib.build_ssd(SSDConfig(num_classes=2))
-  base_sources = restore.choose_base_sources(['triangle'], base.class_head, base_labels, fits={})
-  columns = restore.columns_for_labels(labels, previous_labels, previous.class_head, base_sources)
-  restore.init_class_head(model.class_head, restore.ColumnSource(previous.class_head, 0, 'bg'),
+  base_sources = warm_start.choose_base_sources(['triangle'], base.class_head, base_labels, fits={})
+  columns = warm_start.columns_for_labels(labels, previous_labels, previous.class_head, base_sources)
+  warm_start.init_class_head(model.class_head, warm_start.ColumnSource(previous.class_head, 0, 'bg'),
                           columns, seed=0)
   for level in range(6):
     for ours, theirs in ((0, 0), (1, previous_labels.index('square') + 1)):
@@ -114,14 +114,14 @@ def test_kept_label_columns_carry_over_exactly(trained_run, base_model):
 def test_next_iteration_can_change_the_input_size(trained_run, tmp_path, base_paths):
   # TRAIN_INPUT_SIZE changed between iterations: the network is fully
   # convolutional, so every restored weight still fits the new size.
-  previous, previous_labels = iteration.load_run_model(trained_run)
+  previous, previous_labels = run_folder.load_run_model(trained_run)
   assert previous.config.input_size == 300
   tasks = make_task_set(tmp_path, 4, ('disc', 'square'), 'train', seed=6)
   out = tmp_path / 'iteration-2'
-  iteration.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
+  pipeline.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
                             config=TrainConfig(input_size=384, base_steps=30, max_steps=30,
                                                max_views_per_image=2), export_kinds=())
-  model, labels = iteration.load_run_model(out)
+  model, labels = run_folder.load_run_model(out)
   assert labels == previous_labels
   assert model.config.input_size == 384
   assert json.loads((out / 'run.json').read_text())['input_size'] == 384

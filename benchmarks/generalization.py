@@ -1,0 +1,183 @@
+"""Does few-shot detection hold on data it was not tuned on?
+
+Every data set in ../shared/datasets that has a test split (raccoon, bccd)
+plus synthetic scenes made here, at 1 / 5 / 10 / all training images (several
+seeds where subsets are small), scored by COCO mAP@0.5 on the test split for
+the TF checkpoint, the float .tflite and the int8 .tflite. Variants of
+`TrainConfig` run side by side on the same subsets, so a choice measured on one
+data set shows what it does to the others.
+
+  .venv/bin/python benchmarks/generalization.py --datasets raccoon bccd crowd \\
+      --shots 10 all --variant before:input_size=300,zoom_out_views=0.5
+
+Synthetic scenes (made once under --work, deterministic):
+  crowd    3 classes of shapes, 12 per 640x480 image, 30-60 px (14-28 px at 300)
+  small    3 classes, 4 per image, 12-28 px (6-13 px at 300)
+  partial  like crowd, but a third of the training boxes left unlabeled
+
+Results: benchmarks/results/generalization.{json,md}; rows measured before
+and not re-run keep their last result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from model import pipeline, tasks as tasks_lib  # noqa: E402
+from model.config import TrainConfig  # noqa: E402
+from model.evaluate import evaluate_run  # noqa: E402
+
+log = logging.getLogger('generalization')
+SHARED = REPO.parent / 'shared' / 'datasets'
+RESULTS = REPO / 'benchmarks' / 'results'
+ALL = 'all'
+
+
+def synthetic(kind: str, folder: Path) -> Path:
+  """Makes (once) a synthetic task set of `kind` in `folder`; returns the folder."""
+  from tests.synthetic import make_task_set
+  tasks_file = folder / 'tasks.json'
+  if tasks_file.is_file():
+    return folder
+  shapes = ('disc', 'square', 'triangle')
+  sides, per_image = {'crowd': ((30, 60), 12), 'small': ((12, 28), 4),
+                      'partial': ((30, 60), 12)}[kind]
+  common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image)
+  train = make_task_set(folder, 60, split='train', seed=11, **common)
+  test = make_task_set(folder, 20, split='test', seed=12, start_id=1000, **common)
+  if kind == 'partial':  # every third box of the training images goes unlabeled
+    for task in train:
+      result = task['annotations'][0]['result']
+      task['annotations'][0]['result'] = [r for i, r in enumerate(result) if i % 3 != 2]
+  tasks_file.write_text(json.dumps(train + test))
+  return folder
+
+
+def dataset_folder(name: str, work: Path) -> Path:
+  if name in ('crowd', 'small', 'partial'):
+    return synthetic(name, work / f'synthetic-{name}')
+  return SHARED / name
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """'name:key=value,key=value' -> (name, TrainConfig overrides)."""
+  name, _, assignments = text.partition(':')
+  fields = {f.name: f.type for f in TrainConfig.__dataclass_fields__.values()}
+  overrides = {}
+  for assignment in filter(None, assignments.split(',')):
+    key, value = assignment.split('=', 1)
+    if key not in fields:
+      raise SystemExit(f'unknown TrainConfig field {key!r}')
+    overrides[key] = json.loads(value) if value not in ('top', 'heads', 'all') else value
+  return name, overrides
+
+
+def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, overrides: dict,
+            test) -> dict:
+  out = Path(tempfile.mkdtemp(dir=work)) / 'run'
+  started = time.monotonic()
+  run = pipeline.train_iteration(tasks, root, out, model_dir,
+                                 config=TrainConfig(seed=seed, **overrides),
+                                 max_images=None if shots == ALL else shots)
+  wall = time.monotonic() - started
+  metrics = json.loads(run.metrics.read_text())
+  row = {'seed': seed, 'iteration_s': round(wall, 1),
+         'train_s': metrics['wall_time_s'].get('train_s'),
+         'steps': metrics['steps'], 'images': metrics['images']['train'],
+         'choices': metrics.get('choices', {})}
+  for kind in (None, 'float', 'int8'):
+    evaluation = evaluate_run(run.root, *test, kind)
+    row[kind or 'checkpoint'] = {'map50': evaluation['map50'], 'map': evaluation['map'],
+                                 'per_class': {k: v['map50'] for k, v in
+                                               evaluation['per_class'].items()}}
+  log.info('%s shots seed %d: checkpoint %.3f float %.3f int8 %.3f (%.0f s)', shots, seed,
+           row['checkpoint']['map50'], row['float']['map50'], row['int8']['map50'], wall)
+  return row
+
+
+def summarize(rows: list[dict]) -> dict:
+  def mean(key, field='map50'):
+    return round(statistics.mean(r[key][field] for r in rows), 4)
+  per_class = {}
+  for label in rows[0]['float']['per_class']:
+    per_class[label] = round(statistics.mean(r['float']['per_class'].get(label, 0.0)
+                                             for r in rows), 4)
+  return {'checkpoint': mean('checkpoint'), 'float': mean('float'), 'int8': mean('int8'),
+          'float_map': mean('float', 'map'),
+          'float_std': round(statistics.pstdev(r['float']['map50'] for r in rows), 4),
+          'per_class': per_class,
+          'iteration_s': round(statistics.mean(r['iteration_s'] for r in rows), 1),
+          'subsets': len(rows), 'runs': rows}
+
+
+def write(results: dict) -> None:
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / 'generalization.json').write_text(json.dumps(results, indent=1) + '\n')
+  lines = ['# Generalization: mAP@0.5 on each data set\'s test split', '',
+           f'{os.cpu_count()} cores. Mean over subsets (seeds) where there are several; '
+           'float / int8 are the .tflite files, checkpoint the TF model. '
+           '`benchmarks/generalization.py` writes this.']
+  for dataset, by_variant in sorted(results['datasets'].items()):
+    lines += ['', f'## {dataset}', '',
+              '| variant | images | subsets | checkpoint | float (± std) | int8 | float mAP | '
+              'per class (float) | s per iteration |', '|---|---|---|---|---|---|---|---|---|']
+    for variant, by_shots in by_variant.items():
+      for shots, s in by_shots.items():
+        classes = ', '.join(f'{k} {v:.2f}' for k, v in s['per_class'].items())
+        lines.append(f'| {variant} | {shots} | {s["subsets"]} | {s["checkpoint"]:.3f} | '
+                     f'{s["float"]:.3f} ± {s["float_std"]:.3f} | {s["int8"]:.3f} | '
+                     f'{s["float_map"]:.3f} | {classes} | {s["iteration_s"]:.0f} |')
+  (RESULTS / 'generalization.md').write_text('\n'.join(lines) + '\n')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
+                                                        'partial'])
+  parser.add_argument('--shots', nargs='+', default=['1', '5', '10', ALL])
+  parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
+  parser.add_argument('--variant', action='append', default=[],
+                      help='name:key=value,... (TrainConfig overrides); default: "default"')
+  parser.add_argument('--model-dir', type=Path,
+                      default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
+  parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('model', 'tensorflow', 'absl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  variants = [parse_variant(v) for v in args.variant] or [('default', {})]
+  results = {'datasets': {}}
+  if (RESULTS / 'generalization.json').is_file():
+    results = json.loads((RESULTS / 'generalization.json').read_text())
+  args.work.mkdir(parents=True, exist_ok=True)
+  for name in args.datasets:
+    root = dataset_folder(name, args.work)
+    tasks = tasks_lib.load_tasks_file(root / 'tasks.json')
+    examples, _ = tasks_lib.parse_tasks(tasks)
+    test = tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), root)
+    for variant, overrides in variants:
+      for shots in args.shots:
+        count = ALL if shots == ALL else int(shots)
+        seeds = range(args.seeds) if count != ALL and count <= 10 else range(1)
+        rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test)
+                for seed in seeds]
+        results['datasets'].setdefault(name, {}).setdefault(variant, {})[str(shots)] = (
+            summarize(rows))
+        write(results)
+  print((RESULTS / 'generalization.md').read_text())
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,450 @@
+"""One training iteration, as a short pipeline of named stages.
+
+  load_examples      Label Studio tasks -> training images, labels, held-out split
+  build_model        the SSD with extractor + box head restored from the base or
+                     the previous iteration (`warm_start`)
+  make_views         augmented views, anchor targets, cached frozen part (`views`)
+  start_class_head   each label's column from the previous run, a fitting base
+                     class, or fresh (`warm_start`)
+  train_model        the heads and the top of the extractor on the cache (`train`)
+  evaluate_model     mAP on the held-out images, detections for the report
+  export_model       float32 and int8 .tflite with post-processing (`export`)
+  publish            everything into a run folder, renamed into place (`run_folder`)
+
+`train_iteration` calls them in that order. Each stage's wall time goes to
+metrics.json (`wall_time_s`) and to the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model import run_folder
+from model import tasks as tasks_lib
+from model.config import ExportConfig, PostprocessConfig, TrainConfig
+from model.run_folder import RunError, RunPaths
+
+log = logging.getLogger(__name__)
+
+# Detections scored at least this go into report.png.
+REPORT_MIN_SCORE = 0.3
+
+
+class Stopwatch:
+  """Wall time per stage, logged as each stage ends."""
+
+  def __init__(self):
+    self.started = time.monotonic()
+    self.seconds: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def stage(self, name: str):
+    log.info('Stage %s ...', name)
+    t0 = time.monotonic()
+    yield
+    self.seconds[name] = time.monotonic() - t0
+    log.info('Stage %s done in %.1f s', name, self.seconds[name])
+
+  def total(self) -> float:
+    return time.monotonic() - self.started
+
+
+@dataclasses.dataclass
+class TrainingSet:
+  """The images an iteration learns from.
+
+  Attributes:
+    examples, images: aligned; every readable labeled training image.
+    labels: this iteration's labels in class-id order (id = index + 1).
+    fit, validation: indices into `examples`: the images that train and the
+      held-out ones (early stopping, validation mAP; empty with few images).
+  """
+
+  examples: list[tasks_lib.Example]
+  images: list[Image.Image]
+  labels: list[str]
+  fit: list[int]
+  validation: list[int]
+  stats: tasks_lib.ParseStats
+
+  def part(self, indices: list[int]):
+    """(examples, images) at `indices`."""
+    return [self.examples[i] for i in indices], [self.images[i] for i in indices]
+
+
+def ordered_labels(examples, previous_labels: list[str] | None) -> list[str]:
+  """Labels of this iteration: kept ones in their previous order, then new ones."""
+  present = tasks_lib.label_set(examples)
+  kept = [label for label in previous_labels or [] if label in present]
+  return kept + [label for label in present if label not in kept]
+
+
+def load_examples(tasks: list, images_root: Path, config: TrainConfig,
+                  previous_labels: list[str] | None = None,
+                  max_images: int | None = None) -> TrainingSet:
+  """Parses the tasks, decodes the training images and holds some out.
+
+  Raises:
+    RunError: no readable labeled training image, or no boxes.
+    tasks_lib.TaskError: malformed tasks.
+  """
+  rng = np.random.default_rng(config.seed)
+  examples, stats = tasks_lib.parse_tasks(tasks)
+  log.info('Tasks: %s', stats.summary())
+  train_examples = tasks_lib.training_examples(examples)
+  if max_images is not None and max_images < len(train_examples):
+    order = rng.permutation(len(train_examples))[:max_images]
+    train_examples = [train_examples[i] for i in sorted(order)]
+  train_examples, images = tasks_lib.load_example_images(train_examples, images_root)
+  if not train_examples:
+    raise RunError('no readable labeled training images (split "train" or none)')
+  labels = ordered_labels(train_examples, previous_labels)
+  if not labels:
+    raise RunError('the training tasks hold no boxes: label some objects first')
+  validation = []
+  if len(train_examples) >= config.min_images_for_validation:
+    count = max(2, round(config.validation_fraction * len(train_examples)))
+    validation = sorted(rng.permutation(len(train_examples))[:count].tolist())
+  fit = [i for i in range(len(train_examples)) if i not in set(validation)]
+  log.info('Training on %d images (%d held out for early stopping), labels %s',
+           len(fit), len(validation), labels)
+  return TrainingSet(train_examples, images, labels, fit, validation, stats)
+
+
+def typical_sides(examples) -> dict[str, float]:
+  """label -> median sqrt(height * width) of its boxes, normalized to the image side."""
+  sides: dict[str, list[float]] = {}
+  for example in examples:
+    for label, (ymin, xmin, ymax, xmax) in zip(example.labels, example.boxes):
+      sides.setdefault(label, []).append(float(np.sqrt((ymax - ymin) * (xmax - xmin))))
+  return {label: float(np.median(values)) for label, values in sides.items()}
+
+
+def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainConfig, dict]:
+  """Fills in what `config` leaves to the data.
+
+  Returns:
+    (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
+  """
+  size, why = config.choose_input_size(typical_sides(training.part(training.fit)[0]))
+  if size != config.input_size:
+    log.info('Input size %d: %s', size, why)
+  return dataclasses.replace(config, input_size=size), {'input_size': {'value': size, 'why': why}}
+
+
+@dataclasses.dataclass
+class Sources:
+  """What a new model starts from: the base, and the previous iteration if any."""
+
+  base_model: object
+  base_labels: list[str]
+  checkpoint: Path
+  previous_model: object = None
+  previous_labels: list[str] | None = None
+
+  def head_sources(self):
+    from model import warm_start
+    return warm_start.HeadSources(
+        self.base_model.class_head, self.base_labels,
+        self.previous_model.class_head if self.previous_model is not None else None,
+        self.previous_labels)
+
+
+def load_sources(model_dir: Path, config: TrainConfig, previous: Path | None) -> Sources:
+  """The base SSD (converted once per model directory) and the previous run's model.
+
+  Raises:
+    RunError: a previous run folder that cannot be read.
+  """
+  from model import base_weights
+  base_paths = base_weights.ensure_base(model_dir)
+  base_model, base_labels = base_weights.load_base_ssd(model_dir, config.input_size)
+  if previous is None:
+    return Sources(base_model, base_labels, base_paths.checkpoint_prefix)
+  previous_model, previous_labels = run_folder.load_run_model(previous)
+  return Sources(base_model, base_labels, RunPaths(Path(previous)).checkpoint_prefix,
+                 previous_model, previous_labels)
+
+
+def build_model(labels: list[str], sources: Sources, config: TrainConfig):
+  """The project's SSD: extractor + box head restored, class head left for `start_class_head`."""
+  from model import warm_start
+  return warm_start.build_project_model(labels, config.input_size, parts_from=sources.checkpoint,
+                                        parts=config.restored_parts())
+
+
+@dataclasses.dataclass
+class Views:
+  """The training data as training sees it.
+
+  Attributes:
+    split: how the extractor is cut into a cached frozen part and what trains.
+    train_inputs: model inputs of the training views (int8 calibration).
+    train, validation: the cached views (validation: originals only, or None).
+  """
+
+  split: object
+  train_inputs: np.ndarray
+  train: object
+  validation: object | None
+  zoom_outs_per_image: int = 0
+
+
+def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
+  """Augments each training image, assigns anchor targets, caches the frozen part."""
+  from model import anchors as anchors_lib
+  from model.targets import TargetAssigner
+  from model.train import ExtractorSplit
+  from model.views import make_cached_views
+  assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
+                            model.config.box_scale_factors, config.positive_iou,
+                            config.negative_iou)
+  split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
+  label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
+  views_each = config.views_per_image(len(training.fit))
+  zoom_outs = config.zoom_outs_per_image(len(training.fit))
+
+  def cached(indices, each, zoom):
+    return make_cached_views(*training.part(indices), label_ids, assigner, split.frozen,
+                             views_each=each, zoom_outs=zoom, input_size=config.input_size)
+
+  train_inputs, train = cached(training.fit, views_each, zoom_outs)
+  validation = cached(training.validation, 1, 0)[1] if training.validation else None
+  log.info('Cached %s of %d views (%d per image, %d of them zoomed out)',
+           'feature maps' if split.trainable is None else 'frozen-part outputs', len(train),
+           views_each + zoom_outs, zoom_outs)
+  return Views(split, train_inputs, train, validation, zoom_outs)
+
+
+def start_class_head(model, labels: list[str], sources: Sources, views: Views,
+                     config: TrainConfig) -> list:
+  """Each label's class column from the previous run, a fitting base class, or fresh."""
+  import tensorflow as tf
+  from model import warm_start
+
+  def fit_data():  # the base head's logits on each training image as it is
+    originals = views.train.originals
+    cached = [tf.constant(f[originals], tf.float32) for f in views.train.features]
+    logits = sources.base_model.class_head(views.split.feature_maps(cached)).numpy()
+    return logits, views.train.class_targets[originals]
+
+  return warm_start.start_class_head(model.class_head, labels, sources.head_sources(),
+                                     class_init=config.class_init, blend=config.class_init_blend,
+                                     seed=config.seed, fit_data=fit_data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How long and how fast an iteration trains, as chosen from the data."""
+
+  steps: int
+  class_learning_rate: float
+  box_learning_rate_scale: float
+
+
+def plan_schedule(num_images: int, columns: list, config: TrainConfig) -> Schedule:
+  return Schedule(config.step_budget(num_images),
+                  config.class_learning_rate(num_images, any(c.head is None for c in columns)),
+                  config.box_learning_rate_scale_for(num_images))
+
+
+def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None):
+  """Trains what `views.split` leaves trainable; returns the `train.TrainReport`."""
+  from model.train import Trainer
+  views.split.apply_optimization(config, schedule.steps, views.train)
+  log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
+           {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
+            'all': 'everything'}[config.trainable], schedule.steps, config.batch_size,
+           schedule.class_learning_rate, schedule.box_learning_rate_scale,
+           '' if config.trainable == 'heads'
+           else f', extractor x{config.extractor_learning_rate_scale:g}')
+  if views.split.optimized:
+    log.info('%s', 'Quantization-aware training' if views.split.optimized.kind == 'qat' else
+             f'Pruning the extractor\'s trained part to {config.prune_sparsity:.0%} zeros')
+  report = Trainer(model, views.split, config, schedule.class_learning_rate,
+                   schedule.box_learning_rate_scale).train(
+                       views.train, schedule.steps, views.validation, progress)
+  log.info('Trained %d steps in %.1f s (%.0f views/s)%s', report.steps, report.seconds,
+           report.views_per_s, ', stopped early' if report.stopped_early else '')
+  return report
+
+
+def evaluate_model(model, training: TrainingSet, history: list[dict]):
+  """Validation mAP (when images are held out), the history with this iteration, report samples.
+
+  Returns:
+    (evaluation dict, history, [(image, detections)] for report.png).
+  """
+  from model.checkpoint_detector import CheckpointDetector
+  from model.evaluate import coco_map
+  detector = CheckpointDetector(model, training.labels, PostprocessConfig(min_score=0.01))
+  evaluation = {}
+  if training.validation:
+    held_out, held_images = training.part(training.validation)
+    evaluation['validation'] = coco_map(held_out, held_images, detector.detect(held_images),
+                                        training.labels)
+    log.info('Validation mAP@0.5 %.3f', evaluation['validation']['map50'])
+  history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
+                        'map50': evaluation.get('validation', {}).get('map50')}]
+  # A few images for the report: held-out ones when there are, else training ones.
+  shown = [training.images[i] for i in (training.validation or training.fit)[:3]]
+  samples = [(image, [d for d in found if d.score >= REPORT_MIN_SCORE])
+             for image, found in zip(shown, detector.detect(shown))]
+  return evaluation, history, samples
+
+
+def export_model(model, views: Views, labels: list[str], export_config: ExportConfig,
+                 kinds: tuple[str, ...]) -> dict[str, bytes]:
+  """The .tflite files (kind -> bytes), with TFLite metadata where MediaPipe's writer is set up."""
+  from model import export, ssd as ssd_lib
+  metadata_python = export.metadata_python()
+  if kinds and metadata_python is None:
+    log.warning('No .venv-mediapipe: the .tflite files get no TFLite metadata, which '
+                "MediaPipe's ObjectDetector needs (bash scripts/setup.sh creates it)")
+  # With QAT, the int8 file comes from the quantization-aware copy of what trained.
+  qat_extractor = views.split.quantization_aware_extractor()
+  int8_model = model if qat_extractor is None else ssd_lib.build_ssd(
+      model.config, feature_extractor=qat_extractor, box_head=model.box_head,
+      class_head=model.class_head)
+  calibration = views.train_inputs[views.train.originals][:export_config.calibration_images]
+  files = {}
+  for kind in kinds:
+    data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,
+                          calibration=calibration)
+    if metadata_python is not None:
+      data = export.add_metadata(data, labels, metadata_python)
+    files[kind] = data
+  return files
+
+
+def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Path, *,
+                    previous: Path | None = None, config: TrainConfig = TrainConfig(),
+                    export_config: ExportConfig = ExportConfig(), max_images: int | None = None,
+                    progress=None, export_kinds: tuple[str, ...] = ('float', 'int8')) -> RunPaths:
+  """Trains one iteration on the tasks' training split and publishes it at `out_dir`.
+
+  Args:
+    previous: the run folder this iteration continues from (None: the base).
+    export_kinds: the .tflite files to write (benchmarks may skip conversion).
+
+  Raises:
+    RunError: out_dir exists, no usable training images or boxes, bad previous run.
+    tasks_lib.TaskError: malformed tasks.
+  """
+  import tensorflow as tf
+  out_dir = Path(out_dir)
+  if out_dir.exists():
+    raise RunError(f'{out_dir} already exists: each iteration gets a new folder')
+  tf.random.set_seed(config.seed)
+  clock = Stopwatch()
+  with clock.stage('load_examples'):
+    previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
+    training = load_examples(tasks, images_root, config, previous_labels, max_images)
+    config, choices = choose_settings(config, training)
+  with clock.stage('build_model'):
+    sources = load_sources(model_dir, config, previous)
+    model = build_model(training.labels, sources, config)
+  with clock.stage('make_views'):
+    views = make_views(model, training, config)
+  with clock.stage('start_class_head'):
+    columns = start_class_head(model, training.labels, sources, views, config)
+  schedule = plan_schedule(len(training.fit), columns, config)
+  with clock.stage('train'):
+    report = train_model(model, views, schedule, config, progress)
+  with clock.stage('evaluate'):
+    evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous))
+  with clock.stage('export'):
+    files = export_model(model, views, training.labels, export_config, export_kinds)
+  record = Record(choices, columns, schedule, report, evaluation, history, samples, files)
+  with clock.stage('publish'):
+    publish(out_dir, model, training, views, record, clock, previous=previous, config=config,
+            export_config=export_config)
+  log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
+  return RunPaths(out_dir)
+
+
+@dataclasses.dataclass
+class Record:
+  """What the stages chose and produced, for the run folder."""
+
+  choices: dict
+  columns: list
+  schedule: Schedule
+  report: object
+  evaluation: dict
+  history: list[dict]
+  samples: list
+  files: dict[str, bytes]
+
+  def all_choices(self, views: Views) -> dict:
+    """Every choice made from the data, with its value (and why, where it is not a formula)."""
+    return {**self.choices,
+            'steps': {'value': self.schedule.steps, 'why': 'step budget for the images'},
+            'class_learning_rate': {'value': self.schedule.class_learning_rate},
+            'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
+            'views_per_image': {'value': views.train.per_image,
+                                'zoom_outs': views.zoom_outs_per_image}}
+
+
+def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: Record,
+            clock: Stopwatch, *, previous: Path | None, config: TrainConfig,
+            export_config: ExportConfig) -> None:
+  """Writes the run folder into a staging folder and renames it into place."""
+  from model import base_weights, compression, ssd as ssd_lib
+  from model.report import write_report
+  columns, schedule, report, files = record.columns, record.schedule, record.report, record.files
+  with run_folder.published_folder(out_dir) as staging:
+    staged = RunPaths(staging)
+    ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
+    run_folder.write_labels_file(staged.labels, training.labels)
+    for kind, data in files.items():
+      staged.tflite(kind).write_bytes(data)
+    names = {staged.tflite(kind).name: data for kind, data in files.items()}
+    run_folder.write_json(staged.metrics, {
+        'labels': training.labels,
+        'images': {'train': len(training.fit), 'validation': len(training.validation),
+                   'views': len(views.train), 'zoom_outs': views.zoom_outs_per_image * len(training.fit)},
+        'steps': report.steps, 'planned_steps': report.planned_steps,
+        'best_step': report.best_step, 'stopped_early': report.stopped_early,
+        'loss_per_step': [round(v, 5) for v in report.losses],
+        'validation_loss': [[s, round(v, 5)] for s, v in report.validation],
+        'wall_time_s': {**{f'{k}_s': round(v, 2) for k, v in clock.seconds.items()},
+                        'train_loop_s': round(report.seconds, 2),
+                        'total_s': round(clock.total(), 2)},
+        'images_per_s': round(report.views_per_s, 1),
+        'learning_rate': {'class_head': schedule.class_learning_rate,
+                          'box_head': schedule.class_learning_rate * schedule.box_learning_rate_scale},
+        'class_head_init': {label: c.reason for label, c in zip(training.labels, columns)},
+        'file_bytes': {name: len(data) for name, data in names.items()},
+        'file_bytes_gzip': {name: compression.gzipped_size(data) for name, data in names.items()},
+        'optimization': {
+            'quantization_aware': config.quantization_aware,
+            'prune_sparsity': config.prune_sparsity,
+            # zeros over the extractor's (depthwise) conv kernels, all of them
+            'extractor_sparsity': round(compression.kernel_sparsity(model.feature_extractor), 4)},
+        'tflite_metadata': bool(files) and _has_metadata(),
+        'choices': record.all_choices(views),
+        'evaluation': record.evaluation,
+        'history': record.history,
+        'task_stats': dataclasses.asdict(training.stats),
+    })
+    write_report(staged.report, report.losses, report.validation, record.history, record.samples)
+    run_folder.write_json(staged.run_info, {
+        'labels': training.labels, 'input_size': config.input_size,
+        'started_from': str(previous) if previous is not None else 'base',
+        'base': base_weights.PACKAGE.spec, 'seed': config.seed,
+        'train_config': dataclasses.asdict(config),
+        'export_config': dataclasses.asdict(export_config),
+    })
+
+
+def _has_metadata() -> bool:
+  from model import export
+  return export.metadata_python() is not None

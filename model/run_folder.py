@@ -1,0 +1,154 @@
+"""The run folder: one trained iteration on disk, and how folders are published.
+
+  model.tflite        float32 input in [-1, 1], post-processing inside
+  model_int8.tflite   full-integer, uint8 input, float outputs
+  labels.txt          real labels, one per line, in class-id order
+  metrics.json        losses per step, wall time, choices made, evaluation, mAP history
+  report.png          loss curve, mAP per iteration, a few detections
+  run.json            labels, input size, where it started from, settings
+  ckpt.index, ckpt.data-*   the three named parts, for the next iteration
+
+Folders (runs, the converted base) are written into a staging folder
+`.<name>.<random>` beside their target and renamed into place by
+`published_folder`, so a crash or kill never leaves half a folder behind.
+No TensorFlow at import: the backend reads run folders too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+FLOAT, INT8 = 'float', 'int8'
+TFLITE_FILES = {FLOAT: 'model.tflite', INT8: 'model_int8.tflite'}
+LABELS_FILE = 'labels.txt'
+METRICS_FILE = 'metrics.json'
+REPORT_FILE = 'report.png'
+RUN_INFO_FILE = 'run.json'
+CHECKPOINT_PREFIX = 'ckpt'
+# What a published run offers for download; nothing else in it is ever served.
+ARTIFACTS = (*TFLITE_FILES.values(), LABELS_FILE, METRICS_FILE, REPORT_FILE)
+
+
+class RunError(RuntimeError):
+  """An iteration that cannot be trained or a run folder that cannot be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+  """The files of a run folder."""
+
+  root: Path
+
+  @property
+  def checkpoint_prefix(self) -> Path:
+    return self.root / CHECKPOINT_PREFIX
+
+  @property
+  def labels(self) -> Path:
+    return self.root / LABELS_FILE
+
+  @property
+  def metrics(self) -> Path:
+    return self.root / METRICS_FILE
+
+  @property
+  def report(self) -> Path:
+    return self.root / REPORT_FILE
+
+  @property
+  def run_info(self) -> Path:
+    return self.root / RUN_INFO_FILE
+
+  def tflite(self, kind: str) -> Path:
+    """The .tflite of `kind` (FLOAT or INT8)."""
+    if kind not in TFLITE_FILES:
+      raise ValueError(f'unknown .tflite kind {kind!r}; kinds are {", ".join(TFLITE_FILES)}')
+    return self.root / TFLITE_FILES[kind]
+
+
+def read_labels_file(path: Path) -> list[str]:
+  """labels.txt: one real label per line, in class-id order."""
+  return [line.rstrip('\n') for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_labels_file(path: Path, labels: list[str]) -> None:
+  """Writes labels.txt (one label per line, class-id order, no background)."""
+  Path(path).write_text(''.join(f'{label}\n' for label in labels))
+
+
+def write_json(path: Path, value) -> None:
+  Path(path).write_text(json.dumps(value, indent=1) + '\n')
+
+
+def read_run(run_dir: Path) -> tuple[RunPaths, list[str], dict]:
+  """Paths, labels and run.json of a finished run folder.
+
+  Raises:
+    RunError: when the folder is not a complete run.
+  """
+  paths = RunPaths(Path(run_dir))
+  if not paths.run_info.is_file() or not paths.labels.is_file():
+    raise RunError(f'{run_dir} is not a finished run folder (no {RUN_INFO_FILE} / {LABELS_FILE})')
+  return paths, read_labels_file(paths.labels), json.loads(paths.run_info.read_text())
+
+
+def read_history(run_dir: Path | None) -> list[dict]:
+  """The mAP history (one entry per iteration) a run folder carries; [] for none."""
+  if run_dir is None:
+    return []
+  return json.loads(RunPaths(Path(run_dir)).metrics.read_text()).get('history', [])
+
+
+def load_run_model(run_dir: Path):
+  """The run's tf_keras SSD with all three parts restored, and its labels.
+
+  Raises:
+    RunError: not a run folder, or its checkpoint does not load.
+  """
+  from model import ssd as ssd_lib
+  from model.config import SSDConfig
+  paths, labels, info = read_run(run_dir)
+  model = ssd_lib.build_ssd(SSDConfig(num_classes=len(labels), input_size=info['input_size']))
+  try:
+    ssd_lib.checkpoint_for(model).read(str(paths.checkpoint_prefix)).assert_consumed()
+  except Exception as error:  # TF raises several types for a bad checkpoint
+    raise RunError(f'{run_dir}: checkpoint unreadable ({type(error).__name__}: '
+                   f'{str(error)[:200]})') from error
+  return model, labels
+
+
+def staging_pattern(name_pattern: str) -> re.Pattern:
+  """Matches the staging folders `published_folder` makes for targets named by `name_pattern`."""
+  return re.compile(rf'\.(?:{name_pattern})\.[A-Za-z0-9_]+')
+
+
+@contextlib.contextmanager
+def published_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
+  """Yields an empty staging folder; when the block ends well it becomes `target`.
+
+  On any exception (or a kill) the staging folder is removed (or left as
+  `.<name>.<random>` for `staging_pattern` to find) and `target` is untouched.
+
+  Raises:
+    RunError: `target` exists and `replace` is False.
+  """
+  target = Path(target)
+  if target.exists() and not replace:
+    raise RunError(f'{target} already exists: each iteration gets a new folder')
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', dir=target.parent))
+  try:
+    yield staging
+    if replace and target.exists():
+      shutil.rmtree(target)
+    staging.rename(target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise

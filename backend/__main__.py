@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-from backend.settings import Settings, SettingsError
+from backend.settings import Settings, SettingsError, configure_logging
+
+# gunicorn's default without %(l)s and %(u)s: address, time, request line,
+# status, bytes, referer, user agent, milliseconds.
+ACCESS_LOG_FORMAT = '%(h)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %(M)sms'
 
 
 def main(argv: list[str]) -> int:
@@ -37,19 +41,19 @@ def main(argv: list[str]) -> int:
           '--workers', str(settings.workers), '--threads', str(settings.threads),
           # Predict batches of many tasks can take long; Label Studio waits 100 s.
           '--timeout', '120', '--log-level', settings.log_level.lower(),
-          '--access-logfile', '-', 'backend.app:create_app()']
+          # The access log names no user: gunicorn prints a malformed Basic
+          # credential whole in %(u)s, password included.
+          '--access-logfile', '-', '--access-logformat', ACCESS_LOG_FORMAT,
+          'backend.app:create_app()']
   os.execv(sys.executable, args)
   return 0  # not reached
 
 
 def _worker(settings: Settings) -> int:
-  import logging
-
   import redis
 
   from backend.redis_queue import run_worker
-  logging.basicConfig(level=settings.log_level,
-                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  configure_logging(settings.log_level)
   try:
     run_worker(settings)
   except redis.exceptions.ConnectionError as error:

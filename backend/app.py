@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from backend.images import ImageFetcher
 from backend.jobs import TrainingQueue
 from backend.label_config import parse_label_config
 from backend.predictor import Predictor
-from backend.settings import Settings
+from backend.settings import Settings, configure_logging
 from backend.store import ModelStore, project_key, sha256_file
 from backend.training import train_project
 
@@ -33,8 +34,25 @@ def _services():
   return current_app.extensions['fewshot']
 
 
+def _parsed_body():
+  """The request's JSON, or None when there is none; hostile bodies are a 400.
+
+  Raises:
+    BackendError(400): not JSON, or nested deeper than Python's parser goes.
+  """
+  data = request.get_data(cache=True)
+  if not data.strip():
+    return None
+  try:
+    return json.loads(data)
+  except RecursionError:
+    raise BackendError(400, 'the JSON body is nested too deeply') from None
+  except ValueError:
+    raise BackendError(400, 'the request body must be a JSON object; it is not valid JSON') from None
+
+
 def _json_body() -> dict:
-  body = request.get_json(silent=True)
+  body = _parsed_body()
   if not isinstance(body, dict):
     raise BackendError(400, 'the request body must be a JSON object')
   return body
@@ -127,8 +145,8 @@ def train_status():
 
 @routes.get('/versions')
 def versions():
-  body = request.get_json(silent=True) if request.data else None
-  project = (body or {}).get('project') if isinstance(body, dict) else None
+  body = _parsed_body()
+  project = body.get('project') if isinstance(body, dict) else None
   project = project_key(project if project is not None else request.args.get('project', ''))
   store = _services()['store']
   names = [v.name for v in store.versions(project)]
@@ -159,9 +177,14 @@ def artifact(project, version, filename):
   return response
 
 
+# Open without credentials, so a container's health check works with auth on;
+# they answer only that the service is up.
+OPEN_PATHS = ('/', '/health')
+
+
 def _check_basic_auth():
   settings: Settings = current_app.config['SETTINGS']
-  if not settings.auth_enabled:
+  if not settings.auth_enabled or request.path in OPEN_PATHS:
     return None
   auth = request.authorization
   ok = (auth is not None and auth.type == 'basic'
@@ -225,10 +248,10 @@ def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher
 def create_app(settings: Settings | None = None) -> Flask:
   """The WSGI app. Reads the environment only when no settings are given."""
   settings = settings or Settings.from_env()
-  logging.basicConfig(level=settings.log_level,
-                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  configure_logging(settings.log_level)
   app = Flask(__name__)
   app.config['SETTINGS'] = settings
+  app.config['MAX_CONTENT_LENGTH'] = settings.max_request_bytes  # larger bodies get a 413
   store = ModelStore(settings.model_dir, settings.model_variant)
   fetcher = ImageFetcher(settings)
   app.extensions['fewshot'] = {

@@ -17,8 +17,6 @@ from pathlib import Path
 from backend.images import ImageFetcher
 from backend.label_config import RectangleTarget
 from backend.store import ModelStore, Version
-from model.boxes import one_label_per_object
-from model.config import PostprocessConfig
 from model.tflite_detector import TFLiteDetector
 from model.images import ImageError
 
@@ -106,11 +104,11 @@ class Predictor:
         continue
       with lock:
         found = detector.detect(image, min_score=self.score_threshold)
-      # Only the model's classes the project has a label for; then one label per object.
-      found = one_label_per_object([d for d in found if target.label_for(d.label) is not None],
-                                   PostprocessConfig.cross_class_iou)
-      regions = [to_region(d, target, target.label_for(d.label), image.width, image.height)
-                 for d in found]
+      regions = []
+      for detection in found:
+        label = target.label_for(detection.label)
+        if label is not None:
+          regions.append(to_region(detection, target, label, image.width, image.height))
       score = sum(r['score'] for r in regions) / len(regions) if regions else 0.0
       predictions.append({'model_version': version.name, 'score': round(score, 4),
                           'result': regions})

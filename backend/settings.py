@@ -9,11 +9,24 @@ THREADS, PORT); ours are prefixed with nothing and listed in the README.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from model.config import TrainConfig
+
+
+# Loggers of libraries that print URLs (with any user:password in them) at INFO.
+QUIET_LOGGERS = ('httpx', 'httpcore', 'urllib3')
+
+
+def configure_logging(level: str) -> None:
+  """The one logging set-up of the service's processes (server, workers)."""
+  import logging
+  logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class SettingsError(ValueError):
@@ -42,6 +55,8 @@ class Settings:
   fetch_concurrency: int = 8
   # Largest image we download, in bytes.
   max_image_bytes: int = 50_000_000
+  # Largest request body accepted (a /predict of thousands of tasks is a few MB).
+  max_request_bytes: int = 64_000_000
   # Annotation events that trigger a training run (0: only START_TRAINING does),
   # and the quiet time after the last of them before it starts.
   train_every_n_annotations: int = 5
@@ -81,92 +96,138 @@ class Settings:
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
-    """Reads and validates the environment.
+    """Reads and validates the environment (`VARIABLES`).
 
     Raises:
       SettingsError: naming the first bad variable.
     """
     env = os.environ if environ is None else environ
-    defaults = cls()
-
-    def text(name, default=None):
-      value = env.get(name, '').strip()
-      return value or default
-
-    def number(name, default, kind=int, minimum=None, maximum=None):
-      raw = text(name)
+    values = {}
+    for variable in VARIABLES:
+      name, raw = variable.lookup(env)
       if raw is None:
-        return default
+        continue
       try:
-        value = kind(raw)
-      except ValueError:
-        raise SettingsError(f'{name}={raw!r} is not a {kind.__name__}') from None
-      if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise SettingsError(f'{name}={raw} must be between {minimum} and {maximum}')
-      return value
-
-    url = text('LABEL_STUDIO_URL')
-    if url is not None and not url.startswith(('http://', 'https://')):
-      raise SettingsError(f'LABEL_STUDIO_URL={url!r} must start with http:// or https://')
-    user, password = text('BASIC_AUTH_USER'), text('BASIC_AUTH_PASS')
-    if (user is None) != (password is None):
+        values[variable.field] = variable.parse(raw)
+      except ValueError as error:
+        raise SettingsError(f'{name}={raw!r}: {error}') from None
+    if ('basic_auth_user' in values) != ('basic_auth_pass' in values):
       raise SettingsError('BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together')
-    variant = text('MODEL_VARIANT', defaults.model_variant).lower()
-    if variant not in ('int8', 'float'):
-      raise SettingsError(f'MODEL_VARIANT={variant!r} must be int8 or float')
-    log_level = text('LOG_LEVEL', defaults.log_level).upper()
-    if log_level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR'):
-      raise SettingsError(f'LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR')
-    training_queue = text('TRAINING_QUEUE', defaults.training_queue).lower()
-    if training_queue not in ('inprocess', 'redis'):
-      raise SettingsError(f'TRAINING_QUEUE={training_queue!r} must be inprocess or redis')
-    redis_url = text('REDIS_URL', defaults.redis_url)
-    if not redis_url.startswith(('redis://', 'rediss://', 'unix://')):
-      raise SettingsError(f'REDIS_URL={redis_url!r} must start with redis://, rediss:// or unix://')
-    train_mode = text('TRAIN_MODE', defaults.train_mode).lower()
-    if train_mode not in ('heads', 'top', 'all'):
-      raise SettingsError(f'TRAIN_MODE={train_mode!r} must be heads, top or all')
-    train_qat = text('TRAIN_QAT', str(defaults.train_qat)).lower()
-    if train_qat not in ('true', 'false', '1', '0'):
-      raise SettingsError(f'TRAIN_QAT={train_qat!r} must be true or false')
-    settings = cls(
-        model_dir=Path(text('MODEL_DIR', str(defaults.model_dir))),
-        label_studio_url=url.rstrip('/') if url else None,
-        label_studio_api_key=text('LABEL_STUDIO_API_KEY'),
-        basic_auth_user=user,
-        basic_auth_pass=password,
-        log_level=log_level,
-        host=text('HOST', defaults.host),
-        port=number('PORT', defaults.port, minimum=1, maximum=65535),
-        workers=number('WORKERS', defaults.workers, minimum=1, maximum=64),
-        threads=number('THREADS', defaults.threads, minimum=1, maximum=256),
-        model_variant=variant,
-        score_threshold=number('SCORE_THRESHOLD', defaults.score_threshold, float, 0.0, 1.0),
-        fetch_concurrency=number('FETCH_CONCURRENCY', defaults.fetch_concurrency, minimum=1,
-                                 maximum=64),
-        max_image_bytes=number('MAX_IMAGE_BYTES', defaults.max_image_bytes, minimum=1000),
-        train_every_n_annotations=number('TRAIN_EVERY_N_ANNOTATIONS',
-                                         defaults.train_every_n_annotations, minimum=0),
-        train_debounce_s=number('TRAIN_DEBOUNCE_S', defaults.train_debounce_s, float, 0.0, 3600.0),
-        train_max_steps=number('TRAIN_MAX_STEPS', defaults.train_max_steps, minimum=10,
-                               maximum=100_000),
-        train_mode=train_mode,
-        train_input_size=(None if text('TRAIN_INPUT_SIZE', 'auto').lower() == 'auto' else
-                          number('TRAIN_INPUT_SIZE', defaults.train_input_size, minimum=128,
-                                 maximum=1024)),
-        train_zoom_out=number('TRAIN_ZOOM_OUT', defaults.train_zoom_out, kind=float, minimum=0.0,
-                              maximum=1.0),
-        train_qat=train_qat in ('true', '1'),
-        train_prune=number('TRAIN_PRUNE', defaults.train_prune, kind=float, minimum=0.0,
-                           maximum=0.95),
-        training_queue=training_queue,
-        redis_url=redis_url,
-        training_lock_ttl_s=number('TRAINING_LOCK_TTL_S', defaults.training_lock_ttl_s, float,
-                                   2.0, 3600.0),
-        training_timeout_s=number('TRAINING_TIMEOUT_S', defaults.training_timeout_s, minimum=60),
-    )
+    settings = cls(**values)
     try:
       settings.train_config()
     except ValueError as error:  # a combination the detector refuses, e.g. QAT with heads only
       raise SettingsError(f'TRAIN_MODE/TRAIN_INPUT_SIZE/TRAIN_QAT/TRAIN_PRUNE: {error}') from None
     return settings
+
+
+# ------------------------------------------------------------- how each is read
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+  def parse(raw: str) -> int:
+    try:
+      value = int(raw)
+    except ValueError:
+      raise ValueError('not a whole number') from None
+    if not low <= value <= high:
+      raise ValueError(f'must be between {low} and {high}')
+    return value
+  return parse
+
+
+def _real(low: float, high: float) -> Callable[[str], float]:
+  def parse(raw: str) -> float:
+    try:
+      value = float(raw)
+    except ValueError:
+      raise ValueError('not a number') from None
+    if not math.isfinite(value) or not low <= value <= high:
+      raise ValueError(f'must be a number between {low:g} and {high:g}')
+    return value
+  return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+  def parse(raw: str) -> str:
+    if raw.lower() not in options:
+      raise ValueError(f'must be {", ".join(options[:-1])} or {options[-1]}')
+    return raw.lower()
+  return parse
+
+
+def _upper_choice(*options: str) -> Callable[[str], str]:
+  lower = _choice(*(o.lower() for o in options))
+  return lambda raw: lower(raw).upper()
+
+
+def _boolean(raw: str) -> bool:
+  return _choice('true', 'false', '1', '0')(raw) in ('true', '1')
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+  def parse(raw: str) -> str:
+    if not raw.startswith(schemes):
+      raise ValueError(f'must start with {" or ".join(schemes)}')
+    return raw.rstrip('/')
+  return parse
+
+
+def _input_size(raw: str) -> int | None:
+  return None if raw.lower() == 'auto' else _integer(128, 1024)(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+  """One environment variable: the `Settings` field it sets and how its text is read.
+
+  `parse` raises ValueError with what the value should be; `aliases` are read
+  when the name itself is unset.
+  """
+
+  name: str
+  field: str
+  parse: Callable[[str], object] = str
+  aliases: tuple[str, ...] = ()
+
+  def lookup(self, env: Mapping[str, str]) -> tuple[str, str | None]:
+    """(the name found, its stripped value), or (name, None) when unset or empty."""
+    for name in (self.name, *self.aliases):
+      value = env.get(name, '').strip()
+      if value:
+        return name, value
+    return self.name, None
+
+
+# Every variable the backend reads; the README and .env.example list them all.
+VARIABLES = (
+    Variable('MODEL_DIR', 'model_dir', Path),
+    # LABEL_STUDIO_HOST: the name older label-studio-ml examples and the SDK use.
+    Variable('LABEL_STUDIO_URL', 'label_studio_url', _url('http://', 'https://'),
+             aliases=('LABEL_STUDIO_HOST',)),
+    Variable('LABEL_STUDIO_API_KEY', 'label_studio_api_key'),
+    Variable('BASIC_AUTH_USER', 'basic_auth_user'),
+    Variable('BASIC_AUTH_PASS', 'basic_auth_pass'),
+    Variable('LOG_LEVEL', 'log_level', _upper_choice('DEBUG', 'INFO', 'WARNING', 'ERROR')),
+    Variable('HOST', 'host'),
+    Variable('PORT', 'port', _integer(1, 65535)),
+    Variable('WORKERS', 'workers', _integer(1, 64)),
+    Variable('THREADS', 'threads', _integer(1, 256)),
+    Variable('MODEL_VARIANT', 'model_variant', _choice('int8', 'float')),
+    Variable('SCORE_THRESHOLD', 'score_threshold', _real(0.0, 1.0)),
+    Variable('FETCH_CONCURRENCY', 'fetch_concurrency', _integer(1, 64)),
+    Variable('MAX_IMAGE_BYTES', 'max_image_bytes', _integer(1000, 10**12)),
+    Variable('MAX_REQUEST_BYTES', 'max_request_bytes', _integer(10_000, 10**10)),
+    Variable('TRAIN_EVERY_N_ANNOTATIONS', 'train_every_n_annotations', _integer(0, 10**6)),
+    Variable('TRAIN_DEBOUNCE_S', 'train_debounce_s', _real(0.0, 3600.0)),
+    Variable('TRAIN_MAX_STEPS', 'train_max_steps', _integer(10, 100_000)),
+    Variable('TRAIN_MODE', 'train_mode', _choice('heads', 'top', 'all')),
+    Variable('TRAIN_INPUT_SIZE', 'train_input_size', _input_size),
+    Variable('TRAIN_ZOOM_OUT', 'train_zoom_out', _real(0.0, 1.0)),
+    Variable('TRAIN_QAT', 'train_qat', _boolean),
+    Variable('TRAIN_PRUNE', 'train_prune', _real(0.0, 0.95)),
+    Variable('TRAINING_QUEUE', 'training_queue', _choice('inprocess', 'redis')),
+    Variable('REDIS_URL', 'redis_url', _url('redis://', 'rediss://', 'unix://')),
+    Variable('TRAINING_LOCK_TTL_S', 'training_lock_ttl_s', _real(2.0, 3600.0)),
+    Variable('TRAINING_TIMEOUT_S', 'training_timeout_s', _integer(60, 10**7)),
+)

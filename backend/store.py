@@ -108,6 +108,8 @@ class ModelStore:
     found = []
     for child in folder.iterdir():
       match = _VERSION_DIR.fullmatch(child.name)
+      if child.is_symlink():  # versions are folders the backend published, never links
+        continue
       run = RunPaths(child)
       if match and run.tflite(FLOAT).is_file() and run.labels.is_file():
         serving = run.tflite(self.variant)
@@ -165,7 +167,8 @@ class ModelStore:
     if filename not in ARTIFACTS:
       raise BackendError(404, f'no artifact {filename[:60]!r}; artifacts are {", ".join(ARTIFACTS)}')
     path = self.find(project, version).path / filename
-    if not path.is_file():
+    # A regular file of the version folder itself: never a link planted there.
+    if path.is_symlink() or not path.is_file():
       raise BackendError(404, f'{filename} is not part of {version}')
     return path
 

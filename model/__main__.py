@@ -93,8 +93,6 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
   from model import base_weights, images as images_lib
-  from model.boxes import one_label_per_object
-  from model.config import PostprocessConfig
 
   loaded, results = [], []
   for path in args.images:
@@ -104,6 +102,7 @@ def cmd_predict(args) -> int:
       log.error('%s', error)
       loaded.append(None)
   if args.base:
+    from model.config import PostprocessConfig
     from model.checkpoint_detector import CheckpointDetector
     model, labels = base_weights.load_base_ssd(_model_dir(args))
     detect = CheckpointDetector(model, labels[1:], PostprocessConfig(min_score=args.min_score)).detect
@@ -111,7 +110,7 @@ def cmd_predict(args) -> int:
     from model.evaluate import run_detector
     detect, _ = run_detector(args.run, args.tflite, args.min_score)
   readable = [image for image in loaded if image is not None]
-  found = iter(one_label_per_object(d, PostprocessConfig.cross_class_iou) for d in detect(readable))
+  found = iter(detect(readable))
   for path, image in zip(args.images, loaded):
     entry = {'image': path}
     if image is None:

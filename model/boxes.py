@@ -51,16 +51,3 @@ def iou_xyxy(a, b) -> float:
   union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
   return inter / union if union > 0 else 0.0
 
-
-def one_label_per_object(detections: list[Detection], iou: float) -> list[Detection]:
-  """Drops each detection that overlaps a better-scored one of another label by `iou` or more.
-
-  Returns:
-    the kept detections, best first.
-  """
-  kept = []
-  for candidate in sorted(detections, key=lambda d: -d.score):
-    if all(other.label == candidate.label or iou_xyxy(other.box, candidate.box) < iou
-           for other in kept):
-      kept.append(candidate)
-  return kept

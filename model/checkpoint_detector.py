@@ -33,29 +33,31 @@ class CheckpointDetector:
     self.labels = list(labels)
     self.input_size = model.config.input_size
     self.anchors_yxyx = tf.constant(anchors_lib.anchors_yxyx(model.config))
-    self.scale_factors = list(model.config.box_scale_factors)
-    # Sigmoid scores, background column dropped, class-aware NMS (v1: per-class
-    # tf.image.non_max_suppression), boxes clipped to the normalized image.
-    self.generator = detection_generator.DetectionGenerator(
+    # Sigmoid scores, background column dropped, class-agnostic NMS (each
+    # anchor's likeliest class, then suppression across classes: what the
+    # exported .tflite does), boxes clipped to the normalized image. Only the
+    # multilevel generator offers class-agnostic NMS; the SSD's flat outputs
+    # go in as one level.
+    self.generator = detection_generator.MultilevelDetectionGenerator(
         apply_nms=True,
         pre_nms_score_threshold=postprocess.min_score,
         nms_iou_threshold=postprocess.nms_iou_threshold,
         max_num_detections=postprocess.max_detections,
         pre_nms_top_k=1000,
-        nms_version='v1',
-        use_sigmoid_probability=True)
+        nms_version='v2',
+        use_class_agnostic_nms=True,
+        box_coder_weights=list(model.config.box_scale_factors))
 
   def _detect_batch(self, images):
-    # Eager on purpose: tracing the per-class NMS of 23 classes takes ~9 s, far
-    # longer than running it eagerly on a command line's few images.
     outputs = self.model(images, training=False)
     batch = tf.shape(images)[0]
-    anchors = tf.broadcast_to(self.anchors_yxyx[None],
-                              [batch, *self.anchors_yxyx.shape])
-    return self.generator(
-        outputs['box_encodings'], outputs['class_logits'], anchors,
-        image_shape=tf.ones([batch, 2]), regression_weights=self.scale_factors,
-        bbox_per_class=False)
+    anchors = tf.broadcast_to(self.anchors_yxyx[None], [batch, *self.anchors_yxyx.shape])
+
+    def one_level(tensor):  # [B, N, K] -> {'0': [B, N, 1, K]}: N locations of one anchor
+      return {'0': tensor[:, :, None, :]}
+
+    return self.generator(one_level(outputs['box_encodings']), one_level(outputs['class_logits']),
+                          one_level(anchors), image_shape=tf.ones([batch, 2]))
 
   def detect(self, images: list[Image.Image], batch_size: int = 8) -> list[list[Detection]]:
     """Detections per image, best first, boxes in each original image's pixels."""
@@ -63,7 +65,8 @@ class CheckpointDetector:
     for start in range(0, len(images), batch_size):
       chunk = images[start:start + batch_size]
       batch = np.stack([to_model_input(image, self.input_size) for image in chunk])
-      found = {k: v.numpy() for k, v in self._detect_batch(tf.constant(batch)).items()}
+      found = {k: v.numpy() for k, v in self._detect_batch(tf.constant(batch)).items()
+               if k != 'detection_attributes'}
       for i, image in enumerate(chunk):
         count = int(found['num_detections'][i])
         boxes = normalized_yxyx_to_pixel_xyxy(found['detection_boxes'][i, :count],

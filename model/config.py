@@ -131,10 +131,6 @@ class PostprocessConfig:
   min_score: float = 0.25
   nms_iou_threshold: float = 0.5
   max_detections: int = 100
-  # NMS is per class, so an object the model is unsure about can come back
-  # once per label; what a person sees (the backend, `predict`) keeps only the
-  # likeliest label of boxes that overlap this much (`boxes.one_label_per_object`).
-  cross_class_iou: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,11 +42,13 @@ def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig):
       'max_detections': config.max_detections,
       'max_classes_per_detection': 1,
       'detections_per_class': config.max_detections,
-      # Per-class NMS, as the checkpoint's evaluation runs it. The "fast" NMS
-      # (class-agnostic, one class per anchor) lets a confident box of one
-      # class suppress a touching object of another, which cost crowded
-      # multi-class sets mAP against the checkpoint.
-      'use_regular_nms': True,
+      # Class-agnostic ("fast") NMS: each anchor keeps its likeliest class,
+      # then boxes are suppressed whatever their class, so one object gets one
+      # label, which is what a person wants to see. The per-class ("regular")
+      # NMS is also broken in TFLite's kernel when it runs on several threads:
+      # class column `num_threads` is never processed (a third class on two
+      # threads never comes out). The checkpoint's detector suppresses the same way.
+      'use_regular_nms': False,
       'nms_score_threshold': config.nms_score_threshold,
       'nms_iou_threshold': config.nms_iou_threshold,
       'y_scale': y, 'x_scale': x, 'h_scale': h, 'w_scale': w,

@@ -176,6 +176,24 @@ def test_the_store_resolves_only_published_artifacts(model_dir):
     assert raised.value.status == 404
 
 
+def test_links_planted_in_the_model_dir_are_never_served(model_dir, tmp_path):
+  from backend.errors import BackendError
+  from backend.store import ModelStore
+  secret = tmp_path / 'secret.txt'
+  secret.write_text('not for download\n')
+  versions = model_dir / 'projects/8/versions'
+  shutil.copytree(model_dir / 'projects/7/versions/v1', versions / 'v1')
+  (versions / 'v1' / 'report.png').unlink(missing_ok=True)
+  (versions / 'v1' / 'report.png').symlink_to(secret)
+  (versions / 'v2').symlink_to(versions / 'v1', target_is_directory=True)
+  store = ModelStore(model_dir)
+  assert [v.name for v in store.versions(8)] == ['fewshot-ssd-v1']  # the linked v2 is no version
+  with pytest.raises(BackendError) as raised:
+    store.artifact(8, 'latest', 'report.png')
+  assert raised.value.status == 404
+  assert store.artifact(8, 'latest', 'labels.txt').read_text() == 'disc\nsquare\n'
+
+
 def test_exif_rotated_images_get_boxes_in_the_upright_image(backend, shapes_dataset, image_server):
   """A phone photo stored sideways with an EXIF orientation: percent of the image as shown."""
   import numpy as np
@@ -304,23 +322,52 @@ def test_artifacts_download_with_their_sha256(backend, trained_run):
     assert response.headers['X-Content-SHA256'] == digest == files['model_int8.tflite']['sha256']
 
 
-def test_basic_auth_guards_every_route_when_set(model_dir):
-  server = Backend(model_dir, BASIC_AUTH_USER='ls', BASIC_AUTH_PASS='s3cret')
+def test_basic_auth_guards_every_route_but_health_and_logs_no_credential(model_dir):
+  import base64
+  server = Backend(model_dir, BASIC_AUTH_USER='ls', BASIC_AUTH_PASS='s3cret-pass')
   try:
-    assert requests.get(server.url + '/health').status_code == 401
-    assert requests.get(server.url + '/health', auth=('ls', 'wrong')).status_code == 401
+    # The container's health check has no credentials: /health answers, and says nothing more.
+    health = requests.get(server.url + '/health')
+    assert health.status_code == 200 and set(health.json()) == {'status', 'model_class'}
     event = {'action': 'PROJECT_UPDATED', 'project': {'id': 7}}
     assert requests.post(server.url + '/webhook', json=event).status_code == 401
-    assert requests.get(server.url + '/health', auth=('ls', 's3cret')).status_code == 200
-    assert requests.post(server.url + '/webhook', json=event, auth=('ls', 's3cret')).status_code == 200
+    assert requests.get(server.url + '/versions?project=7', auth=('ls', 'wrong')).status_code == 401
+    assert requests.get(server.url + '/metrics').status_code == 401
+    assert requests.post(server.url + '/webhook', json=event,
+                         auth=('ls', 's3cret-pass')).status_code == 200
+    # A malformed credential (no colon) must not reach the access log whole.
+    malformed = base64.b64encode(b'ls s3cret-pass').decode()
+    assert requests.get(server.url + '/metrics', headers={
+        'Authorization': f'Basic {malformed}'}).status_code == 401
+    time.sleep(0.5)  # the access log is written after the response
+    log = server.output()
+    assert '/metrics' in log and 's3cret-pass' not in log and malformed not in log
   finally:
     server.stop()
+
+
+def test_hostile_bodies_get_a_4xx(model_dir):
+  from backend.app import create_app
+  client = create_app(Settings(model_dir=model_dir, max_request_bytes=100_000)).test_client()
+  deep = '[' * 100_000 + ']' * 100_000
+  for path in ('/setup', '/predict', '/webhook'):
+    reply = client.post(path, data='{"project": 7, "tasks": ' + '[' * 20_000 + ']' * 20_000 + '}',
+                        content_type='application/json')
+    assert reply.status_code == 400 and 'nested too deeply' in reply.get_json()['error']
+    assert client.post(path, data=deep, content_type='application/json').status_code == 413
+    assert client.post(path, data='{"project": 7,', content_type='application/json'
+                       ).status_code == 400
+  reply = client.get('/versions', data='[' * 20_000, content_type='application/json')
+  assert reply.status_code == 400
 
 
 @pytest.mark.parametrize('env, name', [({'PORT': 'http'}, 'PORT'), ({'WORKERS': '0'}, 'WORKERS'),
                                        ({'BASIC_AUTH_USER': 'x'}, 'BASIC_AUTH'),
                                        ({'LABEL_STUDIO_URL': 'localhost:8080'}, 'LABEL_STUDIO_URL'),
                                        ({'SCORE_THRESHOLD': '2'}, 'SCORE_THRESHOLD'),
+                                       ({'SCORE_THRESHOLD': 'nan'}, 'SCORE_THRESHOLD'),
+                                       ({'TRAIN_DEBOUNCE_S': 'nan'}, 'TRAIN_DEBOUNCE_S'),
+                                       ({'LABEL_STUDIO_HOST': 'ls:8080'}, 'LABEL_STUDIO_HOST'),
                                        ({'TRAIN_MODE': 'backbone'}, 'TRAIN_MODE'),
                                        ({'TRAIN_MAX_STEPS': '5'}, 'TRAIN_MAX_STEPS'),
                                        ({'TRAIN_INPUT_SIZE': '64'}, 'TRAIN_INPUT_SIZE'),
@@ -333,6 +380,12 @@ def test_basic_auth_guards_every_route_when_set(model_dir):
 def test_bad_settings_are_named(env, name):
   with pytest.raises(SettingsError, match=name):
     Settings.from_env(env)
+
+
+def test_label_studio_host_is_an_alias_of_label_studio_url():
+  assert Settings.from_env({'LABEL_STUDIO_HOST': 'http://ls:8080/'}).label_studio_url == 'http://ls:8080'
+  both = {'LABEL_STUDIO_URL': 'http://url:8080', 'LABEL_STUDIO_HOST': 'http://host:8080'}
+  assert Settings.from_env(both).label_studio_url == 'http://url:8080'
 
 
 def test_training_settings_reach_the_train_config():
@@ -388,3 +441,28 @@ def test_a_new_version_replaces_the_old_one_in_memory(model_dir, trained_run, sh
     assert loaded == [str(versions / 'v2' / 'model_int8.tflite')]
   finally:
     server.stop()
+
+
+def test_the_serving_app_never_imports_tensorflow(base_paths, tmp_path):
+  """create_app and a /predict with the base leave TensorFlow out: a serving
+  worker stays small and starts fast."""
+  from tests.synthetic import save_jpeg, textured_background
+  image = save_jpeg(textured_background(64, 48), tmp_path / 'a.jpg')
+  code = f'''
+import sys
+from backend.app import create_app
+from backend.settings import Settings
+from pathlib import Path
+app = create_app(Settings(model_dir=Path({str(base_paths.model_dir)!r})))
+client = app.test_client()
+assert client.get('/health').status_code == 200
+config = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="Person"/></RectangleLabels></View>'
+reply = client.post('/predict', json={{'tasks': [{{'id': 1, 'data': {{'image': {str(image)!r}}}}}],
+                                      'label_config': config, 'project': '3.1'}})
+assert reply.status_code == 200, reply.get_data(as_text=True)
+assert reply.get_json()['results'][0]['model_version'] == 'fewshot-ssd-base'
+assert 'tensorflow' not in sys.modules, 'tensorflow was imported'
+'''
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]

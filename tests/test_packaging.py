@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backend.settings import VARIABLES
 from tests.conftest import REPO
 
-SETTINGS_SOURCE = (REPO / 'backend' / 'settings.py').read_text()
 # Every environment variable backend/settings.py reads.
-SETTING_NAMES = sorted(set(re.findall(r"(?:text|number)\(\s*'([A-Z_]+)'", SETTINGS_SOURCE)))
+SETTING_NAMES = sorted(variable.name for variable in VARIABLES)
 FIXED_IN_CONTAINERS = {'MODEL_DIR', 'HOST', 'PORT'}
 
 

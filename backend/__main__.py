@@ -34,6 +34,10 @@ def main(argv: list[str]) -> int:
     print(f'backend: no converted base in {settings.model_dir}/base; '
           'run `python -m model fetch-base` (scripts/setup.sh does)', file=sys.stderr)
     return 2
+  problem = _unusable(settings)
+  if problem:
+    print(f'backend: {problem}', file=sys.stderr)
+    return 2
   if argv == ['worker']:
     return _worker(settings)
   args = [sys.executable, '-m', 'gunicorn',
@@ -47,6 +51,25 @@ def main(argv: list[str]) -> int:
           'backend.app:create_app()']
   os.execv(sys.executable, args)
   return 0  # not reached
+
+
+def _unusable(settings: Settings) -> str | None:
+  """What would fail later, found now: MODEL_DIR not writable, Redis unreachable."""
+  import tempfile
+  try:
+    (settings.model_dir / 'locks').mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=settings.model_dir / 'locks'):
+      pass
+  except OSError as error:
+    return (f'MODEL_DIR={settings.model_dir} is not writable ({error}); training, its locks '
+            'and the image cache live there')
+  if settings.training_queue == 'redis':
+    import redis
+    try:
+      redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5).ping()
+    except (redis.exceptions.RedisError, OSError) as error:
+      return f'TRAINING_QUEUE=redis, but REDIS_URL does not answer ({error})'
+  return None
 
 
 def _worker(settings: Settings) -> int:

@@ -257,7 +257,8 @@ def create_app(settings: Settings | None = None) -> Flask:
   app.extensions['fewshot'] = {
       'store': store,
       'queue': _training_queue(settings, store, fetcher),
-      'predictor': Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency),
+      'predictor': Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency,
+                             settings.predict_deadline_s),
       'counters': _Counters(),
   }
   app.before_request(_check_basic_auth)

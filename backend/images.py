@@ -3,13 +3,15 @@
 A task's image URL may be
   /data/upload/<project>/<file>, /data/local-files/?d=<path>  (on Label Studio),
   s3:// gs:// azure-blob:// ...                               (cloud: presigned by Label Studio),
-  http(s)://...                                               (anywhere),
-  an absolute local path                                      (a mounted folder).
+  http(s)://...                                               (public hosts, or allowed ones),
+  an absolute local path                                      (under LOCAL_FILES_DOCUMENT_ROOT);
+what may be read, and where the key may go, is `image_sources.SourcePolicy`'s call.
 Label Studio URLs need its API key: a personal access token (a JWT refresh
 token, exchanged for a 5-minute access token) or a legacy token.
 
-Downloads are size-limited, decoded with the same EXIF-aware loader as
-training, and cached on disk by URL.
+Downloads are limited in size and in total time (IMAGE_FETCH_TIMEOUT_S, not
+per read), decoded with the same EXIF-aware loader as training, and cached on
+disk by URL.
 """
 
 from __future__ import annotations
@@ -19,21 +21,23 @@ import hashlib
 import io
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 import requests
 from PIL import Image
 
+from backend.image_sources import SourcePolicy
 from backend.settings import Settings
 from model.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-CLOUD_SCHEMES = ('s3', 'gs', 'azure-blob', 'azure-spi')
 TIMEOUT_S = 30
+MAX_REDIRECTS = 5
 
 
 def _is_jwt(token: str) -> bool:
@@ -89,6 +93,10 @@ class ImageFetcher:
     self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key,
                                 self.session)
     self.cache_dir = settings.model_dir / 'cache' / 'images'
+    self._cache_bytes: int | None = None  # counted on the first write
+    self._cache_lock = threading.Lock()
+    self.policy = SourcePolicy(settings.label_studio_url, settings.image_hosts_allowed,
+                               settings.local_files_document_root)
 
   def load(self, url: str, task_id: int | None = None) -> Image.Image:
     """The task's image, upright RGB.
@@ -96,7 +104,7 @@ class ImageFetcher:
     Raises:
       ImageError: unreachable, refused, too large, or not an image; the message says which.
     """
-    return load_image(self.local_path(url, task_id))
+    return load_image(self.local_path(url, task_id), self.settings.max_image_pixels)
 
   def local_path(self, url: str, task_id: int | None = None) -> Path:
     """The task's image file in the cache, downloaded and checked on first use.
@@ -106,65 +114,125 @@ class ImageFetcher:
     """
     if not isinstance(url, str) or not url:
       raise ImageError('the task has no image URL')
-    cached = self.cache_dir / hashlib.sha256(url.encode()).hexdigest()
-    if cached.is_file():
+    cached = self.cached_path(url)
+    if cached is not None:
       return cached
+    cached = self._cache_file(url)
     data = self._fetch(url, task_id)
     try:
-      load_image(io.BytesIO(data))  # refuse what isn't a readable image before caching it
+      # refuse what isn't a readable image before caching it
+      load_image(io.BytesIO(data), self.settings.max_image_pixels)
     except ImageError as error:
       raise ImageError(f'{url[:200]}: {str(error).split(": ", 1)[-1]}') from error
     self.cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f'{cached.name}.{threading.get_ident()}.part')
     partial.write_bytes(data)
     partial.replace(cached)
+    self._account(len(data))
+    return cached
+
+  def _account(self, added: int) -> None:
+    """Keeps the cache under IMAGE_CACHE_BYTES: the least recently used files go first."""
+    with self._cache_lock:
+      self._cache_bytes = (self._cache_bytes if self._cache_bytes is not None
+                           else sum(f.stat().st_size for f in self.cache_dir.iterdir())) + added
+      if self._cache_bytes <= self.settings.image_cache_bytes:
+        return
+      files = sorted((f for f in self.cache_dir.iterdir() if not f.name.endswith('.part')),
+                     key=lambda f: f.stat().st_mtime)
+      self._cache_bytes = sum(f.stat().st_size for f in files)
+      for old in files:
+        if self._cache_bytes <= 0.9 * self.settings.image_cache_bytes:
+          break
+        size = old.stat().st_size
+        old.unlink(missing_ok=True)
+        self._cache_bytes -= size
+      log.info('Image cache trimmed to %.0f MB (IMAGE_CACHE_BYTES)', self._cache_bytes / 1e6)
+
+  def _cache_file(self, url: str) -> Path:
+    return self.cache_dir / hashlib.sha256(url.encode()).hexdigest()
+
+  def cached_path(self, url: str) -> Path | None:
+    """The cached file of an image fetched before (marked as used now), or None."""
+    cached = self._cache_file(url)
+    try:
+      os.utime(cached)  # its age is what eviction goes by
+    except OSError:
+      return None
     return cached
 
   def _fetch(self, url: str, task_id: int | None) -> bytes:
-    scheme = urlparse(url).scheme
-    if scheme in CLOUD_SCHEMES:
-      return self._download(self._label_studio_url(self._presign_path(url, task_id)), True)
-    if url.startswith('/data/') or url.startswith('/tasks/'):
-      return self._download(self._label_studio_url(url), True)
-    if scheme in ('http', 'https'):
-      ls = self.settings.label_studio_url
-      return self._download(url, bool(ls) and url.startswith(ls + '/'))
-    if scheme in ('', 'file') and Path(urlparse(url).path).is_absolute():
-      path = Path(urlparse(url).path)
-      if not path.is_file():
-        raise ImageError(f'{path}: no such file on the backend')
-      if path.stat().st_size > self.settings.max_image_bytes:
-        raise ImageError(f'{path}: larger than MAX_IMAGE_BYTES')
-      return path.read_bytes()
-    raise ImageError(f'unsupported image URL {url[:100]!r}')
+    source = self.policy.source_of(url, task_id)
+    if source.path is not None:
+      return _read_capped(source.path, self.settings.max_image_bytes)
+    return self._download(source.url, source.with_key)
 
-  @staticmethod
-  def _presign_path(url: str, task_id: int | None) -> str:
-    if task_id is None:
-      raise ImageError(f'{url}: cloud storage URLs are presigned per task, and the task has no id')
-    encoded = base64.urlsafe_b64encode(url.encode()).decode().rstrip('=')
-    return f'/tasks/{task_id}/presign/?fileuri={encoded}'
+  def _download(self, url: str, with_key: bool) -> bytes:
+    """GETs `url` within IMAGE_FETCH_TIMEOUT_S in all and MAX_IMAGE_BYTES.
 
-  def _label_studio_url(self, path: str) -> str:
-    if not self.settings.label_studio_url:
-      raise ImageError(f'{path} lives on Label Studio, but LABEL_STUDIO_URL is not set')
-    return self.settings.label_studio_url + path
+    Redirects are followed by hand, each hop checked by the source policy;
+    the key goes with the first request only (a presign answers with a
+    redirect to the cloud, which must not see it).
+    """
+    deadline = time.monotonic() + self.settings.image_fetch_timeout_s
+    headers = self.auth.header() if with_key else {}
+    for _ in range(MAX_REDIRECTS + 1):
+      try:
+        with self.session.get(url, headers=headers, stream=True, allow_redirects=False,
+                              timeout=_remaining(deadline, url)) as response:
+          if response.is_redirect:
+            url = urljoin(url, response.headers['location'])
+            self.policy.check_host(url)
+            headers = {}
+            continue
+          _check_status(url, response.status_code)
+          return self._read_body(url, response, deadline)
+      except requests.RequestException as error:
+        raise ImageError(f'{_shown(url)}: unreachable ({type(error).__name__})') from error
+    raise ImageError(f'{_shown(url)}: more than {MAX_REDIRECTS} redirects')
 
-  def _download(self, url: str, with_auth: bool) -> bytes:
-    headers = self.auth.header() if with_auth else {}
-    try:
-      with self.session.get(url, headers=headers, timeout=TIMEOUT_S, stream=True) as response:
-        if response.status_code in (401, 403):
-          raise ImageError(f'{url}: HTTP {response.status_code} (Label Studio needs a valid '
-                           'LABEL_STUDIO_API_KEY to serve task images)')
-        if response.status_code != 200:
-          raise ImageError(f'{url}: HTTP {response.status_code}')
-        chunks, size = [], 0
-        for chunk in response.iter_content(1 << 16):
-          size += len(chunk)
-          if size > self.settings.max_image_bytes:
-            raise ImageError(f'{url}: larger than MAX_IMAGE_BYTES ({self.settings.max_image_bytes})')
-          chunks.append(chunk)
-        return b''.join(chunks)
-    except requests.RequestException as error:
-      raise ImageError(f'{url}: unreachable ({type(error).__name__})') from error
+  def _read_body(self, url: str, response, deadline: float) -> bytes:
+    # read1 returns what has arrived; iter_content would wait for whole
+    # chunks, so a source sending a byte a second would hold it for hours.
+    chunks, size = [], 0
+    while chunk := response.raw.read1(1 << 16, decode_content=True):
+      size += len(chunk)
+      if size > self.settings.max_image_bytes:
+        raise ImageError(f'{_shown(url)}: larger than MAX_IMAGE_BYTES '
+                         f'({self.settings.max_image_bytes})')
+      _remaining(deadline, url)
+      chunks.append(chunk)
+    return b''.join(chunks)
+
+
+def _remaining(deadline: float, url: str) -> float:
+  """Seconds left for this image; raises ImageError when none are."""
+  left = deadline - time.monotonic()
+  if left <= 0:
+    raise ImageError(f'{_shown(url)}: too slow (IMAGE_FETCH_TIMEOUT_S)')
+  return left
+
+
+def _check_status(url: str, status: int) -> None:
+  if status in (401, 403):
+    raise ImageError(f'{_shown(url)}: HTTP {status} (Label Studio needs a valid '
+                     'LABEL_STUDIO_API_KEY to serve task images)')
+  if status != 200:
+    raise ImageError(f'{_shown(url)}: HTTP {status}')
+
+
+def _shown(url: str) -> str:
+  """A URL as logs show it: no user:password, no query (presigned URLs carry secrets there)."""
+  parsed = urlparse(url)
+  host = parsed.hostname or ''
+  port = f':{parsed.port}' if parsed.port else ''
+  return f'{parsed.scheme}://{host}{port}{parsed.path}'[:200]
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+  """A local file's bytes, refused past `limit` while reading (sizes can lie: /proc)."""
+  with open(path, 'rb') as handle:
+    data = handle.read(limit + 1)
+  if len(data) > limit:
+    raise ImageError(f'{path}: larger than MAX_IMAGE_BYTES ({limit})')
+  return data

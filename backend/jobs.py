@@ -191,7 +191,13 @@ class TrainingQueue:
   def _run(self, project: int) -> None:
     status = self.status[project]
     lock = self._lock_for(project)
-    if not lock.acquire():
+    try:
+      acquired = lock.acquire()
+    except OSError as error:  # MODEL_DIR became unwritable: say so, keep the thread alive
+      log.error('Project %s: cannot take the training lock: %s', project, error)
+      status.state, status.last_error = 'failed', f'cannot take the training lock: {error}'
+      return
+    if not acquired:
       log.info('Project %s: another process is training it; will try again after', project)
       with self._lock:
         self._follow_up.add(project)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 
+from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.label_config import RectangleTarget
 from backend.store import ModelStore, Version
@@ -78,10 +80,11 @@ class Predictor:
   """Predictions for a batch of tasks."""
 
   def __init__(self, store: ModelStore, fetcher: ImageFetcher, score_threshold: float,
-               fetch_concurrency: int):
+               fetch_concurrency: int, deadline_s: float = 60.0):
     self.store = store
     self.fetcher = fetcher
     self.score_threshold = score_threshold
+    self.deadline_s = deadline_s
     self.detectors = DetectorCache()
     self.pool = concurrent.futures.ThreadPoolExecutor(fetch_concurrency,
                                                       thread_name_prefix='fetch')
@@ -95,8 +98,8 @@ class Predictor:
     if version.is_base and not any(target.label_for(name) for name in version.labels):
       # The base knows none of this project's labels: nothing useful to say.
       return [self._empty(version.name) for _ in tasks]
-    detector, lock = self.detectors.get(version)
-    images = list(self.pool.map(lambda task: self._image(task, target), tasks))
+    version, (detector, lock) = self._loadable(project, version)
+    images = self._images(tasks, target)
     predictions = []
     for task, image in zip(tasks, images):
       if image is None:
@@ -114,14 +117,60 @@ class Predictor:
                           'result': regions})
     return predictions
 
-  def _image(self, task: dict, target: RectangleTarget):
-    data = task.get('data') if isinstance(task, dict) else None
-    url = data.get(target.image_key) if isinstance(data, dict) else None
+  def _loadable(self, project: int, version: Version):
+    """The newest version whose model file loads, and its detector.
+
+    A damaged file (a disk error, a hand edit) is logged and skipped for the
+    version before it, then the base.
+
+    Raises:
+      BackendError(503): no version of the project loads.
+    """
+    candidates = [version, *reversed([v for v in self.store.versions(project)
+                                      if v.number < version.number])]
+    base = self.store.base_version()
+    if base is not None and not version.is_base:
+      candidates.append(base)
+    for candidate in candidates:
+      try:
+        return candidate, self.detectors.get(candidate)
+      except (ValueError, RuntimeError, OSError) as error:
+        log.error('Project %s: %s does not load (%s: %s); trying an older version', project,
+                  candidate.name, type(error).__name__, str(error)[:200])
+    raise BackendError(503, f'project {project}: no model version loads (damaged model files); '
+                            'train again or run python -m model fetch-base --force')
+
+  def _images(self, tasks: list[dict], target: RectangleTarget) -> list:
+    """Each task's image, or None: unreadable, refused, or not there by the deadline.
+
+    Cached images load here, at once; only downloads wait for the shared
+    fetch pool, so slow sources of one request never hold up cached images
+    of another. What has not arrived by PREDICT_DEADLINE_S is left out (its
+    download goes on, bounded by IMAGE_FETCH_TIMEOUT_S, and is cached).
+    """
+    deadline = time.monotonic() + self.deadline_s
+    images, pending = [None] * len(tasks), {}
+    for i, task in enumerate(tasks):
+      data = task.get('data')
+      url = data.get(target.image_key) if isinstance(data, dict) else None
+      task_id = task.get('id')
+      if isinstance(url, str) and self.fetcher.cached_path(url) is not None:
+        images[i] = self._load(url, task_id)
+      else:
+        pending[self.pool.submit(self._load, url, task_id)] = i
+    done, late = concurrent.futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+    for future in done:
+      images[pending[future]] = future.result()
+    for future in late:
+      log.warning('Task %s: no prediction, its image did not arrive within PREDICT_DEADLINE_S '
+                  '(%g s)', tasks[pending[future]].get('id'), self.deadline_s)
+    return images
+
+  def _load(self, url, task_id):
     try:
-      return self.fetcher.load(url, task.get('id') if isinstance(task, dict) else None)
+      return self.fetcher.load(url, task_id)
     except ImageError as error:
-      log.warning('Task %s: no prediction, image unreadable: %s',
-                  task.get('id') if isinstance(task, dict) else '?', error)
+      log.warning('Task %s: no prediction, image unreadable: %s', task_id, error)
       return None
 
   @staticmethod

@@ -53,10 +53,24 @@ class Settings:
   model_variant: str = 'int8'
   # Images fetched at once for one /predict batch.
   fetch_concurrency: int = 8
-  # Largest image we download, in bytes.
+  # Largest image we download, in bytes, and decode, in pixels (checked
+  # before decoding: a small PNG can hold a huge image).
   max_image_bytes: int = 50_000_000
+  max_image_pixels: int = 50_000_000
   # Largest request body accepted (a /predict of thousands of tasks is a few MB).
   max_request_bytes: int = 64_000_000
+  # The downloaded-image cache under MODEL_DIR; least recently used images go first.
+  image_cache_bytes: int = 4_000_000_000
+  # One image's download, redirects included, in all (not per read).
+  image_fetch_timeout_s: float = 30.0
+  # /predict answers within this; images not there by then get an empty
+  # prediction (Label Studio gives up on a /predict after 100 s).
+  predict_deadline_s: float = 60.0
+  # Hosts (names, addresses, networks) images may come from although they are
+  # private or local; LABEL_STUDIO_URL's host always may (backend/image_sources.py).
+  image_hosts_allowed: tuple[str, ...] = ()
+  # The folder task images may name by local path (or file://); None: no local paths.
+  local_files_document_root: Path | None = None
   # Annotation events that trigger a training run (0: only START_TRAINING does),
   # and the quiet time after the last of them before it starts.
   train_every_n_annotations: int = 5
@@ -173,6 +187,18 @@ def _url(*schemes: str) -> Callable[[str], str]:
   return parse
 
 
+def _names(raw: str) -> tuple[str, ...]:
+  """A comma-separated list."""
+  return tuple(name.strip().lower() for name in raw.split(',') if name.strip())
+
+
+def _folder(raw: str) -> Path:
+  path = Path(raw)
+  if not path.is_absolute() or not path.is_dir():
+    raise ValueError('must be an existing folder, given by its absolute path')
+  return path
+
+
 def _input_size(raw: str) -> int | None:
   return None if raw.lower() == 'auto' else _integer(128, 1024)(raw)
 
@@ -217,7 +243,13 @@ VARIABLES = (
     Variable('SCORE_THRESHOLD', 'score_threshold', _real(0.0, 1.0)),
     Variable('FETCH_CONCURRENCY', 'fetch_concurrency', _integer(1, 64)),
     Variable('MAX_IMAGE_BYTES', 'max_image_bytes', _integer(1000, 10**12)),
+    Variable('MAX_IMAGE_PIXELS', 'max_image_pixels', _integer(10_000, 200_000_000)),
     Variable('MAX_REQUEST_BYTES', 'max_request_bytes', _integer(10_000, 10**10)),
+    Variable('IMAGE_CACHE_BYTES', 'image_cache_bytes', _integer(10_000_000, 10**13)),
+    Variable('IMAGE_FETCH_TIMEOUT_S', 'image_fetch_timeout_s', _real(1.0, 90.0)),
+    Variable('PREDICT_DEADLINE_S', 'predict_deadline_s', _real(1.0, 90.0)),
+    Variable('IMAGE_HOSTS_ALLOWED', 'image_hosts_allowed', _names),
+    Variable('LOCAL_FILES_DOCUMENT_ROOT', 'local_files_document_root', _folder),
     Variable('TRAIN_EVERY_N_ANNOTATIONS', 'train_every_n_annotations', _integer(0, 10**6)),
     Variable('TRAIN_DEBOUNCE_S', 'train_debounce_s', _real(0.0, 3600.0)),
     Variable('TRAIN_MAX_STEPS', 'train_max_steps', _integer(10, 100_000)),

@@ -13,13 +13,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Pillow refuses images over twice this many pixels (decompression bombs) and
 # warns above it; 100 megapixels is far beyond any labeling photo.
 Image.MAX_IMAGE_PIXELS = 100_000_000
+# Our own limit, checked from the header before any pixel is decoded: a 48
+# megapixel phone photo passes, a 24 KB PNG of 14000 x 14000 pixels (1.4 GB
+# decoded) does not.
+MAX_PIXELS = 50_000_000
 
 
 class ImageError(ValueError):
   """An image that can't be read; the message names it and says why."""
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
   """Reads an image file as RGB, turned upright by its EXIF orientation.
 
   Label Studio shows images upright and measures boxes on that view, so every
@@ -30,6 +34,9 @@ def load_image(path: str | Path) -> Image.Image:
   """
   try:
     with Image.open(path) as image:
+      if image.width * image.height > max_pixels:
+        raise Image.DecompressionBombError(
+            f'{image.width} x {image.height} pixels, over the limit of {max_pixels}')
       image = ImageOps.exif_transpose(image)
       return image.convert('RGB')
   except FileNotFoundError as error:

@@ -18,6 +18,18 @@ SHARED = REPO.parent / 'shared'
 RACCOON = SHARED / 'datasets' / 'raccoon'
 
 
+# Fixtures that convert the base, train, or start Label Studio or Redis. A test
+# that uses one, directly or through another fixture, is marked slow:
+# `pytest -m "not slow"` is the fast loop.
+SLOW_FIXTURES = {'base_paths', 'label_studio', 'redis_url'}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.slow)
+
+
 def _setup_model_dir() -> Path:
   """The model directory set-up filled (its downloads/ holds the npm tarball)."""
   return Path(os.environ.get('MODEL_DIR') or REPO / 'models')
@@ -91,8 +103,11 @@ class Backend:
     self.port = free_port()
     self.url = f'http://127.0.0.1:{self.port}'
     environ = {k: v for k, v in os.environ.items() if k not in ('HOST', 'PORT')}
+    # The tests serve their images from 127.0.0.1, which the image source
+    # policy refuses unless allowed (tests/test_image_sources.py checks that).
     environ.update({'MODEL_DIR': str(model_dir), 'PORT': str(self.port), 'HOST': '127.0.0.1',
-                    'WORKERS': '1', 'THREADS': '4', 'LOG_LEVEL': 'INFO', **env})
+                    'WORKERS': '1', 'THREADS': '4', 'LOG_LEVEL': 'INFO',
+                    'IMAGE_HOSTS_ALLOWED': '127.0.0.1', **env})
     # Output to a file: a pipe nobody reads would fill up and stall the server.
     self.log_path = Path(model_dir).parent / f'backend-{self.port}.log'
     self.log = open(self.log_path, 'w')  # pylint: disable=consider-using-with

@@ -36,8 +36,8 @@ def model_dir(base_paths, trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def backend(model_dir):
-  server = Backend(model_dir)
+def backend(model_dir, shapes_dataset):
+  server = Backend(model_dir, LOCAL_FILES_DOCUMENT_ROOT=str(shapes_dataset))
   yield server
   server.stop()
 
@@ -329,6 +329,12 @@ def test_basic_auth_guards_every_route_but_health_and_logs_no_credential(model_d
     # The container's health check has no credentials: /health answers, and says nothing more.
     health = requests.get(server.url + '/health')
     assert health.status_code == 200 and set(health.json()) == {'status', 'model_class'}
+    dockerfile = (REPO / 'Dockerfile').read_text()
+    check = json.loads(dockerfile.split('HEALTHCHECK', 1)[1].split('CMD', 1)[1].splitlines()[0])
+    assert check[0] == 'python'
+    ran = subprocess.run([sys.executable, *check[1:]], env=dict(os.environ, PORT=str(server.port)),
+                         capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr[-500:]
     event = {'action': 'PROJECT_UPDATED', 'project': {'id': 7}}
     assert requests.post(server.url + '/webhook', json=event).status_code == 401
     assert requests.get(server.url + '/versions?project=7', auth=('ls', 'wrong')).status_code == 401
@@ -409,6 +415,22 @@ def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):
   assert result.returncode == 2 and 'PORT' in result.stderr
 
 
+@pytest.mark.parametrize('problem, env, message', [
+    ('locks', {}, 'is not writable'),
+    (None, {'TRAINING_QUEUE': 'redis', 'REDIS_URL': 'redis://127.0.0.1:1/0'},
+     'REDIS_URL does not answer'),
+])
+def test_backend_refuses_to_start_where_training_would_fail_later(base_paths, tmp_path, problem,
+                                                                  env, message):
+  shutil.copytree(base_paths.base_dir, tmp_path / 'base')
+  if problem:
+    (tmp_path / problem).write_text('a file where a folder must go')
+  environ = dict(os.environ, MODEL_DIR=str(tmp_path), **env)
+  result = subprocess.run([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and message in result.stderr
+
+
 def test_metrics_count_predictions_and_webhooks(backend):
   before = requests.get(backend.url + '/metrics').json()
   requests.post(backend.url + '/webhook', json={'action': 'TASKS_CREATED', 'project': {'id': 7}})
@@ -453,7 +475,8 @@ import sys
 from backend.app import create_app
 from backend.settings import Settings
 from pathlib import Path
-app = create_app(Settings(model_dir=Path({str(base_paths.model_dir)!r})))
+app = create_app(Settings(model_dir=Path({str(base_paths.model_dir)!r}),
+                          local_files_document_root=Path({str(tmp_path)!r})))
 client = app.test_client()
 assert client.get('/health').status_code == 200
 config = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="Person"/></RectangleLabels></View>'
@@ -466,3 +489,23 @@ assert 'tensorflow' not in sys.modules, 'tensorflow was imported'
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_damaged_model_file_falls_back_to_the_version_before(model_dir, shapes_dataset,
+                                                               caplog):
+  from backend.app import create_app
+  versions = model_dir / 'projects/9/versions'
+  for name in ('v1', 'v2', 'v3'):
+    shutil.copytree(model_dir / 'projects/7/versions/v1', versions / name)
+  for name in ('v2', 'v3'):
+    (versions / name / 'model_int8.tflite').write_bytes(b'not a model')
+  client = create_app(Settings(model_dir=model_dir,
+                               local_files_document_root=shapes_dataset)).test_client()
+  image = str(sorted((shapes_dataset / 'images').glob('test-*.jpg'))[0])
+  body = {'project': 9, 'label_config': CONFIG, 'tasks': [{'id': 1, 'data': {'photo': image}}]}
+  reply = client.post('/predict', json=body)
+  assert reply.status_code == 200
+  (result,) = reply.get_json()['results']
+  assert result['model_version'] == 'fewshot-ssd-v1' and result['result']
+  assert 'fewshot-ssd-v3 does not load' in caplog.text
+  assert 'fewshot-ssd-v2 does not load' in caplog.text

@@ -127,6 +127,10 @@ def test_basic_auth_passes_on_ml_calls_and_on_the_webhook_with_its_header(label_
             json={'headers': {'Authorization': f'Basic {token}'}})
     annotate(ls, project, project.tasks[1:2])
     assert received_after(before) == 1
+    # The whole run's log (access log included) holds neither secret.
+    log = backend.log_path.read_text()
+    assert 'retrieve' in log.lower() or '/predict' in log
+    assert password not in log and ls.token not in log and token not in log
   finally:
     backend.stop()
 

@@ -48,6 +48,16 @@ def test_decompression_bomb_is_refused(tmp_path):
     load_image(tmp_path / 'bomb.png')
 
 
+def test_the_pixel_limit_is_checked_before_decoding(tmp_path):
+  """14000 x 14000 is under Pillow's own bomb limit but over ours: refused from the header."""
+  import resource
+  Image.new('1', (14000, 14000)).save(tmp_path / 'wide.png')
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  with pytest.raises(ImageError, match='14000 x 14000 pixels, over the limit'):
+    load_image(tmp_path / 'wide.png')
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB: not decoded
+
+
 def test_normalized_boxes_to_pixels_clip_to_the_image():
   boxes = normalized_yxyx_to_pixel_xyxy(np.array([[0.1, 0.2, 0.5, 1.2]]), width=200, height=100)
   np.testing.assert_allclose(boxes, [[40, 10, 200, 50]])

@@ -64,6 +64,21 @@ def test_a_failed_job_is_reported_and_the_queue_goes_on(tmp_path):
   assert queue.status[3].state == 'idle' and queue.status[3].last_error is None
 
 
+def test_a_lock_folder_gone_bad_fails_the_job_but_not_the_queue(tmp_path):
+  job = Recorder()
+  job.release.set()
+  (tmp_path / 'locks').write_text('a file where the lock folder must go')
+  queue = TrainingQueue(job, tmp_path / 'locks')
+  queue.trigger(4, 'x')
+  assert queue.wait_idle(10)
+  assert queue.status[4].state == 'failed' and 'training lock' in queue.status[4].last_error
+  assert job.runs == []
+  queue.lock_dir = tmp_path / 'fixed'
+  queue.trigger(4, 'again')
+  assert queue.wait_idle(10)
+  assert queue.status[4].state == 'idle' and job.runs == [4]
+
+
 def test_annotation_events_are_counted_then_debounced(tmp_path):
   job = Recorder()
   job.release.set()

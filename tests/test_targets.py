@@ -1,0 +1,33 @@
+"""Anchor targets: positives, the ignore band, forced matches, encoded boxes."""
+
+import numpy as np
+
+from model.targets import IGNORE, TargetAssigner
+
+# Three anchors (normalized yxyx): one on the object, one half over it, one far away.
+ANCHORS = np.array([[0.1, 0.1, 0.5, 0.5], [0.1, 0.3, 0.5, 0.7], [0.6, 0.6, 0.9, 0.9]], np.float32)
+SCALES = (10.0, 10.0, 5.0, 5.0)
+
+
+def test_matched_ignored_and_background_anchors():
+  # IoU of the object with anchor 0 is 1, with anchor 1 it is 1/3, with anchor 2 it is 0.
+  classes, boxes = TargetAssigner(ANCHORS, SCALES, 0.5, 0.3).assign(
+      np.array([[0.1, 0.1, 0.5, 0.5]], np.float32), np.array([2]))
+  assert classes.tolist() == [2, IGNORE, 0]  # 1/3 lies between 0.3 and 0.5: ignored
+  np.testing.assert_allclose(boxes[0], 0.0, atol=1e-6)  # on its anchor: a zero encoding
+  assert not boxes[1:].any()
+
+
+def test_every_box_claims_its_best_anchor_even_below_the_threshold():
+  # A box overlapping anchor 1 by IoU 0.44 at best (in the ignore band) still gets it.
+  box = np.array([[0.0, 0.3, 0.6, 0.9]], np.float32)
+  classes, boxes = TargetAssigner(ANCHORS, SCALES, 0.5, 0.3).assign(box, np.array([1]))
+  assert classes.tolist() == [0, 1, 0]
+  ty, tx, th, tw = boxes[1]
+  assert abs(ty) < 1e-6 and tx > 0 and th > 0 and tw > 0  # shifted right, taller, wider
+
+
+def test_an_image_without_boxes_is_all_background():
+  classes, boxes = TargetAssigner(ANCHORS, SCALES).assign(np.zeros((0, 4), np.float32),
+                                                          np.zeros(0, np.int32))
+  assert classes.tolist() == [0, 0, 0] and not boxes.any()

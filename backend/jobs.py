@@ -1,7 +1,8 @@
 """The training queue: in-process, one job per project, triggers coalesced.
 
 A trigger while the project's job is queued or running sets one follow-up run;
-any number of triggers during a run give exactly one more. One worker thread
+any number of triggers during a run give at most one more, and none when
+every change behind them came before the run started (and so was fetched). One worker thread
 trains one project at a time (training is CPU-bound; predictions keep being
 served from the current version meanwhile). A file lock per project keeps two
 processes (several gunicorn workers) from training the same project at once,
@@ -74,7 +75,9 @@ class TrainingQueue:
     self.debounce_s = debounce_s
     self.status: dict[int, TrainingStatus] = collections.defaultdict(TrainingStatus)
     self._queue: collections.deque[int] = collections.deque()
-    self._follow_up: set[int] = set()
+    # project -> when the newest change behind a trigger during its run happened
+    self._follow_up: dict[int, float] = {}
+    self._run_started: dict[int, float] = {}
     self._running: int | None = None
     self._annotation_events: dict[int, int] = collections.Counter()
     self._timers: dict[int, threading.Timer] = {}
@@ -83,11 +86,19 @@ class TrainingQueue:
     self._thread = threading.Thread(target=self._work, name='training', daemon=True)
     self._thread.start()
 
-  def trigger(self, project: int, reason: str) -> str:
-    """Asks for a training run; returns 'queued', 'coalesced' or 'follow-up'."""
+  def trigger(self, project: int, reason: str, changed_at: float | None = None) -> str:
+    """Asks for a training run; returns 'queued', 'coalesced' or 'follow-up'.
+
+    Args:
+      changed_at: when the change behind this trigger happened (the last
+        annotation event of a debounced burst); now when None. A trigger
+        during a run makes a follow-up run only if its change came after
+        that run started, and so after it fetched the tasks.
+    """
+    changed_at = time.time() if changed_at is None else changed_at
     with self._lock:
       if project == self._running:
-        self._follow_up.add(project)
+        self._follow_up[project] = max(changed_at, self._follow_up.get(project, 0.0))
         outcome = 'follow-up'
       elif project in self._queue:
         outcome = 'coalesced'
@@ -110,7 +121,8 @@ class TrainingQueue:
       self._annotation_events[project] = 0
       if waiting:
         self._timers[project].cancel()
-      timer = threading.Timer(self.debounce_s, self.trigger, (project, f'{action} events'))
+      timer = threading.Timer(self.debounce_s, self.trigger,
+                              (project, f'{action} events', time.time()))
       timer.daemon = True
       self._timers[project] = timer
       timer.start()
@@ -183,10 +195,13 @@ class TrainingQueue:
       finally:
         with self._lock:
           self._running = None
-          if project in self._follow_up:
-            self._follow_up.discard(project)
+          changed_at = self._follow_up.pop(project, None)
+          if changed_at is not None and changed_at >= self._run_started.get(project, 0.0):
             self._queue.append(project)
             self.status[project].state = 'queued'
+          elif changed_at is not None:
+            log.info('Project %s: no follow-up run, nothing changed after this run fetched '
+                     'its tasks', project)
 
   def _run(self, project: int) -> None:
     status = self.status[project]
@@ -200,10 +215,13 @@ class TrainingQueue:
     if not acquired:
       log.info('Project %s: another process is training it; will try again after', project)
       with self._lock:
-        self._follow_up.add(project)
+        self._follow_up[project] = time.time()
+        self._run_started[project] = 0.0
       time.sleep(5)
       return
     status.state, status.started_at, status.step, status.last_error = 'running', time.time(), 0, None
+    with self._lock:
+      self._run_started[project] = status.started_at
     self._write_shared_status(project)
 
     def progress(p):

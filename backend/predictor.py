@@ -58,6 +58,22 @@ class DetectorCache:
       return sorted(self._detectors)
 
 
+# Detections this weak count towards a task's certainty (they are not shown):
+# an object the model half-sees shows up here before it crosses SCORE_THRESHOLD.
+UNCERTAIN_FLOOR = 0.05
+
+
+def task_certainty(scores: list[float]) -> float:
+  """How sure the model is about a whole image, in [0, 1]: its least sure detection.
+
+  A detection scored s is as sure as |2s - 1| (0 at 0.5, 1 at 0 or 1); an image
+  with no detection down to UNCERTAIN_FLOOR is sure it holds nothing (1).
+  Sorting tasks by this, ascending, puts first the images with a box the
+  model cannot decide on, and last those with only confident boxes or none.
+  """
+  return min((abs(2.0 * s - 1.0) for s in scores), default=1.0)
+
+
 def to_region(detection, target: RectangleTarget, label: str, width: int, height: int) -> dict:
   """A Detection (pixel box) as a Label Studio rectanglelabels region (percent of the image)."""
   x1, y1, x2, y2 = detection.box
@@ -106,14 +122,12 @@ class Predictor:
         predictions.append(self._empty(version.name))
         continue
       with lock:
-        found = detector.detect(image, min_score=self.score_threshold)
-      regions = []
-      for detection in found:
-        label = target.label_for(detection.label)
-        if label is not None:
-          regions.append(to_region(detection, target, label, image.width, image.height))
-      score = sum(r['score'] for r in regions) / len(regions) if regions else 0.0
-      predictions.append({'model_version': version.name, 'score': round(score, 4),
+        found = detector.detect(image, min_score=min(UNCERTAIN_FLOOR, self.score_threshold))
+      found = [d for d in found if target.label_for(d.label) is not None]
+      regions = [to_region(d, target, target.label_for(d.label), image.width, image.height)
+                 for d in found if d.score >= self.score_threshold]
+      predictions.append({'model_version': version.name,
+                          'score': round(task_certainty([d.score for d in found]), 4),
                           'result': regions})
     return predictions
 

@@ -9,6 +9,7 @@ version, and publishes it as the next version folder in one rename.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Callable
@@ -21,6 +22,12 @@ from backend.store import ModelStore
 from model.images import ImageError
 
 log = logging.getLogger(__name__)
+
+# A Data Manager query for the tasks with at least one annotation.
+ANNOTATED_TASKS = {'filters': {'conjunction': 'and', 'items': [{
+    'filter': 'filter:tasks:total_annotations', 'operator': 'greater', 'type': 'Number',
+    'value': 0}]}}
+PAGE_SIZE = 100
 
 
 @dataclasses.dataclass
@@ -44,7 +51,7 @@ class TrainingStatus:
 
 
 def fetch_project(settings: Settings, project: int) -> tuple[str, list[dict]]:
-  """The project's label config and its tasks (with annotations), through the SDK.
+  """The project's label config and its annotated tasks, through the SDK.
 
   Raises:
     BackendError(503): Label Studio not configured or unreachable; 404 unknown project.
@@ -57,7 +64,9 @@ def fetch_project(settings: Settings, project: int) -> tuple[str, list[dict]]:
   client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
   try:
     config = client.projects.get(id=project).label_config
-    tasks = [_plain(task) for task in client.tasks.list(project=project, fields='all')]
+    # Annotated tasks only, page by page: a project's unlabeled thousands stay in Label Studio.
+    tasks = [_plain(task) for task in client.tasks.list(
+        project=project, fields='all', query=json.dumps(ANNOTATED_TASKS), page_size=PAGE_SIZE)]
   except ApiError as error:
     status = 404 if error.status_code == 404 else 503
     raise BackendError(status, f'Label Studio answered HTTP {error.status_code} for project '

@@ -509,3 +509,14 @@ def test_a_damaged_model_file_falls_back_to_the_version_before(model_dir, shapes
   assert result['model_version'] == 'fewshot-ssd-v1' and result['result']
   assert 'fewshot-ssd-v3 does not load' in caplog.text
   assert 'fewshot-ssd-v2 does not load' in caplog.text
+
+
+def test_a_tasks_certainty_is_its_least_sure_detection():
+  from backend.predictor import task_certainty
+  assert task_certainty([]) == 1.0  # nothing there, not even a weak candidate
+  assert task_certainty([0.97, 0.99, 0.95]) == pytest.approx(0.9)  # many confident boxes
+  assert task_certainty([0.98, 0.5]) == 0.0  # one box it cannot decide on
+  assert task_certainty([0.98, 0.3]) == pytest.approx(0.4)
+  ranked = sorted({'empty': [], 'sure': [0.97, 0.99], 'torn': [0.99, 0.45], 'weak': [0.1]}.items(),
+                  key=lambda item: task_certainty(item[1]))
+  assert [name for name, _ in ranked] == ['torn', 'weak', 'sure', 'empty']

@@ -317,3 +317,16 @@ def test_images_from_local_files_storage_are_predicted(label_studio, base_paths,
       assert iou_xyxy(_percent_box(best['value']), _percent_box(expected)) >= 0.5
   finally:
     backend.stop()
+
+
+def test_a_training_job_fetches_the_annotated_tasks_only(label_studio, tmp_path):
+  from backend.settings import Settings
+  from backend.training import fetch_project
+  ls = label_studio
+  project = make_disc_project(ls, tmp_path, 5, seed=17, title='mostly unlabeled')
+  annotate(ls, project, project.tasks[1:3])
+  config, tasks = fetch_project(Settings(label_studio_url=ls.url, label_studio_api_key=ls.token),
+                                project.id)
+  assert 'RectangleLabels' in config
+  assert sorted(t['id'] for t in tasks) == sorted(t['id'] for t in project.tasks[1:3])
+  assert all(t['annotations'] for t in tasks)

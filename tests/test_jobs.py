@@ -79,6 +79,30 @@ def test_a_lock_folder_gone_bad_fails_the_job_but_not_the_queue(tmp_path):
   assert queue.status[4].state == 'idle' and job.runs == [4]
 
 
+def test_events_the_run_already_fetched_make_no_second_run(tmp_path):
+  """Label some tasks, press Start Training: the annotation events' debounced
+  trigger fires during that run, on data it already has, and must not train again."""
+  job = Recorder()
+  queue = TrainingQueue(job, tmp_path, every_n_annotations=1, debounce_s=0.3)
+  queue.annotation_event(5, 'ANNOTATION_CREATED')
+  time.sleep(0.05)
+  queue.trigger(5, 'START_TRAINING')
+  assert job.started.wait(5)
+  time.sleep(0.6)  # the debounced trigger fires now, during the run
+  job.release.set()
+  assert queue.wait_idle(10)
+  assert job.runs == [5]
+  # An annotation made during a run does make one more.
+  job.release.clear()
+  queue.trigger(5, 'START_TRAINING')
+  time.sleep(0.2)
+  queue.annotation_event(5, 'ANNOTATION_UPDATED')
+  time.sleep(0.6)
+  job.release.set()
+  assert queue.wait_idle(10)
+  assert job.runs == [5, 5, 5]
+
+
 def test_annotation_events_are_counted_then_debounced(tmp_path):
   job = Recorder()
   job.release.set()

@@ -18,6 +18,10 @@ volume they all share. Per project, Redis holds:
   fewshot:<project>:debounce  the id of the delayed trigger that may fire, for as
                               long as it waits; an older one finds itself replaced
                               and does nothing.
+  fewshot:<project>:changed   when the newest change behind any trigger happened
+                              (the last event of a debounced burst, or the trigger).
+  fewshot:<project>:fetched   when the last job started, and so read the tasks: a
+                              job finding no change after it ends at once.
 
 Publishing stays the rename of a finished run folder (`model.run_folder`), so
 every replica serves the newest version from the shared disk without a restart.
@@ -47,6 +51,12 @@ QUEUE_NAME = 'fewshot-training'
 _LIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED,
          JobStatus.CREATED)
 
+# Raise a time stamp, never lower it.
+_RAISE = '''
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) > current then redis.call('SET', KEYS[1], ARGV[1]) end
+return 0'''
+
 # Replace the pending job id only if it is still the one we found dead.
 _REPLACE_PENDING = '''
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -67,9 +77,16 @@ class RedisTrainingQueue:
     self.redis = connection or redis.Redis.from_url(settings.redis_url)
     self.queue = Queue(QUEUE_NAME, connection=self.redis)
     self._replace_pending = self.redis.register_script(_REPLACE_PENDING)
+    self._raise = self.redis.register_script(_RAISE)
 
-  def trigger(self, project: int, reason: str) -> str:
-    """Asks for a training run; returns 'queued', 'follow-up' or 'coalesced'."""
+  def trigger(self, project: int, reason: str, changed_at: float | None = None) -> str:
+    """Asks for a training run; returns 'queued', 'follow-up' or 'coalesced'.
+
+    `changed_at`: when the change behind it happened (now when None); a job
+    runs only if some change came after the last job started.
+    """
+    self._raise(keys=[_key(project, 'changed')],
+                args=[repr(time.time() if changed_at is None else changed_at)])
     outcome = self._request_run(project)
     log.info('Project %s: training %s (%s)', project, outcome, reason)
     return outcome
@@ -114,7 +131,7 @@ class RedisTrainingQueue:
                    px=max(1, int(self.settings.train_debounce_s * 1000)))
     self.queue.enqueue_in(datetime.timedelta(seconds=self.settings.train_debounce_s),
                           debounced_trigger, project, delayed_id, f'{action} events',
-                          job_id=delayed_id, result_ttl=0)
+                          time.time(), job_id=delayed_id, result_ttl=0)
     return f'training in {self.settings.train_debounce_s:g} s unless more events arrive'
 
   def status_of(self, project: int) -> dict:
@@ -136,14 +153,15 @@ def _job_is_live(connection: redis.Redis, job_id: str) -> bool:
     return False
 
 
-def debounced_trigger(project: int, delayed_id: str, reason: str) -> str:
+def debounced_trigger(project: int, delayed_id: str, reason: str,
+                      changed_at: float | None = None) -> str:
   """RQ job: the trigger after the debounce time, unless newer events replaced it."""
   queue = RedisTrainingQueue(Settings.from_env())
   current = queue.redis.get(_key(project, 'debounce'))
   # None: the wait ran out before the scheduler got here, and no event came since.
   if current is not None and current.decode() != delayed_id:
     return 'replaced by a later event'
-  return queue.trigger(project, reason)
+  return queue.trigger(project, reason, changed_at)
 
 
 class _Heartbeat(threading.Thread):
@@ -178,6 +196,15 @@ def run_training_job(project: int, job_id: str) -> str | None:
   heartbeat.start()
   # From here on, triggers make a new job: this one has not read the tasks yet.
   connection.delete(_key(project, 'pending'))
+  changed = float(connection.get(_key(project, 'changed')) or 0)
+  fetched = connection.get(_key(project, 'fetched'))
+  if fetched is not None and changed < float(fetched):
+    log.info('Project %s: nothing changed since the last run read the tasks; job %s ends',
+             project, job_id)
+    heartbeat.stopped.set()
+    lock.release()
+    return None
+  connection.set(_key(project, 'fetched'), repr(time.time()))
   status = TrainingStatus(state='running', started_at=time.time())
   status_key = _key(project, 'status')
   previous = connection.get(status_key)

@@ -109,3 +109,23 @@ def test_events_after_the_wait_count_afresh(redis_url, connection, monkeypatch):
   assert connection.get('fewshot:10:debounce') is None
   assert queue.annotation_event(10, 'ANNOTATION_CREATED') == 'counted 1/2'
   assert debounced_trigger(10, delayed, 'events') == 'queued'
+
+
+def test_a_job_ends_at_once_when_nothing_changed_since_the_last_run_read_the_tasks(
+    redis_url, connection, monkeypatch, tmp_path):
+  from backend.redis_queue import run_training_job
+  monkeypatch.setenv('REDIS_URL', redis_url)
+  monkeypatch.setenv('MODEL_DIR', str(tmp_path))
+  runs = []
+  monkeypatch.setattr('backend.training.train_project',
+                      lambda settings, store, fetcher, project, progress: runs.append(project)
+                      or f'fewshot-ssd-v{len(runs)}')
+  queue = _queue(redis_url)
+  queue.trigger(6, 'ANNOTATION_CREATED events', changed_at=time.time() - 60)
+  assert run_training_job(6, 'job-a') == 'fewshot-ssd-v1'
+  # The debounced trigger of edits made before that run read the tasks: nothing to do.
+  queue.trigger(6, 'ANNOTATION_CREATED events', changed_at=time.time() - 30)
+  assert run_training_job(6, 'job-b') is None and runs == [6]
+  # A new press of Start Training, or a later edit, trains again.
+  queue.trigger(6, 'START_TRAINING')
+  assert run_training_job(6, 'job-c') == 'fewshot-ssd-v2' and runs == [6, 6]

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
-from model.config import TrainConfig
+from model.config import (BudgetConfig, CompressionConfig, InputConfig, TrainConfig,
+                          ViewsConfig)
 
 
 # Loggers of libraries that print URLs (with any user:password in them) at INFO.
@@ -77,18 +78,18 @@ class Settings:
   train_debounce_s: float = 10.0
   # Cap on a training run's steps (the budget grows with the images up to it),
   # and what trains: 'heads', 'top' (heads + top of the extractor) or 'all'.
-  train_max_steps: int = TrainConfig.max_steps
+  train_max_steps: int = BudgetConfig.max
   train_mode: str = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
   # None ('auto'): chosen from the sizes of the labeled boxes.
-  train_input_size: int | None = TrainConfig.input_size
+  train_input_size: int | None = InputConfig.size
   # Zoom-outs (each image also shrunk onto a canvas, for objects smaller in
   # new images than in the labeled ones) as a fraction of the random crops;
   # then quantization-aware training for the int8 file, or pruning to this
   # fraction of zero weights for smaller downloads (both need TRAIN_MODE top or all).
-  train_zoom_out: float = TrainConfig.zoom_out_views
-  train_qat: bool = TrainConfig.quantization_aware
-  train_prune: float = TrainConfig.prune_sparsity
+  train_zoom_out: float = ViewsConfig.zoom_out
+  train_qat: bool = CompressionConfig.quantization_aware
+  train_prune: float = CompressionConfig.prune_sparsity
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
   # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
   training_queue: str = 'inprocess'
@@ -103,10 +104,10 @@ class Settings:
     return self.basic_auth_user is not None
 
   def train_config(self) -> TrainConfig:
-    return TrainConfig(max_steps=self.train_max_steps, trainable=self.train_mode,
-                       input_size=self.train_input_size, zoom_out_views=self.train_zoom_out,
-                       quantization_aware=self.train_qat,
-                       prune_sparsity=self.train_prune)
+    return TrainConfig(trainable=self.train_mode).with_overrides({
+        'budget.max': self.train_max_steps, 'input.size': self.train_input_size,
+        'views.zoom_out': self.train_zoom_out, 'compression.quantization_aware': self.train_qat,
+        'compression.prune_sparsity': self.train_prune})
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':

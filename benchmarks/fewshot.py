@@ -46,9 +46,9 @@ from model.images import load_image  # noqa: E402
 
 log = logging.getLogger('benchmark')
 STARTS = {
-    'partial restore': dict(restore='extractor+box'),
-    'extractor only, fresh box head': dict(restore='extractor'),
-    'nothing restored': dict(restore='none', class_init='fresh'),
+    'partial restore': {'warm_start.restore': 'extractor+box'},
+    'extractor only, fresh box head': {'warm_start.restore': 'extractor'},
+    'nothing restored': {'warm_start.restore': 'none', 'warm_start.class_init': 'fresh'},
 }
 # What trains besides the default (`TrainConfig.trainable`), from a partial restore.
 TRAINABLE = ('heads', 'top', 'all')
@@ -63,10 +63,10 @@ def tf_map(run_dir, test_examples, test_images):
   return evaluate_run(run_dir, test_examples, test_images)
 
 
-def train_once(tasks, root, model_dir, work, shots, seed, export_kinds=(), **config):
+def train_once(tasks, root, model_dir, work, shots, seed, export_kinds=(), overrides=None):
   out = Path(tempfile.mkdtemp(dir=work)) / 'run'
   started = time.monotonic()
-  run = pipeline.train_iteration(tasks, root, out, model_dir, config=TrainConfig(seed=seed, **config),
+  run = pipeline.train_iteration(tasks, root, out, model_dir, config=TrainConfig(seed=seed).with_overrides(overrides or {}),
                                   max_images=shots, export_kinds=export_kinds)
   metrics = json.loads(run.metrics.read_text())
   metrics['wall_s'] = time.monotonic() - started
@@ -99,9 +99,9 @@ def latency_ms(detector, image, repeats=50):
 def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, results, only=None):
   num_train = len(tasks_lib.training_examples(tasks_lib.parse_tasks(tasks)[0]))
   variants = [(name, cfg) for name, cfg in STARTS.items()]
-  variants.append(('partial restore, fresh class head', dict(restore='extractor+box', class_init='fresh')))
-  variants += [(f'partial restore, trains {mode}', dict(trainable=mode)) for mode in TRAINABLE]
-  variants.append(('partial restore, no zoom-outs', dict(zoom_out_views=0.0)))
+  variants.append(('partial restore, fresh class head', {'warm_start.restore': 'extractor+box', 'warm_start.class_init': 'fresh'}))
+  variants += [(f'partial restore, trains {mode}', {'trainable': mode}) for mode in TRAINABLE]
+  variants.append(('partial restore, no zoom-outs', {'views.zoom_out': 0.0}))
   variants = [(name, cfg) for name, cfg in variants if only is None or name in only]
   for shots in shots_list:
     # One image varies most from subset to subset (std ~0.1 mAP) and trains in
@@ -112,7 +112,7 @@ def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, result
         continue
       rows = []
       for seed in seeds:
-        run, metrics = train_once(tasks, root, model_dir, work, shots, seed, **cfg)
+        run, metrics = train_once(tasks, root, model_dir, work, shots, seed, overrides=cfg)
         evaluation = tf_map(run.root, *test)
         rows.append({'seed': seed, 'map50': evaluation['map50'], 'map': evaluation['map'],
                      'train_s': metrics['wall_time_s']['train_s'],
@@ -139,8 +139,8 @@ def quality_grid(tasks, root, model_dir, work, test, shots_list, subsets, result
 # Ways to make the on-device files, compared at 10 shots.
 EXPORT_VARIANTS = {
     'post-training int8': {},
-    'QAT': dict(quantization_aware=True),
-    'pruned 50%': dict(prune_sparsity=0.5),
+    'QAT': {'compression.quantization_aware': True},
+    'pruned 50%': {'compression.prune_sparsity': 0.5},
 }
 
 
@@ -152,7 +152,7 @@ def export_comparison(tasks, root, model_dir, work, test, results, subsets):
     per_seed = []
     for seed in range(subsets):
       run, metrics = train_once(tasks, root, model_dir, work, 10, seed,
-                                export_kinds=('float', 'int8'), **cfg)
+                                export_kinds=('float', 'int8'), overrides=cfg)
       _, labels, _ = run_folder.read_run(run.root)
       row = {'tf': tf_map(run.root, *test), 'train_s': metrics['wall_time_s']['train_s'],
              'export_s': metrics['wall_time_s']['export_s']}
@@ -207,7 +207,7 @@ def duck_reference_box(image):
   return (cols.start, rows.start, cols.stop, rows.stop)
 
 
-def ducky(ducky_dir, model_dir, work, results, key='ducky', **config):
+def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None):
   """The notebook's task: train on its 5 labeled frames, find the duck in the 49 unlabeled ones.
 
   Against colour-derived reference boxes (`duck_reference_box`): frames where
@@ -218,7 +218,7 @@ def ducky(ducky_dir, model_dir, work, results, key='ducky', **config):
   from model.boxes import iou_xyxy
   tasks = tasks_lib.load_tasks_file(ducky_dir / 'tasks.json')
   run, metrics = train_once(tasks, ducky_dir, model_dir, work, None, 0, export_kinds=('float',),
-                            **config)
+                            overrides=overrides)
   _, labels, _ = run_folder.read_run(run.root)
   detector = TFLiteDetector(run.tflite('float'), labels)
   examples, _ = tasks_lib.parse_tasks(tasks)
@@ -334,7 +334,8 @@ def main():
       export_comparison(tasks, args.dataset, args.model_dir, work, test, results, args.subsets)
     if 'ducky' not in args.skip and args.ducky.is_dir():
       ducky(args.ducky, args.model_dir, work, results)
-      ducky(args.ducky, args.model_dir, work, results, key='ducky_no_zoom_out', zoom_out_views=0.0)
+      ducky(args.ducky, args.model_dir, work, results, key='ducky_no_zoom_out',
+            overrides={'views.zoom_out': 0.0})
   write(results)
   print((REPO / 'benchmarks' / 'results' / 'fewshot.md').read_text())
 

@@ -8,7 +8,7 @@ the TF checkpoint, the float .tflite and the int8 .tflite. Variants of
 data set shows what it does to the others.
 
   .venv/bin/python benchmarks/generalization.py --datasets raccoon bccd crowd \\
-      --shots 10 all --variant before:input_size=300,zoom_out_views=0.5
+      --shots 10 all --variant 'at 300:input.size=300,views.zoom_out=0.5'
 
 Synthetic scenes (made once under --work, deterministic):
   crowd    3 classes of shapes, 12 per 640x480 image, 30-60 px (14-28 px at 300)
@@ -71,15 +71,19 @@ def dataset_folder(name: str, work: Path) -> Path:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-  """'name:key=value,key=value' -> (name, TrainConfig overrides)."""
+  """'name:stage.field=value,...' -> (name, TrainConfig overrides); values are JSON or words."""
   name, _, assignments = text.partition(':')
-  fields = {f.name: f.type for f in TrainConfig.__dataclass_fields__.values()}
   overrides = {}
   for assignment in filter(None, assignments.split(',')):
     key, value = assignment.split('=', 1)
-    if key not in fields:
-      raise SystemExit(f'unknown TrainConfig field {key!r}')
-    overrides[key] = json.loads(value) if value not in ('top', 'heads', 'all') else value
+    try:
+      overrides[key] = json.loads(value)
+    except ValueError:
+      overrides[key] = value  # a word: 'top', 'fresh', ...
+  try:
+    TrainConfig().with_overrides(overrides)
+  except ValueError as error:
+    raise SystemExit(f'--variant {text!r}: {error}') from None
   return name, overrides
 
 
@@ -88,7 +92,7 @@ def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, ov
   out = Path(tempfile.mkdtemp(dir=work)) / 'run'
   started = time.monotonic()
   run = pipeline.train_iteration(tasks, root, out, model_dir,
-                                 config=TrainConfig(seed=seed, **overrides),
+                                 config=TrainConfig(seed=seed).with_overrides(overrides),
                                  max_images=None if shots == ALL else shots)
   wall = time.monotonic() - started
   metrics = json.loads(run.metrics.read_text())

@@ -64,7 +64,7 @@ def interpreter_ms(detector: TFLiteDetector, image, repeats: int = 30) -> float:
 def measure(size: int, tasks, root: Path, model_dir: Path, work: Path) -> dict:
   out = work / f'run-{size}'
   started = time.monotonic()
-  run = pipeline.train_iteration(tasks, root, out, model_dir, config=TrainConfig(input_size=size),
+  run = pipeline.train_iteration(tasks, root, out, model_dir, config=TrainConfig().with_overrides({'input.size': size}),
                                   export_kinds=('int8',))
   wall_s = time.monotonic() - started
   metrics = json.loads(run.metrics.read_text())

@@ -60,9 +60,9 @@ def cmd_train(args) -> int:
   from model import pipeline, tasks as tasks_lib
   from model.config import TrainConfig
   try:
-    config = TrainConfig(seed=args.seed, input_size=args.input_size, trainable=args.train,
-                         quantization_aware=args.qat, prune_sparsity=args.prune,
-                         zoom_out_views=args.zoom_out)
+    config = TrainConfig(seed=args.seed, trainable=args.train).with_overrides({
+        'input.size': args.input_size, 'views.zoom_out': args.zoom_out,
+        'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune})
   except ValueError as error:
     log.error('%s', error)
     return 2
@@ -125,7 +125,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from model.config import TrainConfig
+  from model.config import CompressionConfig, InputConfig, TrainConfig, ViewsConfig
   parser = argparse.ArgumentParser(prog='python -m model', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model-dir', help='model directory (default: $MODEL_DIR or ./models)')
@@ -146,20 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--images-root', help="where data.image paths start (default: the tasks file's folder)")
   train.add_argument('--max-images', type=int, help='use only K training images (a seeded subset)')
   train.add_argument('--seed', type=int, default=TrainConfig.seed)
-  train.add_argument('--input-size', type=int, default=TrainConfig.input_size,
+  train.add_argument('--input-size', type=int, default=InputConfig.size,
                      help='model input side in pixels (larger finds smaller objects, costs time; '
                           'default: chosen from the sizes of the labeled boxes)')
   train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers; default), or everything')
-  train.add_argument('--zoom-out', type=float, default=TrainConfig.zoom_out_views,
+  train.add_argument('--zoom-out', type=float, default=ViewsConfig.zoom_out,
                      metavar='FRACTION',
                      help='views of each image shrunk onto a canvas, added as this fraction of its '
                           'random crops, so objects smaller than the labeled ones are found too '
                           '(default %(default)s; 0 turns them off)')
   train.add_argument('--qat', action='store_true',
                      help='quantization-aware training of what trains in the extractor, for the int8 file')
-  train.add_argument('--prune', type=float, default=TrainConfig.prune_sparsity, metavar='SPARSITY',
+  train.add_argument('--prune', type=float, default=CompressionConfig.prune_sparsity, metavar='SPARSITY',
                      help='prune what trains in the extractor to this fraction of zero weights '
                           '(e.g. 0.5): the .tflite files compress better')
   train.set_defaults(handler=cmd_train)

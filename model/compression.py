@@ -118,13 +118,13 @@ def _layer_names(model: tf_keras.Model) -> set[str]:
 
 def wrap(trainable_part: tf_keras.Model, config: TrainConfig, steps: int) -> Optimized | None:
   """The quantization-aware or pruned copy of `trainable_part` that `config` asks for, or None."""
-  if config.quantization_aware:
+  if config.compression.quantization_aware:
     return Optimized(tfmot.quantization.keras.quantize_model(trainable_part), 'qat')
-  if config.prune_sparsity > 0:
+  if config.compression.prune_sparsity > 0:
     # Prune from 10% to 70% of the budget, so that the rest of training heals the cut.
     begin, end = int(0.1 * steps), max(int(0.1 * steps) + 1, int(0.7 * steps))
     schedule = tfmot.sparsity.keras.PolynomialDecay(
-        initial_sparsity=0.0, final_sparsity=config.prune_sparsity, begin_step=begin,
+        initial_sparsity=0.0, final_sparsity=config.compression.prune_sparsity, begin_step=begin,
         end_step=end, frequency=max(1, (end - begin) // 20))
     return Optimized(tfmot.sparsity.keras.prune_low_magnitude(
         trainable_part, pruning_schedule=schedule), 'prune')

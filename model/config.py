@@ -184,162 +184,240 @@ class BasePaths:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Few-shot training: what trains, for how long, on which views.
+class InputConfig:
+  """The model input's side in pixels.
 
-  What is frozen is computed once per augmented view and cached; what trains
-  runs on that cache each step (see `model.train`).
+  `size` None: chosen from the labeled boxes (`choose`), the smallest of
+  `sizes` at which every label's typical object spans `min_object_px` or more.
   """
 
-  seed: int = 0
-  # Model input side in pixels. None: chosen from the labeled boxes
-  # (`choose_input_size`), the smallest of `input_sizes` at which every
-  # label's typical object (median sqrt(width * height)) spans
-  # `min_object_px` or more: the smallest anchors are 30 px, and fewer pixels
-  # leave an object to forced matches alone (BCCD's platelets, 21 px at 300,
-  # get 448). Larger inputs cost time as the square of the side, and 640
-  # scored below 448 on shapes of 7-14 px (benchmarks/small_objects.py).
-  input_size: int | None = None
-  input_sizes: tuple[int, ...] = (300, 384, 448)
+  size: int | None = None
+  sizes: tuple[int, ...] = (300, 384, 448)
   min_object_px: float = 30.0
-  # What a new model restores from the base (or the previous iteration):
-  # 'extractor+box' (the few-shot default), 'extractor' (fresh box head), 'none'.
-  restore: str = 'extractor+box'
-  # How a new label's class column starts: 'base-fit' (the base class that
-  # names or fits it) or 'fresh' (small random weights, prior 0.01).
-  class_init: str = 'base-fit'
-  # A base-fit column is the mean of this many best-fitting base classes.
-  class_init_blend: int = 2
-  # What trains: 'heads' (box and class heads on cached feature maps, as in the
-  # notebook), 'top' (also Conv_1 and the four SSD extra layers, which make
-  # five of the six maps), or 'all' (the whole extractor; slow on a CPU).
-  # Measured on raccoon (benchmarks/fewshot.py, 3 subsets): 'top' over
-  # 'heads' gives mAP@0.5 0.92 vs 0.87 and mAP 0.61 vs 0.51 at 10 images, for
-  # ~37 s instead of ~21 s of training.
-  trainable: str = 'top'
-  # Optional, on the part of the extractor that trains ('top' or 'all'; see
-  # model/compression.py): quantization-aware training for the int8 file, or
-  # magnitude pruning to this fraction of zero weights (0 = off). Not both.
-  quantization_aware: bool = False
-  prune_sparsity: float = 0.0
-  # The extractor's learning rate relative to the class head's, when it trains.
-  extractor_learning_rate_scale: float = 0.1
-  batch_size: int = 16
-  # Peak learning rate of the class head (Adam), reached after the warm-up,
-  # then cosine decay. None: chosen from the data (`class_learning_rate`).
-  learning_rate: float | None = None
-  # The box head's peak learning rate relative to the class head's. None:
-  # chosen from the data (`box_learning_rate_scale_for`).
-  box_learning_rate_scale: float | None = None
-  warmup_fraction: float = 0.1
-  # Step budget: base + per_image for each of the first few images + per
-  # further image, capped. Measured with 'top' on raccoon (6 subsets) before
-  # zoom-outs: one image scores mAP@0.5 0.79 after 60 steps, 0.78 after 110 and
-  # 0.74 after 310; five images 0.91 after 200 or 350; ten 0.92 after 300 or
-  # 500; 160 images 0.96 after 1000 or 1500 (41 s instead of 53 s). With
-  # zoom-outs (more views per image) one image still overfits after 135 steps
-  # (0.70) while five need more than 175: ducky's duck is found in 43 of 49
-  # frames after 300 steps, 39 after 175. Ten images score 0.95 after 400
-  # steps, in 60 s of training on a slow machine: hence 75 / 275 / 325 / 1000
-  # steps for 1 / 5 / 10 / 160 images.
-  base_steps: int = 25
-  steps_per_first_image: int = 50
-  first_images: int = 5
-  steps_per_further_image: int = 10
-  max_steps: int = 1000
-  # Zoom-outs (the image shrunk onto a canvas, for objects smaller at
-  # prediction time than in the labeled images), added per image as a fraction
-  # of its random crops. Measured (benchmarks/fewshot.py): see README's
-  # "Few-shot quality"; 0 turns them off.
-  zoom_out_views: float = 0.5
-  # Augmented views per image: many for a handful of images, few for many
-  # (zoom-outs come on top: at most 1.5 x max_cached_views feature maps, about
-  # a GB at 300x300 with 'top').
-  max_views_per_image: int = 16
-  max_cached_views: int = 480
-  # Anchors with IoU >= positive are matched, < negative are background.
-  positive_iou: float = 0.5
-  negative_iou: float = 0.4
-  focal_alpha: float = 0.25
-  focal_gamma: float = 2.0
-  box_loss_weight: float = 1.0
-  # A held-out validation split (for early stopping) once there are this many images.
-  min_images_for_validation: int = 20
-  validation_fraction: float = 0.1
-  eval_every: int = 50
-  patience_evals: int = 6
 
   def __post_init__(self):
-    for size in (self.input_size, *self.input_sizes):
+    for size in (self.size, *self.sizes):
       if size is not None and (size < 128 or size > 1024 or size % 2):
         raise ValueError(f'input sizes must be even numbers from 128 to 1024, not {size}')
-    if self.restore not in ('extractor+box', 'extractor', 'none'):
-      raise ValueError(f'restore must be extractor+box, extractor or none, not {self.restore!r}')
-    if self.trainable not in ('heads', 'top', 'all'):
-      raise ValueError(f'trainable must be heads, top or all, not {self.trainable!r}')
-    if not 0.0 <= self.zoom_out_views <= 1.0:
-      raise ValueError(f'zoom_out_views must be in [0, 1], not {self.zoom_out_views}')
-    if not 0.0 <= self.prune_sparsity < 1.0:
-      raise ValueError(f'prune_sparsity must be in [0, 1), not {self.prune_sparsity}')
-    if (self.quantization_aware or self.prune_sparsity) and self.trainable == 'heads':
-      raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
-    if self.quantization_aware and self.prune_sparsity:
-      raise ValueError('choose QAT or pruning, not both')
-    if self.class_init not in ('base-fit', 'fresh'):
-      raise ValueError(f'class_init must be base-fit or fresh, not {self.class_init!r}')
 
-  def choose_input_size(self, typical_sides: dict[str, float]) -> tuple[int, str]:
+  def choose(self, typical_sides: dict[str, float]) -> tuple[int, str]:
     """The input side for objects of these sizes, and why.
 
     Args:
       typical_sides: label -> median sqrt(height * width) of its boxes,
         normalized (a fraction of the image side; the input is square).
     """
-    if self.input_size is not None:
-      return self.input_size, 'set'
+    if self.size is not None:
+      return self.size, 'set'
     label, side = min(typical_sides.items(), key=lambda item: item[1])
-    for size in self.input_sizes:
+    for size in self.sizes:
       if side * size >= self.min_object_px:
         break
     return size, (f'"{label}", the smallest label, is typically {side * size:.0f} px at {size} '
-                  f'(aim: {self.min_object_px:g} px or more, from {self.input_sizes[0]} up)')
+                  f'(aim: {self.min_object_px:g} px or more, from {self.sizes[0]} up)')
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartConfig:
+  """Where a new model's parts come from (`model.warm_start`).
+
+  Attributes:
+    restore: what the base (or previous iteration) gives: 'extractor+box'
+      (the few-shot default), 'extractor' (fresh box head) or 'none'.
+    class_init: a new label's class column: 'base-fit' (the base class that
+      names or fits it) or 'fresh' (small random weights, prior 0.01).
+    blend: a base-fit column is the mean of this many best-fitting classes.
+  """
+
+  restore: str = 'extractor+box'
+  class_init: str = 'base-fit'
+  blend: int = 2
+
+  def __post_init__(self):
+    if self.restore not in ('extractor+box', 'extractor', 'none'):
+      raise ValueError(f'restore must be extractor+box, extractor or none, not {self.restore!r}')
+    if self.class_init not in ('base-fit', 'fresh'):
+      raise ValueError(f'class_init must be base-fit or fresh, not {self.class_init!r}')
 
   def restored_parts(self) -> tuple[str, ...]:
     return {'extractor+box': ('feature_extractor', 'box_head'),
             'extractor': ('feature_extractor',), 'none': ()}[self.restore]
 
-  def class_learning_rate(self, num_images: int, any_fresh_column: bool) -> float:
-    """Measured on raccoon and ducky: a column started from a fitting base class
-    is already good and one image overfits it at 5e-3 (1-shot mAP 0.70 at 1e-3,
-    0.56 at 5e-3), while a fresh column needs the larger rate (ducky frames
-    found: 1 of 49 at 1e-3, 21 at 5e-3); more images tolerate more."""
-    if self.learning_rate is not None:
-      return self.learning_rate
-    if any_fresh_column or self.restore == 'none':
-      return 5e-3
-    return min(5e-3, 1e-3 * math.sqrt(num_images))
 
-  def box_learning_rate_scale_for(self, num_images: int) -> float:
-    """The restored box head stays frozen on one or two images (training it cost
-    0.09 mAP at 1 shot) and moves gently on more (+0.02 at 10 shots)."""
-    if self.box_learning_rate_scale is not None:
-      return self.box_learning_rate_scale
-    if 'box_head' not in self.restored_parts():
-      return 1.0  # a fresh box head has everything to learn
-    return 0.0 if num_images < 3 else 0.1
+@dataclasses.dataclass(frozen=True)
+class BudgetConfig:
+  """Training steps: `base` + `per_first_image` for each of the first
+  `first_images` + `per_further_image` for each further one, at most `max`
+  (75 / 275 / 325 / 1000 for 1 / 5 / 10 / 160 images; why: benchmarks/results/choices.md)."""
 
-  def step_budget(self, num_images: int) -> int:
+  base: int = 25
+  per_first_image: int = 50
+  first_images: int = 5
+  per_further_image: int = 10
+  max: int = 1000
+
+  def steps(self, num_images: int) -> int:
     first = min(num_images, self.first_images)
-    return min(self.max_steps, self.base_steps + self.steps_per_first_image * first
-               + self.steps_per_further_image * (num_images - first))
+    return min(self.max, self.base + self.per_first_image * first
+               + self.per_further_image * (num_images - first))
 
-  def views_per_image(self, num_images: int) -> int:
+
+@dataclasses.dataclass(frozen=True)
+class ViewsConfig:
+  """Augmented views per training image (`model.augment`, `model.views`).
+
+  Original + mirror, then random crops while the cache holds them (many for a
+  handful of images, few for many), then zoom-outs (the image shrunk onto a
+  canvas) as a fraction `zoom_out` of the crops (0 turns them off).
+  """
+
+  zoom_out: float = 0.5
+  max_per_image: int = 16
+  max_cached: int = 480
+
+  def __post_init__(self):
+    if not 0.0 <= self.zoom_out <= 1.0:
+      raise ValueError(f'zoom_out must be in [0, 1], not {self.zoom_out}')
+
+  def per_image(self, num_images: int) -> int:
     """Original + flip at least; more random crops when images are few."""
-    return max(2, min(self.max_views_per_image, self.max_cached_views // max(1, num_images)))
+    return max(2, min(self.max_per_image, self.max_cached // max(1, num_images)))
 
   def zoom_outs_per_image(self, num_images: int) -> int:
     """Zoom-outs on top of the views above: a fraction of the random crops."""
-    return round(self.zoom_out_views * (self.views_per_image(num_images) - 2))
+    return round(self.zoom_out * (self.per_image(num_images) - 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingConfig:
+  """Anchors with IoU >= positive are matched, < negative are background, ignored between."""
+
+  positive_iou: float = 0.5
+  negative_iou: float = 0.4
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Sigmoid focal loss on the class logits plus `box_weight` x Huber on boxes."""
+
+  focal_alpha: float = 0.25
+  focal_gamma: float = 2.0
+  box_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """Adam with a linear warm-up then cosine decay, one optimizer per part.
+
+  `learning_rate` (the class head's peak) and `box_scale` (the box head's,
+  relative to it) None: chosen from the data (`class_learning_rate`,
+  `box_learning_rate_scale`); `extractor_scale`: the extractor's, relative.
+  """
+
+  batch_size: int = 16
+  learning_rate: float | None = None
+  box_scale: float | None = None
+  extractor_scale: float = 0.1
+  warmup_fraction: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+  """A held-out split once there are `min_images` images; evaluated every `every` steps."""
+
+  min_images: int = 20
+  validation_fraction: float = 0.1
+  every: int = 50
+  patience: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+  """Optional, on what trains of the extractor (`model.compression`): quantization-aware
+  training for the int8 file, or magnitude pruning to this fraction of zeros. Not both."""
+
+  quantization_aware: bool = False
+  prune_sparsity: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 <= self.prune_sparsity < 1.0:
+      raise ValueError(f'prune_sparsity must be in [0, 1), not {self.prune_sparsity}')
+    if self.quantization_aware and self.prune_sparsity:
+      raise ValueError('choose QAT or pruning, not both')
+
+  @property
+  def active(self) -> bool:
+    return self.quantization_aware or self.prune_sparsity > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Few-shot training, one nested config per stage.
+
+  `trainable` is what trains: 'heads' (box and class heads on cached feature
+  maps, as in the notebook), 'top' (also Conv_1 and the four SSD extra
+  layers, which make five of the six maps) or 'all' (the whole extractor;
+  slow on a CPU). What is frozen is computed once per view and cached.
+  Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
+  """
+
+  seed: int = 0
+  trainable: str = 'top'
+  input: InputConfig = InputConfig()
+  warm_start: WarmStartConfig = WarmStartConfig()
+  budget: BudgetConfig = BudgetConfig()
+  views: ViewsConfig = ViewsConfig()
+  matching: MatchingConfig = MatchingConfig()
+  loss: LossConfig = LossConfig()
+  schedule: ScheduleConfig = ScheduleConfig()
+  early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+  compression: CompressionConfig = CompressionConfig()
+
+  def __post_init__(self):
+    if self.trainable not in ('heads', 'top', 'all'):
+      raise ValueError(f'trainable must be heads, top or all, not {self.trainable!r}')
+    if self.compression.active and self.trainable == 'heads':
+      raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
+
+  def with_overrides(self, overrides: dict) -> 'TrainConfig':
+    """A copy with fields replaced, nested ones by dotted name ('views.zoom_out').
+
+    Raises:
+      ValueError: an unknown field or a value a stage refuses.
+    """
+    config = self
+    for name, value in overrides.items():
+      stage, _, field = name.rpartition('.')
+      if not stage:
+        config = _replace(config, field, value)
+      else:
+        config = _replace(config, stage, _replace(getattr(config, stage), field, value))
+    return config
+
+  def class_learning_rate(self, num_images: int, any_fresh_column: bool) -> float:
+    """A column started from a fitting base class is already good and one
+    image overfits it at 5e-3, while a fresh column needs the larger rate;
+    more images tolerate more (benchmarks/results/choices.md)."""
+    if self.schedule.learning_rate is not None:
+      return self.schedule.learning_rate
+    if any_fresh_column or self.warm_start.restore == 'none':
+      return 5e-3
+    return min(5e-3, 1e-3 * math.sqrt(num_images))
+
+  def box_learning_rate_scale(self, num_images: int) -> float:
+    """The restored box head stays frozen on one or two images and moves gently
+    on more (benchmarks/results/choices.md); a fresh one has everything to learn."""
+    if self.schedule.box_scale is not None:
+      return self.schedule.box_scale
+    if 'box_head' not in self.warm_start.restored_parts():
+      return 1.0
+    return 0.0 if num_images < 3 else 0.1
+
+
+def _replace(config, field: str, value):
+  if field not in {f.name for f in dataclasses.fields(config)}:
+    raise ValueError(f'{type(config).__name__} has no field {field!r}')
+  return dataclasses.replace(config, **{field: value})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,8 +109,8 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   if not labels:
     raise RunError('the training tasks hold no boxes: label some objects first')
   validation = []
-  if len(train_examples) >= config.min_images_for_validation:
-    count = max(2, round(config.validation_fraction * len(train_examples)))
+  if len(train_examples) >= config.early_stopping.min_images:
+    count = max(2, round(config.early_stopping.validation_fraction * len(train_examples)))
     validation = sorted(rng.permutation(len(train_examples))[:count].tolist())
   fit = [i for i in range(len(train_examples)) if i not in set(validation)]
   log.info('Training on %d images (%d held out for early stopping), labels %s',
@@ -133,10 +133,11 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
   """
-  size, why = config.choose_input_size(typical_sides(training.part(training.fit)[0]))
-  if size != config.input_size:
+  size, why = config.input.choose(typical_sides(training.part(training.fit)[0]))
+  if size != config.input.size:
     log.info('Input size %d: %s', size, why)
-  return dataclasses.replace(config, input_size=size), {'input_size': {'value': size, 'why': why}}
+  return (config.with_overrides({'input.size': size}),
+          {'input_size': {'value': size, 'why': why}})
 
 
 @dataclasses.dataclass
@@ -165,7 +166,7 @@ def load_sources(model_dir: Path, config: TrainConfig, previous: Path | None) ->
   """
   from model import base_weights
   base_paths = base_weights.ensure_base(model_dir)
-  base_model, base_labels = base_weights.load_base_ssd(model_dir, config.input_size)
+  base_model, base_labels = base_weights.load_base_ssd(model_dir, config.input.size)
   if previous is None:
     return Sources(base_model, base_labels, base_paths.checkpoint_prefix)
   previous_model, previous_labels = run_folder.load_run_model(previous)
@@ -176,8 +177,8 @@ def load_sources(model_dir: Path, config: TrainConfig, previous: Path | None) ->
 def build_model(labels: list[str], sources: Sources, config: TrainConfig):
   """The project's SSD: extractor + box head restored, class head left for `start_class_head`."""
   from model import warm_start
-  return warm_start.build_project_model(labels, config.input_size, parts_from=sources.checkpoint,
-                                        parts=config.restored_parts())
+  return warm_start.build_project_model(labels, config.input.size, parts_from=sources.checkpoint,
+                                        parts=config.warm_start.restored_parts())
 
 
 @dataclasses.dataclass
@@ -204,16 +205,16 @@ def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
   from model.train import ExtractorSplit
   from model.views import make_cached_views
   assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
-                            model.config.box_scale_factors, config.positive_iou,
-                            config.negative_iou)
+                            model.config.box_scale_factors, config.matching.positive_iou,
+                            config.matching.negative_iou)
   split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
-  views_each = config.views_per_image(len(training.fit))
-  zoom_outs = config.zoom_outs_per_image(len(training.fit))
+  views_each = config.views.per_image(len(training.fit))
+  zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
 
   def cached(indices, each, zoom):
     return make_cached_views(*training.part(indices), label_ids, assigner, split.frozen,
-                             views_each=each, zoom_outs=zoom, input_size=config.input_size)
+                             views_each=each, zoom_outs=zoom, input_size=config.input.size)
 
   train_inputs, train = cached(training.fit, views_each, zoom_outs)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
@@ -236,7 +237,8 @@ def start_class_head(model, labels: list[str], sources: Sources, views: Views,
     return logits, views.train.class_targets[originals]
 
   return warm_start.start_class_head(model.class_head, labels, sources.head_sources(),
-                                     class_init=config.class_init, blend=config.class_init_blend,
+                                     class_init=config.warm_start.class_init,
+                                     blend=config.warm_start.blend,
                                      seed=config.seed, fit_data=fit_data)
 
 
@@ -250,9 +252,9 @@ class Schedule:
 
 
 def plan_schedule(num_images: int, columns: list, config: TrainConfig) -> Schedule:
-  return Schedule(config.step_budget(num_images),
+  return Schedule(config.budget.steps(num_images),
                   config.class_learning_rate(num_images, any(c.head is None for c in columns)),
-                  config.box_learning_rate_scale_for(num_images))
+                  config.box_learning_rate_scale(num_images))
 
 
 def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None):
@@ -261,13 +263,13 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   views.split.apply_optimization(config, schedule.steps, views.train)
   log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
            {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
-            'all': 'everything'}[config.trainable], schedule.steps, config.batch_size,
+            'all': 'everything'}[config.trainable], schedule.steps, config.schedule.batch_size,
            schedule.class_learning_rate, schedule.box_learning_rate_scale,
            '' if config.trainable == 'heads'
-           else f', extractor x{config.extractor_learning_rate_scale:g}')
+           else f', extractor x{config.schedule.extractor_scale:g}')
   if views.split.optimized:
     log.info('%s', 'Quantization-aware training' if views.split.optimized.kind == 'qat' else
-             f'Pruning the extractor\'s trained part to {config.prune_sparsity:.0%} zeros')
+             f'Pruning the extractor\'s trained part to {config.compression.prune_sparsity:.0%} zeros')
   report = Trainer(model, views.split, config, schedule.class_learning_rate,
                    schedule.box_learning_rate_scale).train(
                        views.train, schedule.steps, views.validation, progress)
@@ -425,8 +427,8 @@ def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: R
         'file_bytes': {name: len(data) for name, data in names.items()},
         'file_bytes_gzip': {name: compression.gzipped_size(data) for name, data in names.items()},
         'optimization': {
-            'quantization_aware': config.quantization_aware,
-            'prune_sparsity': config.prune_sparsity,
+            'quantization_aware': config.compression.quantization_aware,
+            'prune_sparsity': config.compression.prune_sparsity,
             # zeros over the extractor's (depthwise) conv kernels, all of them
             'extractor_sparsity': round(compression.kernel_sparsity(model.feature_extractor), 4)},
         'tflite_metadata': bool(files) and _has_metadata(),
@@ -437,7 +439,7 @@ def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: R
     })
     write_report(staged.report, report.losses, report.validation, record.history, record.samples)
     run_folder.write_json(staged.run_info, {
-        'labels': training.labels, 'input_size': config.input_size,
+        'labels': training.labels, 'input_size': config.input.size,
         'started_from': str(previous) if previous is not None else 'base',
         'base': base_weights.PACKAGE.spec, 'seed': config.seed,
         'train_config': dataclasses.asdict(config),

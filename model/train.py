@@ -80,7 +80,7 @@ class ExtractorSplit:
 
     `views` calibrate QAT's starting activation ranges.
     """
-    if config.quantization_aware or config.prune_sparsity > 0:
+    if config.compression.active:
       if self.trainable is None:
         raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
       self.optimized = compression.wrap(self.trainable, config, steps)
@@ -148,7 +148,7 @@ class Trainer:
     self.learning_rate = learning_rate
     self.box_learning_rate_scale = box_learning_rate_scale
     self.num_columns = model.config.num_classes + 1
-    self.focal = focal_loss.FocalLoss(config.focal_alpha, config.focal_gamma,
+    self.focal = focal_loss.FocalLoss(config.loss.focal_alpha, config.loss.focal_gamma,
                                       reduction=tf_keras.losses.Reduction.NONE)
     self.huber = tf_keras.losses.Huber(delta=1.0, reduction=tf_keras.losses.Reduction.NONE)
     self.class_variables = model.class_head.trainable_variables
@@ -184,7 +184,7 @@ class Trainer:
       with tf.GradientTape() as tape:
         class_loss, box_loss = self.losses(batch, tf.gather(class_targets, index),
                                            tf.gather(box_targets, index), training=True)
-        loss = class_loss + self.config.box_loss_weight * box_loss
+        loss = class_loss + self.config.loss.box_weight * box_loss
       class_grads, box_grads, extractor_grads = tape.gradient(
           loss, [self.class_variables, self.box_variables, self.extractor_variables])
       optimizers['class'].apply_gradients(zip(class_grads, self.class_variables))
@@ -202,14 +202,14 @@ class Trainer:
                                          tf.constant(views.class_targets[part]),
                                          tf.constant(views.box_targets[part]))
       size = len(views.class_targets[part])
-      total += float(class_loss + self.config.box_loss_weight * box_loss) * size
+      total += float(class_loss + self.config.loss.box_weight * box_loss) * size
       count += size
     return total / max(1, count)
 
   def train(self, train_views: CachedViews, steps: int, validation: CachedViews | None = None,
             progress: ProgressCallback | None = None) -> TrainReport:
     config = self.config
-    warmup = max(1, int(steps * config.warmup_fraction))
+    warmup = max(1, int(steps * config.schedule.warmup_fraction))
 
     def adam(peak):  # linear warm-up to `peak`, then cosine decay
       return tf_keras.optimizers.Adam(learning_rate=tf_keras.optimizers.schedules.CosineDecay(
@@ -220,12 +220,12 @@ class Trainer:
     # that should move gently needs its own, smaller learning rate.
     optimizers = {'class': adam(self.learning_rate),
                   'box': adam(self.learning_rate * self.box_learning_rate_scale),
-                  'extractor': adam(self.learning_rate * config.extractor_learning_rate_scale)}
+                  'extractor': adam(self.learning_rate * config.schedule.extractor_scale)}
     step_fn = self._step_fn(optimizers, train_views)
     if self.split.optimized:
       self.split.optimized.begin()
     rng = np.random.default_rng(config.seed)
-    batch = min(config.batch_size, max(1, len(train_views)))
+    batch = min(config.schedule.batch_size, max(1, len(train_views)))
     losses, validation_losses = [], []
     best = (math.inf, 0, None)
     stopped_early = False
@@ -234,7 +234,8 @@ class Trainer:
       index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch)
       loss = step_fn(tf.constant(index, tf.int32))
       losses.append(float(loss))
-      if validation is not None and (step % config.eval_every == 0 or step == steps):
+      stopping = config.early_stopping
+      if validation is not None and (step % stopping.every == 0 or step == steps):
         value = self._validation_loss(validation)
         validation_losses.append((step, value))
         # The held-out split is small (10% of the images): trust it only to stop
@@ -242,7 +243,7 @@ class Trainer:
         if step >= steps // 2:
           if value < best[0]:
             best = (value, step, [v.numpy() for v in self.variables])
-          elif step - best[1] >= config.eval_every * config.patience_evals:
+          elif step - best[1] >= stopping.every * stopping.patience:
             stopped_early = True
       if progress and (step % 10 == 0 or step == steps or stopped_early):
         elapsed = time.monotonic() - started

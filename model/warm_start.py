@@ -212,7 +212,7 @@ def start_class_head(head: ssd_lib.PredictionHead, labels: list[str], sources: H
   iteration, new labels from the base class that names or fits them (or fresh).
 
   Args:
-    class_init: 'base-fit' or 'fresh' (`TrainConfig.class_init`).
+    class_init: 'base-fit' or 'fresh' (`WarmStartConfig.class_init`).
     blend: how many best-fitting base classes a base-fit column averages.
     fit_data: () -> (base class logits [V, N, K], class targets [V, N]) on the
       training images as they are; called only when a new label needs a fit.

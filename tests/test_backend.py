@@ -397,15 +397,15 @@ def test_label_studio_host_is_an_alias_of_label_studio_url():
 def test_training_settings_reach_the_train_config():
   config = Settings.from_env({'TRAIN_MODE': 'Heads', 'TRAIN_MAX_STEPS': '200',
                              'TRAIN_INPUT_SIZE': '448'}).train_config()
-  assert (config.trainable, config.max_steps, config.input_size) == ('heads', 200, 448)
-  assert config.step_budget(50) == 200
-  assert not config.quantization_aware and config.prune_sparsity == 0
-  assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().quantization_aware
-  assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().prune_sparsity == 0.5
-  assert config.zoom_out_views == 0.5  # on by default
-  assert Settings.from_env({'TRAIN_ZOOM_OUT': '0'}).train_config().zoom_out_views == 0
+  assert (config.trainable, config.budget.max, config.input.size) == ('heads', 200, 448)
+  assert config.budget.steps(50) == 200
+  assert not config.compression.active
+  assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().compression.quantization_aware
+  assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().compression.prune_sparsity == 0.5
+  assert config.views.zoom_out == 0.5  # on by default
+  assert Settings.from_env({'TRAIN_ZOOM_OUT': '0'}).train_config().views.zoom_out == 0
   for auto in ({}, {'TRAIN_INPUT_SIZE': 'auto'}):  # chosen from the boxes by default
-    assert Settings.from_env(auto).train_config().input_size is None
+    assert Settings.from_env(auto).train_config().input.size is None
 
 
 def test_backend_refuses_to_start_on_a_bad_setting(tmp_path):

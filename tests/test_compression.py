@@ -20,7 +20,8 @@ from model.tasks import evaluation_examples, load_tasks_file, parse_tasks, resol
 from tests.conftest import run_model_cli
 from tests.test_trainable import top_layer_names
 
-SHORT = dict(base_steps=200, steps_per_first_image=0, max_steps=200, max_views_per_image=6)
+SHORT = TrainConfig().with_overrides({'budget.base': 200, 'budget.per_first_image': 0,
+                                      'budget.max': 200, 'views.max_per_image': 6})
 
 
 @pytest.fixture(scope='module')
@@ -29,10 +30,10 @@ def optimized_runs(base_paths, shapes_dataset, tmp_path_factory):
   folder = tmp_path_factory.mktemp('optimized')
   qat = pipeline.train_iteration(
       tasks, shapes_dataset, folder / 'qat', base_paths.model_dir,
-      config=TrainConfig(quantization_aware=True, **SHORT), export_kinds=('int8',))
+      config=SHORT.with_overrides({'compression.quantization_aware': True}), export_kinds=('int8',))
   pruned = pipeline.train_iteration(
       tasks, shapes_dataset, folder / 'pruned', base_paths.model_dir,
-      config=TrainConfig(prune_sparsity=0.5, **SHORT), export_kinds=('float',))
+      config=SHORT.with_overrides({'compression.prune_sparsity': 0.5}), export_kinds=('float',))
   return {'qat': qat.root, 'pruned': pruned.root}
 
 
@@ -108,13 +109,15 @@ def test_pruned_model_compresses_better_and_still_finds_the_shapes(optimized_run
   assert tflite_map50(optimized_runs['pruned'], 'float', shapes_dataset) >= 0.6
 
 
-@pytest.mark.parametrize('settings', [dict(trainable='heads', quantization_aware=True),
-                                      dict(trainable='heads', prune_sparsity=0.5),
-                                      dict(quantization_aware=True, prune_sparsity=0.5),
-                                      dict(prune_sparsity=1.0)])
+@pytest.mark.parametrize('settings', [
+    {'trainable': 'heads', 'compression.quantization_aware': True},
+    {'compression.prune_sparsity': 0.5, 'trainable': 'heads'},
+    {'compression.quantization_aware': True, 'compression.prune_sparsity': 0.5},
+    {'compression.prune_sparsity': 1.0},
+    {'views.zoom_outs': 0.5}])  # no such field
 def test_impossible_combinations_are_refused(settings):
   with pytest.raises(ValueError):
-    TrainConfig(**settings)
+    TrainConfig().with_overrides(settings)
 
 
 def test_cli_refuses_qat_with_heads_only_and_creates_nothing(shapes_dataset, base_paths, tmp_path):
@@ -133,8 +136,9 @@ def test_qat_of_the_whole_extractor_trains_and_exports(base_paths, shapes_datase
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
   run = pipeline.train_iteration(
       tasks, shapes_dataset, tmp_path / 'run', base_paths.model_dir, max_images=3,
-      config=TrainConfig(trainable='all', quantization_aware=True, base_steps=6,
-                         steps_per_first_image=0, max_steps=6, max_views_per_image=2),
+      config=TrainConfig(trainable='all').with_overrides({
+          'compression.quantization_aware': True, 'budget.base': 6, 'budget.per_first_image': 0,
+          'budget.max': 6, 'views.max_per_image': 2}),
       export_kinds=('int8',))
   assert run.tflite('int8').stat().st_size > 1_000_000
   trained, _ = run_folder.load_run_model(run.root)

@@ -211,7 +211,8 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   tasks = make_task_set(tmp_path, 20, ('disc',), 'train', seed=21)
   # Two views per image (no crops, no zoom-outs): this is about the split, and caching
   # 23 views of 18 images twice took three minutes.
-  config = TrainConfig(trainable='heads', max_steps=60, max_views_per_image=2)
+  config = TrainConfig(trainable='heads').with_overrides({'budget.max': 60,
+                                                         'views.max_per_image': 2})
   first = pipeline.train_iteration(tasks, tmp_path, tmp_path / 'v1', base_paths.model_dir,
                                     config=config, export_kinds=())
   second = pipeline.train_iteration(tasks, tmp_path, tmp_path / 'v2', base_paths.model_dir,

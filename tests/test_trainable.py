@@ -13,7 +13,8 @@ from model import pipeline, run_folder, ssd as ssd_lib
 from model.config import TrainConfig
 from model.tasks import load_tasks_file
 
-SHORT = dict(base_steps=20, steps_per_first_image=0, max_steps=20, max_views_per_image=4)
+SHORT = {'budget.base': 20, 'budget.per_first_image': 0, 'budget.max': 20,
+         'views.max_per_image': 4}
 
 
 def top_layer_names() -> set[str]:
@@ -42,7 +43,7 @@ def trained_by_mode(base_paths, shapes_dataset, tmp_path_factory):
   for mode in ('heads', 'top', 'all'):
     out = tmp_path_factory.mktemp('trainable') / mode
     pipeline.train_iteration(tasks, shapes_dataset, out, base_paths.model_dir, max_images=4,
-                              config=TrainConfig(trainable=mode, **SHORT), export_kinds=())
+                              config=TrainConfig(trainable=mode).with_overrides(SHORT), export_kinds=())
     runs[mode] = out
   return runs
 

@@ -9,7 +9,8 @@ from model.config import TrainConfig
 from tests.synthetic import make_task_set
 
 # Training kept tiny: these tests check what restores and what carries over, not quality.
-TINY = TrainConfig(base_steps=30, max_steps=30, max_views_per_image=2)
+TINY = TrainConfig().with_overrides({'budget.base': 30, 'budget.max': 30,
+                                     'views.max_per_image': 2})
 
 
 def class_column(head, level, column, num_columns):
@@ -119,8 +120,7 @@ def test_next_iteration_can_change_the_input_size(trained_run, tmp_path, base_pa
   tasks = make_task_set(tmp_path, 4, ('disc', 'square'), 'train', seed=6)
   out = tmp_path / 'iteration-2'
   pipeline.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
-                            config=TrainConfig(input_size=384, base_steps=30, max_steps=30,
-                                               max_views_per_image=2), export_kinds=())
+                            config=TINY.with_overrides({'input.size': 384}), export_kinds=())
   model, labels = run_folder.load_run_model(out)
   assert labels == previous_labels
   assert model.config.input_size == 384

@@ -120,9 +120,9 @@ class Backend:
       if self.process.poll() is not None:
         raise RuntimeError(f'backend exited: {self.output()}')
       try:
-        requests.get(self.url + '/health', timeout=1, auth=('u', env.get('BASIC_AUTH_PASS', '')))
+        requests.get(self.url + '/health', timeout=5, auth=('u', env.get('BASIC_AUTH_PASS', '')))
         return
-      except requests.ConnectionError:
+      except (requests.ConnectionError, requests.Timeout):  # not up yet, or still importing
         time.sleep(0.2)
     raise RuntimeError('backend did not start in 60 s')
 

@@ -50,7 +50,7 @@ class LabelStudio:
       try:
         if requests.get(self.url + '/health', timeout=2).status_code == 200:
           break
-      except requests.ConnectionError:
+      except (requests.ConnectionError, requests.Timeout):
         pass
       time.sleep(1)
     else:

@@ -220,18 +220,22 @@ class TrainingQueue:
       time.sleep(5)
       return
     status.state, status.started_at, status.step, status.last_error = 'running', time.time(), 0, None
+    status.stage = None
     with self._lock:
       self._run_started[project] = status.started_at
     self._write_shared_status(project)
 
-    def progress(p):
-      status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
-      status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
+    def progress(p):  # a stage's name as it begins, or a training step
+      if isinstance(p, str):
+        status.stage = p
+      else:
+        status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
+        status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
       self._write_shared_status(project)
 
     try:
       status.model_version = self.run_job(project, progress)
-      status.state = 'idle'
+      status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
     except Exception as error:  # pylint: disable=broad-except
       log.exception('Project %s: training failed; the current version keeps serving', project)
       status.state, status.last_error = 'failed', f'{type(error).__name__}: {error}'

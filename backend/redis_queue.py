@@ -216,7 +216,11 @@ def run_training_job(project: int, job_id: str) -> str | None:
       _last[0] = time.monotonic()
       connection.set(status_key, json.dumps({**status.to_dict(), 'worker': worker, 'job': job_id}))
 
-  def progress(p):
+  def progress(p):  # a stage's name as it begins, or a training step
+    if isinstance(p, str):
+      status.stage = p
+      save()
+      return
     status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
     status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
     save(throttle_s=1.0)
@@ -226,7 +230,7 @@ def run_training_job(project: int, job_id: str) -> str | None:
   store = ModelStore(settings.model_dir, settings.model_variant)
   try:
     status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress)
-    status.state = 'idle'
+    status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
     return status.model_version
   except Exception as error:
     log.exception('Project %s: training failed; the current version keeps serving', project)

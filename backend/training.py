@@ -35,6 +35,9 @@ class TrainingStatus:
   """What /train/status shows for a project."""
 
   state: str = 'idle'  # idle | queued | running | failed
+  # While running: fetching, downloading_images, then the pipeline's stages
+  # (load_examples, build_model, make_views, start_class_head, train, evaluate, export, publish).
+  stage: str | None = None
   step: int = 0
   total_steps: int = 0
   loss: float | None = None
@@ -130,9 +133,12 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   """
   from model import pipeline
   started = time.monotonic()
+  report = _logged(project, on_progress)
   store.remove_staging(project)
+  report('fetching')
   config, tasks = fetch_project(settings, project)
   target = parse_label_config(config)
+  report('downloading_images')
   training_tasks = to_training_tasks(tasks, target, fetcher)
   if not training_tasks:
     raise BackendError(409, f'project {project} has no annotated tasks with readable images yet')
@@ -143,17 +149,20 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   # Image paths are absolute (the cache), so the images root is never used.
   pipeline.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
                             previous=previous, config=settings.train_config(),
-                            progress=_logged(project, on_progress))
+                            progress=report, on_stage=report)
   version = store.find(project, 'latest').name
   log.info('Project %s: published %s in %.0f s', project, version, time.monotonic() - started)
   return version
 
 
 def _logged(project: int, on_progress: Callable | None) -> Callable:
-  """A progress callback that also logs every tenth of the run."""
+  """A progress callback (a stage's name, or a training step) that also logs every
+  tenth of the training steps."""
   def report(p):
     if on_progress is not None:
       on_progress(p)
+    if isinstance(p, str):
+      return
     if p.step == p.total_steps or p.step % max(10, p.total_steps // 10) == 0:
       log.info('Project %s: training step %d/%d, loss %.4f, %.0f img/s, ETA %.0f s', project,
                p.step, p.total_steps, p.loss, p.images_per_s, p.eta_s)

@@ -38,15 +38,18 @@ REPORT_MIN_SCORE = 0.3
 
 
 class Stopwatch:
-  """Wall time per stage, logged as each stage ends."""
+  """Wall time per stage, logged as each stage ends; `on_stage(name)` as each begins."""
 
-  def __init__(self):
+  def __init__(self, on_stage=None):
     self.started = time.monotonic()
     self.seconds: dict[str, float] = {}
+    self.on_stage = on_stage
 
   @contextlib.contextmanager
   def stage(self, name: str):
     log.info('Stage %s ...', name)
+    if self.on_stage is not None:
+      self.on_stage(name)
     t0 = time.monotonic()
     yield
     self.seconds[name] = time.monotonic() - t0
@@ -329,11 +332,14 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
 def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Path, *,
                     previous: Path | None = None, config: TrainConfig = TrainConfig(),
                     export_config: ExportConfig = ExportConfig(), max_images: int | None = None,
-                    progress=None, export_kinds: tuple[str, ...] = ('float', 'int8')) -> RunPaths:
+                    progress=None, on_stage=None,
+                    export_kinds: tuple[str, ...] = ('float', 'int8')) -> RunPaths:
   """Trains one iteration on the tasks' training split and publishes it at `out_dir`.
 
   Args:
     previous: the run folder this iteration continues from (None: the base).
+    progress: called with each `train.Progress` while training.
+    on_stage: called with each stage's name as it begins.
     export_kinds: the .tflite files to write (benchmarks may skip conversion).
 
   Raises:
@@ -345,7 +351,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   if out_dir.exists():
     raise RunError(f'{out_dir} already exists: each iteration gets a new folder')
   tf.random.set_seed(config.seed)
-  clock = Stopwatch()
+  clock = Stopwatch(on_stage)
   with clock.stage('load_examples'):
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
     training = load_examples(tasks, images_root, config, previous_labels, max_images)

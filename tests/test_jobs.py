@@ -103,6 +103,25 @@ def test_events_the_run_already_fetched_make_no_second_run(tmp_path):
   assert job.runs == [5, 5, 5]
 
 
+def test_status_shows_the_stage_a_run_is_in_and_where_it_failed(tmp_path):
+  entered, release = threading.Event(), threading.Event()
+
+  def job(project, progress):
+    progress('fetching')
+    progress('make_views')
+    entered.set()
+    release.wait(10)
+    raise RuntimeError('out of memory')
+
+  queue = TrainingQueue(job, tmp_path)
+  queue.trigger(8, 'button')
+  assert entered.wait(5)
+  assert queue.status_of(8)['state'] == 'running' and queue.status_of(8)['stage'] == 'make_views'
+  release.set()
+  assert queue.wait_idle(10)
+  assert queue.status_of(8)['state'] == 'failed' and queue.status_of(8)['stage'] == 'make_views'
+
+
 def test_annotation_events_are_counted_then_debounced(tmp_path):
   job = Recorder()
   job.release.set()

@@ -28,8 +28,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 from model.images import ImageError
 
 CLOUD_SCHEMES = ('s3', 'gs', 'azure-blob', 'azure-spi')
-# Label Studio paths that serve task files; the key is sent on these alone.
-LABEL_STUDIO_FILE_PATHS = ('/data/upload/', '/data/local-files/')
+# Label Studio paths that serve task files; the key is sent on these (and presign) alone.
+UPLOADS, LOCAL_FILES = '/data/upload/', '/data/local-files/'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,9 +171,9 @@ def _file_path(path: str, query: str) -> bool:
   """Is this a Label Studio path that serves a task file?"""
   if not _normalized(path):
     return False
-  if path == '/data/local-files/':
+  if path == LOCAL_FILES:
     return set(parse_qs(query)) == {'d'}
-  return path.startswith('/data/upload/') and not query
+  return path.startswith(UPLOADS) and not query
 
 
 def _presign(path: str, query: str) -> bool:

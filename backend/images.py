@@ -134,12 +134,13 @@ class ImageFetcher:
   def _account(self, added: int) -> None:
     """Keeps the cache under IMAGE_CACHE_BYTES: the least recently used files go first."""
     with self._cache_lock:
-      self._cache_bytes = (self._cache_bytes if self._cache_bytes is not None
-                           else sum(f.stat().st_size for f in self.cache_dir.iterdir())) + added
+      if self._cache_bytes is None:
+        self._cache_bytes = sum(f.stat().st_size for f in self._cached_files())
+      else:
+        self._cache_bytes += added
       if self._cache_bytes <= self.settings.image_cache_bytes:
         return
-      files = sorted((f for f in self.cache_dir.iterdir() if not f.name.endswith('.part')),
-                     key=lambda f: f.stat().st_mtime)
+      files = sorted(self._cached_files(), key=lambda f: f.stat().st_mtime)
       self._cache_bytes = sum(f.stat().st_size for f in files)
       for old in files:
         if self._cache_bytes <= 0.9 * self.settings.image_cache_bytes:
@@ -148,6 +149,10 @@ class ImageFetcher:
         old.unlink(missing_ok=True)
         self._cache_bytes -= size
       log.info('Image cache trimmed to %.0f MB (IMAGE_CACHE_BYTES)', self._cache_bytes / 1e6)
+
+  def _cached_files(self) -> list[Path]:
+    """The finished files of the cache (not the `.part` ones being written)."""
+    return [f for f in self.cache_dir.iterdir() if not f.name.endswith('.part')]
 
   def _cache_file(self, url: str) -> Path:
     return self.cache_dir / hashlib.sha256(url.encode()).hexdigest()

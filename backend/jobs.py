@@ -3,8 +3,8 @@
 A trigger while the project's job is queued or running sets one follow-up run;
 any number of triggers during a run give at most one more, and none when every
 change behind them came before the run started (and so was fetched). One
-worker thread trains one project at a time (training is CPU-bound; predictions keep being
-served from the current version meanwhile). A file lock per project keeps two
+worker thread trains one project at a time (training is CPU-bound;
+predictions keep being served from the current version meanwhile). A file lock per project keeps two
 processes (several gunicorn workers) from training the same project at once,
 and the process that trains writes the project's status beside that lock, so
 /train/status reads the same in every worker.

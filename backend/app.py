@@ -19,7 +19,9 @@ from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.jobs import TrainingQueue
 from backend.label_config import parse_label_config
+from backend.label_studio_api import LabelStudioAPI
 from backend.predictor import Predictor
+from backend.refresh import RefreshQueue, Refresher
 from backend.settings import Settings, configure_logging
 from backend.store import ModelStore, project_key, sha256_file
 from backend.training import train_project
@@ -91,7 +93,21 @@ def predict():
   _services()['counters'].add('predicted_tasks', len(tasks))
   log.info('Project %s: predicted %d tasks in %.2f s with %s', project, len(tasks),
            time.monotonic() - started, results[0]['model_version'] if results else '-')
+  late = [task for task, result in zip(tasks, results) if 'result' not in result]
+  if late:
+    _complete_later(project, late)
   return jsonify(results=results)
+
+
+def _complete_later(project: int, late: list[dict]) -> None:
+  """Predicts in the background, through the API, the tasks a /predict left out."""
+  settings: Settings = current_app.config['SETTINGS']
+  if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+    _services()['refresh'].request(project, late)
+  else:
+    log.warning('Project %s: %d tasks left for the next Retrieve Predictions (completing them in '
+                'the background needs REFRESH_PREDICTIONS, LABEL_STUDIO_URL and '
+                'LABEL_STUDIO_API_KEY)', project, len(late))
 
 
 ANNOTATION_EVENTS = ('ANNOTATION_CREATED', 'ANNOTATION_UPDATED', 'ANNOTATIONS_DELETED')
@@ -140,6 +156,7 @@ def train_status():
   status = _services()['queue'].status_of(project)
   current = _services()['store'].current(project)
   status['current_version'] = current.name if current else None
+  status['refresh'] = _services()['refresh'].refresher.status_of(project).to_dict()
   return jsonify(status)
 
 
@@ -233,14 +250,18 @@ class _Counters:
       return dict(self._counts)
 
 
-def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher):
+def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher,
+                    refresh: RefreshQueue):
   """The embedded in-process queue, or RQ workers through Redis (TRAINING_QUEUE=redis)."""
   if settings.training_queue == 'redis':
     from backend.redis_queue import RedisTrainingQueue
     return RedisTrainingQueue(settings)
 
   def run_job(project, progress):
-    return train_project(settings, store, fetcher, project, progress)
+    version = train_project(settings, store, fetcher, project, progress)
+    if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+      refresh.request(project)
+    return version
   return TrainingQueue(run_job, settings.model_dir / 'locks',
                        settings.train_every_n_annotations or 1, settings.train_debounce_s)
 
@@ -254,11 +275,14 @@ def create_app(settings: Settings | None = None) -> Flask:
   app.config['MAX_CONTENT_LENGTH'] = settings.max_request_bytes  # larger bodies get a 413
   store = ModelStore(settings.model_dir, settings.model_variant)
   fetcher = ImageFetcher(settings)
+  predictor = Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency,
+                        settings.predict_deadline_s)
+  refresh = RefreshQueue(Refresher(settings, store, predictor))
   app.extensions['fewshot'] = {
       'store': store,
-      'queue': _training_queue(settings, store, fetcher),
-      'predictor': Predictor(store, fetcher, settings.score_threshold, settings.fetch_concurrency,
-                             settings.predict_deadline_s),
+      'queue': _training_queue(settings, store, fetcher, refresh),
+      'predictor': predictor,
+      'refresh': refresh,
       'counters': _Counters(),
   }
   app.before_request(_check_basic_auth)

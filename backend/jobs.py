@@ -33,17 +33,18 @@ log = logging.getLogger(__name__)
 
 
 class ProjectLock:
-  """An exclusive, non-blocking file lock: held by one process per project."""
+  """An exclusive file lock: held by one process per project (the kernel frees a dead one's)."""
 
   def __init__(self, path: Path):
     self.path = path
     self.file = None
 
-  def acquire(self) -> bool:
+  def acquire(self, blocking: bool = False) -> bool:
+    """Takes the lock; False when another process holds it (waits for it when `blocking`)."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.file = open(self.path, 'a+')  # pylint: disable=consider-using-with
     try:
-      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(self.file, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
       return True
     except BlockingIOError:
       self.file.close()

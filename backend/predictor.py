@@ -92,8 +92,13 @@ def to_region(detection, target: RectangleTarget, label: str, width: int, height
   }
 
 
+# What `Predictor.predict_tasks` gives a task it has no prediction for.
+UNREADABLE = 'unreadable'  # the image could not be read or was refused
+LATE = 'late'  # the deadline came first
+
+
 class Predictor:
-  """Predictions for a batch of tasks."""
+  """Predictions for a batch of tasks, within a deadline."""
 
   def __init__(self, store: ModelStore, fetcher: ImageFetcher, score_threshold: float,
                fetch_concurrency: int, deadline_s: float = 60.0):
@@ -106,30 +111,76 @@ class Predictor:
                                                       thread_name_prefix='fetch')
 
   def predict(self, project: int, tasks: list[dict], target: RectangleTarget) -> list[dict]:
-    """Exactly one prediction per task, in order."""
+    """Label Studio's /predict answer: exactly one entry per task, in order, by PREDICT_DEADLINE_S.
+
+    An unreadable image gets an empty prediction (Label Studio stores it);
+    a task the deadline left out gets an entry without "result", which Label
+    Studio skips, storing nothing (`pending` says why), so it is asked again.
+    """
+    version, outcomes = self.predict_tasks(project, tasks, target, self.deadline_s)
+    return [outcome if isinstance(outcome, dict)
+            else {'model_version': version, 'pending': True} if outcome == LATE
+            else self._empty(version) for outcome in outcomes]
+
+  def predict_tasks(self, project: int, tasks: list[dict], target: RectangleTarget,
+                    deadline_s: float | None = None, pool=None) -> tuple[str, list]:
+    """(the version used, per task: its prediction, UNREADABLE or LATE).
+
+    Cached images go first, then downloads (on `pool`, the shared fetch pool
+    by default) as they arrive; whatever is not done `deadline_s` after the
+    call is LATE (a download under way goes on, bounded by
+    IMAGE_FETCH_TIMEOUT_S, and is cached for the next ask; the others are
+    dropped). No deadline when None.
+    """
+    deadline = time.monotonic() + (deadline_s if deadline_s is not None else float('inf'))
     version = self.store.current(project)
     if version is None:
       log.warning('Project %s: no model yet (run python -m model fetch-base)', project)
-      return [self._empty('none') for _ in tasks]
+      return 'none', [self._empty('none') for _ in tasks]
     if version.is_base and not any(target.label_for(name) for name in version.labels):
       # The base knows none of this project's labels: nothing useful to say.
-      return [self._empty(version.name) for _ in tasks]
+      return version.name, [self._empty(version.name) for _ in tasks]
     version, (detector, lock) = self._loadable(project, version)
-    images = self._images(tasks, target)
-    predictions = []
-    for task, image in zip(tasks, images):
+    urls = [_image_url(task, target) for task in tasks]
+    outcomes: list = [LATE] * len(tasks)
+
+    def run(i, image):
       if image is None:
-        predictions.append(self._empty(version.name))
-        continue
+        outcomes[i] = UNREADABLE
+        return
       with lock:
         found = detector.detect(image, min_score=min(UNCERTAIN_FLOOR, self.score_threshold))
-      found = [d for d in found if target.label_for(d.label) is not None]
-      regions = [to_region(d, target, target.label_for(d.label), image.width, image.height)
-                 for d in found if d.score >= self.score_threshold]
-      predictions.append({'model_version': version.name,
-                          'score': round(task_certainty([d.score for d in found]), 4),
-                          'result': regions})
-    return predictions
+      outcomes[i] = self._prediction(version.name, found, target, image)
+
+    cached = [i for i, url in enumerate(urls) if url and self.fetcher.cached_path(url)]
+    downloads = {(pool or self.pool).submit(self._load, urls[i], tasks[i].get('id')): i
+                 for i in sorted(set(range(len(tasks))) - set(cached))}
+    for i in cached:
+      if time.monotonic() >= deadline:
+        break
+      run(i, self._load(urls[i], tasks[i].get('id')))
+    try:
+      for future in concurrent.futures.as_completed(
+          downloads, timeout=None if deadline_s is None else max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+          break
+        run(downloads[future], future.result())
+    except concurrent.futures.TimeoutError:
+      pass
+    for future in downloads:  # downloads not begun yet leave the pool to other requests
+      future.cancel()
+    late = outcomes.count(LATE)
+    if late:
+      log.warning('Project %s: %d of %d tasks not predicted within the deadline (%g s)', project,
+                  late, len(tasks), deadline_s)
+    return version.name, outcomes
+
+  def _prediction(self, version: str, found: list, target: RectangleTarget, image) -> dict:
+    found = [d for d in found if target.label_for(d.label) is not None]
+    regions = [to_region(d, target, target.label_for(d.label), image.width, image.height)
+               for d in found if d.score >= self.score_threshold]
+    return {'model_version': version, 'score': round(task_certainty([d.score for d in found]), 4),
+            'result': regions}
 
   def _loadable(self, project: int, version: Version):
     """The newest version whose model file loads, and its detector.
@@ -154,32 +205,6 @@ class Predictor:
     raise BackendError(503, f'project {project}: no model version loads (damaged model files); '
                             'train again or run python -m model fetch-base --force')
 
-  def _images(self, tasks: list[dict], target: RectangleTarget) -> list:
-    """Each task's image, or None: unreadable, refused, or not there by the deadline.
-
-    Cached images load here, at once; only downloads wait for the shared
-    fetch pool, so slow sources of one request never hold up cached images
-    of another. What has not arrived by PREDICT_DEADLINE_S is left out (its
-    download goes on, bounded by IMAGE_FETCH_TIMEOUT_S, and is cached).
-    """
-    deadline = time.monotonic() + self.deadline_s
-    images, pending = [None] * len(tasks), {}
-    for i, task in enumerate(tasks):
-      data = task.get('data')
-      url = data.get(target.image_key) if isinstance(data, dict) else None
-      task_id = task.get('id')
-      if isinstance(url, str) and self.fetcher.cached_path(url) is not None:
-        images[i] = self._load(url, task_id)
-      else:
-        pending[self.pool.submit(self._load, url, task_id)] = i
-    done, late = concurrent.futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-    for future in done:
-      images[pending[future]] = future.result()
-    for future in late:
-      log.warning('Task %s: no prediction, its image did not arrive within PREDICT_DEADLINE_S '
-                  '(%g s)', tasks[pending[future]].get('id'), self.deadline_s)
-    return images
-
   def _load(self, url, task_id):
     try:
       return self.fetcher.load(url, task_id)
@@ -190,3 +215,8 @@ class Predictor:
   @staticmethod
   def _empty(version: str) -> dict:
     return {'model_version': version, 'score': 0.0, 'result': []}
+
+
+def _image_url(task: dict, target: RectangleTarget):
+  data = task.get('data')
+  return data.get(target.image_key) if isinstance(data, dict) else None

@@ -43,6 +43,7 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from backend.label_studio_api import LabelStudioAPI
 from backend.settings import Settings
 from backend.training import TrainingStatus
 
@@ -231,6 +232,10 @@ def run_training_job(project: int, job_id: str) -> str | None:
   try:
     status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress)
     status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
+    if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+      Queue(QUEUE_NAME, connection=connection).enqueue_call(
+          run_refresh_job, args=(project,), timeout=settings.training_timeout_s, result_ttl=3600,
+          description=f'refresh predictions of project {project}')
     return status.model_version
   except Exception as error:
     log.exception('Project %s: training failed; the current version keeps serving', project)
@@ -244,6 +249,19 @@ def run_training_job(project: int, job_id: str) -> str | None:
       lock.release()
     except redis.exceptions.LockError:
       pass
+
+
+def run_refresh_job(project: int) -> str:
+  """RQ job: the project's unannotated tasks get predictions of its current version."""
+  from backend.images import ImageFetcher
+  from backend.predictor import Predictor
+  from backend.refresh import Refresher
+  from backend.store import ModelStore
+  settings = Settings.from_env()
+  store = ModelStore(settings.model_dir, settings.model_variant)
+  predictor = Predictor(store, ImageFetcher(settings), settings.score_threshold,
+                        settings.fetch_concurrency, settings.predict_deadline_s)
+  return Refresher(settings, store, predictor).run(project).state
 
 
 def run_worker(settings: Settings) -> None:

@@ -72,6 +72,11 @@ class Settings:
   image_hosts_allowed: tuple[str, ...] = ()
   # The folder task images may name by local path (or file://); None: no local paths.
   local_files_document_root: Path | None = None
+  # After each published version, predict the project's unannotated tasks in
+  # the background and store the predictions in Label Studio (needs
+  # LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY); also completes a /predict's
+  # tasks left out at its deadline.
+  refresh_predictions: bool = True
   # Annotation events that trigger a training run (0: only START_TRAINING does),
   # and the quiet time after the last of them before it starts.
   train_every_n_annotations: int = 5
@@ -251,6 +256,7 @@ VARIABLES = (
     Variable('PREDICT_DEADLINE_S', 'predict_deadline_s', _real(1.0, 90.0)),
     Variable('IMAGE_HOSTS_ALLOWED', 'image_hosts_allowed', _names),
     Variable('LOCAL_FILES_DOCUMENT_ROOT', 'local_files_document_root', _folder),
+    Variable('REFRESH_PREDICTIONS', 'refresh_predictions', _boolean),
     Variable('TRAIN_EVERY_N_ANNOTATIONS', 'train_every_n_annotations', _integer(0, 10**6)),
     Variable('TRAIN_DEBOUNCE_S', 'train_debounce_s', _real(0.0, 3600.0)),
     Variable('TRAIN_MAX_STEPS', 'train_max_steps', _integer(10, 100_000)),

@@ -9,7 +9,6 @@ version, and publishes it as the next version folder in one rename.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import Callable
@@ -17,17 +16,12 @@ from typing import Callable
 from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.label_config import RectangleTarget, parse_label_config
+from backend.label_studio_api import ANNOTATED_TASKS, LabelStudioAPI
 from backend.settings import Settings
 from backend.store import ModelStore
 from model.images import ImageError
 
 log = logging.getLogger(__name__)
-
-# A Data Manager query for the tasks with at least one annotation.
-ANNOTATED_TASKS = {'filters': {'conjunction': 'and', 'items': [{
-    'filter': 'filter:tasks:total_annotations', 'operator': 'greater', 'type': 'Number',
-    'value': 0}]}}
-PAGE_SIZE = 100
 
 
 @dataclasses.dataclass
@@ -54,34 +48,13 @@ class TrainingStatus:
 
 
 def fetch_project(settings: Settings, project: int) -> tuple[str, list[dict]]:
-  """The project's label config and its annotated tasks, through the SDK.
+  """The project's label config and its annotated tasks (the unlabeled ones stay in Label Studio).
 
   Raises:
     BackendError(503): Label Studio not configured or unreachable; 404 unknown project.
   """
-  if not settings.label_studio_url or not settings.label_studio_api_key:
-    raise BackendError(503, 'training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to '
-                            "fetch the project's annotations")
-  from label_studio_sdk.client import LabelStudio
-  from label_studio_sdk.core.api_error import ApiError
-  client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
-  try:
-    config = client.projects.get(id=project).label_config
-    # Annotated tasks only, page by page: a project's unlabeled thousands stay in Label Studio.
-    tasks = [_plain(task) for task in client.tasks.list(
-        project=project, fields='all', query=json.dumps(ANNOTATED_TASKS), page_size=PAGE_SIZE)]
-  except ApiError as error:
-    status = 404 if error.status_code == 404 else 503
-    raise BackendError(status, f'Label Studio answered HTTP {error.status_code} for project '
-                               f'{project}: {str(error.body)[:200]}') from error
-  except Exception as error:  # httpx connection errors and the like
-    raise BackendError(503, f'cannot reach Label Studio at {settings.label_studio_url}: '
-                            f'{type(error).__name__}: {error}') from error
-  return config, tasks
-
-
-def _plain(task) -> dict:
-  return task if isinstance(task, dict) else task.model_dump(mode='json')
+  api = LabelStudioAPI(settings)
+  return api.label_config(project), list(api.tasks(project, ANNOTATED_TASKS))
 
 
 def to_training_tasks(tasks: list[dict], target: RectangleTarget,

@@ -17,8 +17,10 @@ import json
 import shutil
 import time
 
+import pytest
 import requests
 
+from backend.label_studio_api import UNANNOTATED_TASKS
 from model.boxes import iou_xyxy
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
@@ -54,18 +56,33 @@ def test_label_train_and_retrieve_predictions_through_label_studio(label_studio,
         'current_version'] == 'fewshot-ssd-v1')
     assert status['current_version'] == 'fewshot-ssd-v1', (status, backend.output())
 
-    # "Retrieve Predictions" on every task; Label Studio stores what /predict returns.
-    ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={pid}',
-            json={'selectedItems': {'all': True, 'excluded': []}})
+    # With no further action, every unlabeled task gets a prediction of v1 ...
+    status = _wait_for_training(backend, pid, lambda s: s['refresh']['state'] in (
+        'done', 'failed') and s['refresh']['model_version'] == 'fewshot-ssd-v1')
+    assert status['refresh']['state'] == 'done', (status, backend.output())
+    assert status['refresh']['pushed'] == UNLABELED
+    scores = {}
     for task in project.tasks[LABELED:]:
-      predictions = ls.call('GET', f'/api/predictions/?task={task["id"]}')
-      assert predictions, f'no prediction stored for task {task["id"]}'
-      prediction = predictions[-1]
+      (prediction,) = ls.call('GET', f'/api/predictions/?task={task["id"]}')
       assert prediction['model_version'] == 'fewshot-ssd-v1'
       best = max(prediction['result'], key=lambda r: r['score'])
       assert best['value']['rectanglelabels'] == ['disc']
       expected = project.truth[project.original_name(task)]['value']
       assert iou_xyxy(_percent_box(best['value']), _percent_box(expected)) >= 0.5
+      scores[task['id']] = prediction['score']
+    # ... the project shows that version, and the Data Manager sorts by its score.
+    assert ls.call('GET', f'/api/projects/{pid}')['model_version'] == 'fewshot-ssd-v1'
+    ordered = ls.call('GET', '/api/tasks/', params={'project': pid, 'fields': 'all', 'query': json.dumps(
+        {'ordering': ['tasks:predictions_score'], 'filters': UNANNOTATED_TASKS['filters']})})['tasks']
+    assert [t['predictions_score'] for t in ordered] == pytest.approx(sorted(scores.values())), (
+        ordered, scores)
+    assert [t['id'] for t in ordered] == sorted(scores, key=lambda t: (scores[t], t))
+
+    # "Retrieve Predictions" on every task now stores nothing twice: v1 is there already.
+    ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={pid}',
+            json={'selectedItems': {'all': True, 'excluded': []}})
+    for task in project.tasks[LABELED:]:
+      assert len(ls.call('GET', f'/api/predictions/?task={task["id"]}')) == 1
 
     # The artifact a phone would get, downloaded from the backend and run.
     response = requests.get(f'{backend.url}/artifacts/{pid}/latest/model_int8.tflite')
@@ -230,7 +247,12 @@ def test_the_next_iteration_starts_from_the_last_with_a_legacy_token(label_studi
     assert metrics['images']['train'] == 6
     assert '1 boxes with labels not in the config were left out' in backend.log_path.read_text()
 
-    # Retrieve Predictions: the backend fetches the uploaded images with the legacy token.
+    # The refresh after v2, then Retrieve Predictions: both fetch the uploaded images with the
+    # legacy token, and every unlabeled task ends with one prediction of v2.
+    status = _wait_for_training(backend, project.id, lambda s: s['refresh']['state'] in (
+        'done', 'failed') and s['refresh']['model_version'] == 'fewshot-ssd-v2')
+    assert status['refresh']['state'] == 'done', (status, backend.output())
+    assert ls.call('GET', f'/api/projects/{project.id}')['model_version'] == 'fewshot-ssd-v2'
     ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={project.id}',
             json={'selectedItems': {'all': True, 'excluded': []}})
     for task in project.tasks[6:]:

@@ -352,3 +352,60 @@ def test_a_training_job_fetches_the_annotated_tasks_only(label_studio, tmp_path)
   assert 'RectangleLabels' in config
   assert sorted(t['id'] for t in tasks) == sorted(t['id'] for t in project.tasks[1:3])
   assert all(t['annotations'] for t in tasks)
+
+
+def test_retrieve_predictions_on_a_thousand_tasks_answers_in_time_and_completes_them_all(
+    label_studio, base_paths, tmp_path):
+  """Retrieve Predictions on every task of a project too big for one /predict: the answer
+  comes by PREDICT_DEADLINE_S with what is done, Label Studio stores nothing for the rest,
+  and the backend completes them through the API: each task ends with one real prediction."""
+  import http.server
+  import threading
+  from tests.synthetic import jpeg_bytes, textured_background
+  count, image = 1000, jpeg_bytes(textured_background(64, 48))
+
+  class Images(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+      self.send_response(200)
+      self.send_header('Content-Type', 'image/jpeg')
+      self.end_headers()
+      self.wfile.write(image)
+
+  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Images)
+  threading.Thread(target=httpd.serve_forever, daemon=True).start()
+  ls = label_studio
+  config = DISC_CONFIG.replace('<Label value="disc"/>', '<Label value="disc" predicted_values="Person"/>')
+  pid = ls.call('POST', '/api/projects/', json={'title': 'big', 'label_config': config})['id']
+  ls.call('POST', f'/api/projects/{pid}/import', json=[
+      {'image': f'http://127.0.0.1:{httpd.server_address[1]}/{i}.jpg'} for i in range(count)])
+  model_dir = tmp_path / 'models'
+  shutil.copytree(base_paths.base_dir, model_dir / 'base')
+  backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
+                    PREDICT_DEADLINE_S='3')
+  try:
+    ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': pid, 'title': 'fewshot-ssd',
+                                      'is_interactive': False})
+    started = time.monotonic()
+    ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={pid}',
+            json={'selectedItems': {'all': True, 'excluded': []}})
+    assert time.monotonic() - started < 30
+    stored_at_once = ls.call('GET', f'/api/predictions/?project={pid}')
+    assert len(stored_at_once) < count  # the deadline left some out, and nothing was stored for them
+
+    status = _wait_for_training(backend, pid, lambda s: s['refresh']['state'] in ('done', 'failed'),
+                                timeout=300)
+    assert status['refresh']['state'] == 'done', (status, backend.output()[-3000:])
+    assert status['refresh']['kind'] == 'late tasks'
+    stored = ls.call('GET', f'/api/predictions/?project={pid}')
+    per_task = {}
+    for prediction in stored:
+      per_task.setdefault(prediction['task'], []).append(prediction)
+    assert len(per_task) == count and all(len(p) == 1 for p in per_task.values())
+    assert {p['model_version'] for p in stored} == {'fewshot-ssd-base'}
+    assert all(isinstance(p['result'], list) and p['score'] is not None for p in stored)
+  finally:
+    backend.stop()
+    httpd.shutdown()

@@ -4,7 +4,8 @@ Label Studio; a worker is killed mid-job.
 Triggers fired at both backends during one run coalesce into one follow-up;
 the killed run publishes nothing; the follow-up, on the other worker, waits for
 the project's lock to run out and publishes exactly one version, which both
-backends serve without a restart.
+backends serve without a restart; a worker then refreshes the unlabeled tasks'
+predictions in Label Studio.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def test_two_backends_and_two_workers_on_redis_survive_a_killed_worker(
     _wait_for(published, 400, f'v1 from the follow-up: {survivor.log_path.read_text()[-3000:]}')
     _wait_for(lambda: requests.get(backends[0].url + '/train/status', params={
         'project': project.id}).json()['state'] == 'idle', 60, 'the follow-up to finish')
+    # A worker then refreshed the unlabeled tasks' predictions in Label Studio.
+    _wait_for(lambda: requests.get(backends[1].url + '/train/status', params={
+        'project': project.id}).json()['refresh']['state'] == 'done', 120, 'the refresh')
+    for task in project.tasks[LABELED:]:
+      (stored,) = label_studio.call('GET', f'/api/predictions/?task={task["id"]}')
+      assert stored['model_version'] == 'fewshot-ssd-v1'
 
     # Exactly one version, complete, and no half-written iteration left behind.
     versions_dir = model_dir / 'projects' / str(project.id) / 'versions'

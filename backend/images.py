@@ -7,7 +7,8 @@ A task's image URL may be
   an absolute local path                                      (under LOCAL_FILES_DOCUMENT_ROOT);
 what may be read, and where the key may go, is `image_sources.SourcePolicy`'s call.
 Label Studio URLs need its API key: a personal access token (a JWT refresh
-token, exchanged for a 5-minute access token) or a legacy token.
+token, exchanged for a short-lived access token by label-studio-sdk) or a
+legacy token.
 
 Downloads are limited in size and in total time (IMAGE_FETCH_TIMEOUT_S, not
 per read), decoded with the same EXIF-aware loader as training, and cached on
@@ -16,10 +17,8 @@ disk by URL.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
-import json
 import logging
 import os
 import threading
@@ -30,58 +29,15 @@ from urllib.parse import urljoin, urlparse
 import requests
 from PIL import Image
 
+from backend.errors import BackendError
 from backend.image_sources import SourcePolicy
+from backend.label_studio_api import LabelStudioAPI
 from backend.settings import Settings
 from model.images import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 30
 MAX_REDIRECTS = 5
-
-
-def _is_jwt(token: str) -> bool:
-  """Personal access tokens are JWTs: three base64url parts, the middle one JSON."""
-  parts = token.split('.')
-  if len(parts) != 3:
-    return False
-  try:
-    payload = json.loads(base64.urlsafe_b64decode(parts[1] + '=' * (-len(parts[1]) % 4)))
-  except (ValueError, UnicodeDecodeError):
-    return False
-  return isinstance(payload, dict)
-
-
-class LabelStudioAuth:
-  """The Authorization header for Label Studio, from either kind of API key."""
-
-  def __init__(self, url: str | None, api_key: str | None, session: requests.Session):
-    self.url = url
-    self.api_key = api_key
-    self.session = session
-    self._access: tuple[str, float] | None = None
-    self._lock = threading.Lock()
-
-  def header(self) -> dict[str, str]:
-    if not self.api_key:
-      return {}
-    if not _is_jwt(self.api_key):
-      return {'Authorization': f'Token {self.api_key}'}
-    with self._lock:
-      if self._access is None or self._access[1] < time.monotonic():
-        self._access = (self._refresh(), time.monotonic() + 240)  # access tokens live 300 s
-      return {'Authorization': f'Bearer {self._access[0]}'}
-
-  def _refresh(self) -> str:
-    try:
-      response = self.session.post(f'{self.url}/api/token/refresh/', json={'refresh': self.api_key},
-                                   timeout=TIMEOUT_S)
-    except requests.RequestException as error:
-      raise ImageError(f'cannot reach Label Studio at {self.url} to refresh the API key: {error}') from error
-    if response.status_code != 200 or 'access' not in response.text:
-      raise ImageError(f'Label Studio refused the personal access token (HTTP '
-                       f'{response.status_code}): check LABEL_STUDIO_API_KEY')
-    return response.json()['access']
 
 
 class ImageFetcher:
@@ -90,8 +46,8 @@ class ImageFetcher:
   def __init__(self, settings: Settings, session: requests.Session | None = None):
     self.settings = settings
     self.session = session or requests.Session()
-    self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key,
-                                self.session)
+    self._api: LabelStudioAPI | None = None  # made on the first image that needs the key
+    self._api_lock = threading.Lock()
     self.cache_dir = settings.model_dir / 'cache' / 'images'
     self._cache_bytes: int | None = None  # counted on the first write
     self._cache_lock = threading.Lock()
@@ -180,7 +136,7 @@ class ImageFetcher:
     redirect to the cloud, which must not see it).
     """
     deadline = time.monotonic() + self.settings.image_fetch_timeout_s
-    headers = self.auth.header() if with_key else {}
+    headers = self._key_header() if with_key else {}
     for _ in range(MAX_REDIRECTS + 1):
       try:
         with self.session.get(url, headers=headers, stream=True, allow_redirects=False,
@@ -195,6 +151,19 @@ class ImageFetcher:
       except requests.RequestException as error:
         raise ImageError(f'{_shown(url)}: unreachable ({type(error).__name__})') from error
     raise ImageError(f'{_shown(url)}: more than {MAX_REDIRECTS} redirects')
+
+  def _key_header(self) -> dict[str, str]:
+    """Label Studio's Authorization header; label-studio-sdk refreshes a personal access
+    token (a JWT) on its real expiry and sends a legacy token as it is."""
+    if not LabelStudioAPI.configured(self.settings):
+      return {}
+    try:
+      with self._api_lock:
+        if self._api is None:
+          self._api = LabelStudioAPI(self.settings)
+      return self._api.auth_header()
+    except BackendError as error:
+      raise ImageError(f'Label Studio refused LABEL_STUDIO_API_KEY: {error.message}') from error
 
   def _read_body(self, url: str, response, deadline: float) -> bytes:
     # read1 returns what has arrived; iter_content would wait for whole

@@ -48,7 +48,8 @@ class LabelStudioAPI:
                               "the project's tasks in Label Studio")
     from label_studio_sdk.client import LabelStudio
     self.url = settings.label_studio_url
-    self.client = LabelStudio(base_url=self.url, api_key=settings.label_studio_api_key)
+    with self._errors('the API key'):  # an expired personal access token fails here
+      self.client = LabelStudio(base_url=self.url, api_key=settings.label_studio_api_key)
 
   @staticmethod
   def configured(settings: Settings) -> bool:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from backend.errors import BackendError
 from backend.training import TrainingStatus
 
 log = logging.getLogger(__name__)
@@ -122,16 +123,23 @@ class TrainingQueue:
       self._annotation_events[project] = 0
       if waiting:
         self._timers[project].cancel()
-      timer = threading.Timer(self.debounce_s, self.trigger,
+      timer = threading.Timer(self.debounce_s, self._debounced,
                               (project, f'{action} events', time.time()))
       timer.daemon = True
       self._timers[project] = timer
       timer.start()
     return f'training in {self.debounce_s:g} s unless more events arrive'
 
+  def _debounced(self, project: int, reason: str, changed_at: float) -> None:
+    """A timer's trigger; the timer leaves the table (one entry per waiting project only)."""
+    with self._lock:
+      if self._timers.get(project) is threading.current_thread():
+        del self._timers[project]
+    self.trigger(project, reason, changed_at)
+
   def status_of(self, project: int) -> dict:
     """What /train/status shows for the project, whichever worker process trains it."""
-    local = self.status[project]
+    local = self.status.get(project, TrainingStatus())
     if local.state in ('queued', 'running'):
       return local.to_dict()
     shared = self._read_shared_status(project)
@@ -234,14 +242,28 @@ class TrainingQueue:
         status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
       self._write_shared_status(project)
 
+    unknown = False
     try:
       status.model_version = self.run_job(project, progress)
       status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
     except Exception as error:  # pylint: disable=broad-except
       log.exception('Project %s: training failed; the current version keeps serving', project)
       status.state, status.last_error = 'failed', f'{type(error).__name__}: {error}'
+      unknown = isinstance(error, BackendError) and error.status == 404
     finally:
       status.finished_at = time.time()
       status.runs += 1
       self._write_shared_status(project)
+      if unknown:
+        self._forget(project)
       lock.release()
+
+  def _forget(self, project: int) -> None:
+    """Drops what a project Label Studio does not know left here: anyone may name any id."""
+    log.info('Project %s: not a Label Studio project; its status and lock files are removed',
+             project)
+    for path in (self._status_path(project), self._lock_for(project).path):
+      path.unlink(missing_ok=True)
+    self.status.pop(project, None)
+    with self._lock:
+      self._run_started.pop(project, None)

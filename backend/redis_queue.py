@@ -43,6 +43,7 @@ from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from backend.errors import BackendError
 from backend.label_studio_api import LabelStudioAPI
 from backend.settings import Settings
 from backend.training import TrainingStatus
@@ -240,10 +241,15 @@ def run_training_job(project: int, job_id: str) -> str | None:
   except Exception as error:
     log.exception('Project %s: training failed; the current version keeps serving', project)
     status.state, status.last_error = 'failed', f'{type(error).__name__}: {error}'
+    if isinstance(error, BackendError) and error.status == 404:
+      status.state = 'unknown'  # anyone may name any project id: keep nothing of it
     raise
   finally:
     status.finished_at, status.runs = time.time(), status.runs + 1
-    save()
+    if status.state == 'unknown':
+      connection.delete(*(_key(project, name) for name in ('status', 'changed', 'fetched', 'events')))
+    else:
+      save()
     heartbeat.stopped.set()
     try:
       lock.release()

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+from backend.errors import BackendError
 from backend.label_config import parse_label_config
 from backend.label_studio_api import PAGE_SIZE, UNANNOTATED_TASKS, LabelStudioAPI
 from backend.predictor import Predictor
@@ -125,6 +126,7 @@ class Refresher:
     status = RefreshStatus(state='running', kind=NEW_VERSION if tasks is None else LATE_TASKS,
                            started_at=time.time())
     lock = ProjectLock(self.status_dir / f'{project}.refresh.lock')
+    unknown = False
     try:
       lock.acquire(blocking=True)
       file.write(status)
@@ -132,10 +134,14 @@ class Refresher:
     except Exception as error:  # pylint: disable=broad-except
       log.exception('Project %s: refreshing predictions failed', project)
       status.state, status.last_error = 'failed', f'{type(error).__name__}: {error}'
+      unknown = isinstance(error, BackendError) and error.status == 404
     finally:
       status.finished_at = time.time()
       try:
         file.write(status)
+        if unknown:  # anyone may name any project id: keep no files for one that isn't there
+          file.path.unlink(missing_ok=True)
+          lock.path.unlink(missing_ok=True)
       except OSError as error:
         log.error('Project %s: cannot write the refresh status: %s', project, error)
       lock.release()

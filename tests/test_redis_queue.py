@@ -129,3 +129,20 @@ def test_a_job_ends_at_once_when_nothing_changed_since_the_last_run_read_the_tas
   # A new press of Start Training, or a later edit, trains again.
   queue.trigger(6, 'START_TRAINING')
   assert run_training_job(6, 'job-c') == 'fewshot-ssd-v2' and runs == [6, 6]
+
+
+def test_a_project_label_studio_does_not_know_leaves_no_keys(redis_url, connection, monkeypatch,
+                                                             tmp_path):
+  import pytest
+  from backend.errors import BackendError
+  from backend.redis_queue import run_training_job
+  monkeypatch.setenv('REDIS_URL', redis_url)
+  monkeypatch.setenv('MODEL_DIR', str(tmp_path))
+
+  def unknown(settings, store, fetcher, project, progress):
+    raise BackendError(404, f'Label Studio answered HTTP 404 for project {project}')
+  monkeypatch.setattr('backend.training.train_project', unknown)
+  _queue(redis_url).trigger(99, 'START_TRAINING')
+  with pytest.raises(BackendError):
+    run_training_job(99, 'job-x')
+  assert connection.keys('fewshot:99:*') == []

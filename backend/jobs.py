@@ -69,6 +69,8 @@ class TrainingQueue:
     debounce_s: quiet time after the last counted event before training starts.
   """
 
+  MAX_REMEMBERED = 1000  # projects whose status is kept in memory
+
   def __init__(self, run_job: Callable, lock_dir: Path, every_n_annotations: int = 1,
                debounce_s: float = 10.0):
     self.run_job = run_job
@@ -259,11 +261,15 @@ class TrainingQueue:
       lock.release()
 
   def _forget(self, project: int) -> None:
-    """Drops what a project Label Studio does not know left here: anyone may name any id."""
+    """Drops the files of a project Label Studio does not know (anyone may name any id);
+    its failed status stays in memory, among the MAX_REMEMBERED newest."""
     log.info('Project %s: not a Label Studio project; its status and lock files are removed',
              project)
     for path in (self._status_path(project), self._lock_for(project).path):
       path.unlink(missing_ok=True)
-    self.status.pop(project, None)
     with self._lock:
       self._run_started.pop(project, None)
+      finished = sorted((s.finished_at or 0.0, p) for p, s in self.status.items()
+                        if s.state in ('idle', 'failed'))
+      for _, old in finished[:max(0, len(self.status) - self.MAX_REMEMBERED)]:
+        del self.status[old]

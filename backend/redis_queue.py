@@ -50,6 +50,7 @@ from backend.training import TrainingStatus
 
 log = logging.getLogger(__name__)
 QUEUE_NAME = 'fewshot-training'
+UNKNOWN_PROJECT_TTL_S = 3600
 _LIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.SCHEDULED, JobStatus.DEFERRED,
          JobStatus.CREATED)
 
@@ -230,6 +231,7 @@ def run_training_job(project: int, job_id: str) -> str | None:
   save()
   log.info('Project %s: training on %s (job %s)', project, worker, job_id)
   store = ModelStore(settings.model_dir, settings.model_variant)
+  unknown = False
   try:
     status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress)
     status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
@@ -241,15 +243,16 @@ def run_training_job(project: int, job_id: str) -> str | None:
   except Exception as error:
     log.exception('Project %s: training failed; the current version keeps serving', project)
     status.state, status.last_error = 'failed', f'{type(error).__name__}: {error}'
-    if isinstance(error, BackendError) and error.status == 404:
-      status.state = 'unknown'  # anyone may name any project id: keep nothing of it
+    unknown = isinstance(error, BackendError) and error.status == 404
     raise
   finally:
     status.finished_at, status.runs = time.time(), status.runs + 1
-    if status.state == 'unknown':
-      connection.delete(*(_key(project, name) for name in ('status', 'changed', 'fetched', 'events')))
-    else:
-      save()
+    save()
+    if unknown:
+      # Anyone may name any project id: of one Label Studio does not know, keep only the
+      # error, for an hour.
+      connection.delete(*(_key(project, name) for name in ('changed', 'fetched', 'events')))
+      connection.expire(status_key, UNKNOWN_PROJECT_TTL_S)
     heartbeat.stopped.set()
     try:
       lock.release()

@@ -160,14 +160,17 @@ def test_fired_timers_and_projects_label_studio_does_not_know_leave_nothing_behi
       raise BackendError(404, f'Label Studio answered HTTP 404 for project {project}')
     return 'fewshot-ssd-v1'
   queue = TrainingQueue(job, tmp_path, every_n_annotations=1, debounce_s=0.05)
+  queue.MAX_REMEMBERED = 2
   for project in (1, 100, 101):
     queue.annotation_event(project, 'ANNOTATION_CREATED')
-  assert queue.wait_idle(10)
+    assert queue.wait_idle(10)
   assert queue._timers == {}  # pylint: disable=protected-access
   assert sorted(path.name for path in tmp_path.iterdir()) == ['1.lock', '1.status.json']
-  assert sorted(queue.status) == [1]
-  # Asking about any project id stores nothing either.
-  assert queue.status_of(12345)['state'] == 'idle' and sorted(queue.status) == [1]
+  # The newest unknown ones keep their error in memory, for whoever asks why.
+  assert sorted(queue.status) == [100, 101]
+  assert 'HTTP 404 for project 101' in queue.status_of(101)['last_error']
+  # Asking about any project id stores nothing.
+  assert queue.status_of(12345)['state'] == 'idle' and sorted(queue.status) == [100, 101]
 
 
 def test_every_worker_process_shows_the_status_of_the_one_that_trains(tmp_path):

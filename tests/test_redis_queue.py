@@ -131,7 +131,7 @@ def test_a_job_ends_at_once_when_nothing_changed_since_the_last_run_read_the_tas
   assert run_training_job(6, 'job-c') == 'fewshot-ssd-v2' and runs == [6, 6]
 
 
-def test_a_project_label_studio_does_not_know_leaves_no_keys(redis_url, connection, monkeypatch,
+def test_a_project_label_studio_does_not_know_leaves_only_its_error_for_an_hour(redis_url, connection, monkeypatch,
                                                              tmp_path):
   import pytest
   from backend.errors import BackendError
@@ -145,4 +145,6 @@ def test_a_project_label_studio_does_not_know_leaves_no_keys(redis_url, connecti
   _queue(redis_url).trigger(99, 'START_TRAINING')
   with pytest.raises(BackendError):
     run_training_job(99, 'job-x')
-  assert connection.keys('fewshot:99:*') == []
+  assert connection.keys('fewshot:99:*') == [b'fewshot:99:status']
+  assert 0 < connection.ttl('fewshot:99:status') <= 3600
+  assert 'HTTP 404 for project 99' in _queue(redis_url).status_of(99)['last_error']

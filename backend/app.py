@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -15,6 +16,7 @@ import time
 from flask import Blueprint, Flask, current_app, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
+from backend import diagnostics
 from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.jobs import TrainingQueue
@@ -77,7 +79,19 @@ def setup():
   """Label Studio calls this before every predict: answer fast, with the current version."""
   project = _project_from(_json_body())
   version = _services()['store'].current(project)
+  _services()['diagnostics'].on_connect(project)  # in the background, to the log
   return jsonify(model_version=version.name if version else 'none')
+
+
+@routes.get('/diagnose')
+def diagnose():
+  """Can this backend reach Label Studio, use its key, read the project and one image? With
+  the fix for what fails (`?project=<id>` for the last two)."""
+  raw = request.args.get('project')
+  project = project_key(raw) if raw else None
+  services = _services()
+  checks = diagnostics.diagnose(current_app.config['SETTINGS'], services['fetcher'], project)
+  return jsonify(ok=all(c.ok for c in checks), checks=[dataclasses.asdict(c) for c in checks])
 
 
 @routes.post('/predict')
@@ -283,6 +297,8 @@ def create_app(settings: Settings | None = None) -> Flask:
       'queue': _training_queue(settings, store, fetcher, refresh),
       'predictor': predictor,
       'refresh': refresh,
+      'fetcher': fetcher,
+      'diagnostics': diagnostics.ConnectDiagnostics(settings, fetcher),
       'counters': _Counters(),
   }
   app.before_request(_check_basic_auth)

@@ -189,3 +189,11 @@ def _presign_path(url: str, task_id: object) -> tuple[str, str]:
                      'has no integer id')
   encoded = base64.urlsafe_b64encode(url.encode()).decode().rstrip('=')
   return f'/tasks/{task_id}/presign/', f'fileuri={encoded}'
+
+
+def shown_url(url: str) -> str:
+  """A URL as logs show it: no user:password, no query (presigned URLs carry secrets there)."""
+  parsed = urlparse(url)
+  host = parsed.hostname or ''
+  port = f':{parsed.port}' if parsed.port else ''
+  return f'{parsed.scheme}://{host}{port}{parsed.path}'[:200]

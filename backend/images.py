@@ -24,13 +24,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urljoin, urlparse
+from urllib.parse import urljoin
 
 import requests
 from PIL import Image
 
 from backend.errors import BackendError
-from backend.image_sources import SourcePolicy
+from backend.image_sources import SourcePolicy, shown_url
 from backend.label_studio_api import LabelStudioAPI
 from backend.settings import Settings
 from model.images import ImageError, load_image
@@ -149,8 +149,8 @@ class ImageFetcher:
           _check_status(url, response.status_code)
           return self._read_body(url, response, deadline)
       except requests.RequestException as error:
-        raise ImageError(f'{_shown(url)}: unreachable ({type(error).__name__})') from error
-    raise ImageError(f'{_shown(url)}: more than {MAX_REDIRECTS} redirects')
+        raise ImageError(f'{shown_url(url)}: unreachable ({type(error).__name__})') from error
+    raise ImageError(f'{shown_url(url)}: more than {MAX_REDIRECTS} redirects')
 
   def _key_header(self) -> dict[str, str]:
     """Label Studio's Authorization header; label-studio-sdk refreshes a personal access
@@ -172,7 +172,7 @@ class ImageFetcher:
     while chunk := response.raw.read1(1 << 16, decode_content=True):
       size += len(chunk)
       if size > self.settings.max_image_bytes:
-        raise ImageError(f'{_shown(url)}: larger than MAX_IMAGE_BYTES '
+        raise ImageError(f'{shown_url(url)}: larger than MAX_IMAGE_BYTES '
                          f'({self.settings.max_image_bytes})')
       _remaining(deadline, url)
       chunks.append(chunk)
@@ -183,24 +183,16 @@ def _remaining(deadline: float, url: str) -> float:
   """Seconds left for this image; raises ImageError when none are."""
   left = deadline - time.monotonic()
   if left <= 0:
-    raise ImageError(f'{_shown(url)}: too slow (IMAGE_FETCH_TIMEOUT_S)')
+    raise ImageError(f'{shown_url(url)}: too slow (IMAGE_FETCH_TIMEOUT_S)')
   return left
 
 
 def _check_status(url: str, status: int) -> None:
   if status in (401, 403):
-    raise ImageError(f'{_shown(url)}: HTTP {status} (Label Studio needs a valid '
+    raise ImageError(f'{shown_url(url)}: HTTP {status} (Label Studio needs a valid '
                      'LABEL_STUDIO_API_KEY to serve task images)')
   if status != 200:
-    raise ImageError(f'{_shown(url)}: HTTP {status}')
-
-
-def _shown(url: str) -> str:
-  """A URL as logs show it: no user:password, no query (presigned URLs carry secrets there)."""
-  parsed = urlparse(url)
-  host = parsed.hostname or ''
-  port = f':{parsed.port}' if parsed.port else ''
-  return f'{parsed.scheme}://{host}{port}{parsed.path}'[:200]
+    raise ImageError(f'{shown_url(url)}: HTTP {status}')
 
 
 def _read_capped(path: Path, limit: int) -> bytes:

@@ -16,6 +16,7 @@ import logging
 from typing import Iterator
 
 from backend.errors import BackendError
+from backend.image_sources import shown_url
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,5 +108,5 @@ class LabelStudioAPI:
       raise BackendError(status, f'Label Studio answered HTTP {error.status_code} for {what}: '
                                  f'{str(error.body)[:200]}') from error
     except Exception as error:  # httpx connection errors and the like
-      raise BackendError(503, f'cannot reach Label Studio at {self.url} for {what}: '
+      raise BackendError(503, f'cannot reach Label Studio at {shown_url(self.url)} for {what}: '
                               f'{type(error).__name__}: {error}') from error

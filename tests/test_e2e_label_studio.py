@@ -49,6 +49,13 @@ def test_label_train_and_retrieve_predictions_through_label_studio(label_studio,
   try:
     ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': pid,
                                             'title': 'fewshot-ssd', 'is_interactive': False})
+    # Connecting ran the diagnostics in the background; GET /diagnose tells the same.
+    report = requests.get(f'{backend.url}/diagnose', params={'project': pid}).json()
+    assert [c['name'] for c in report['checks']] == ['settings', 'label_studio', 'api_key',
+                                                     'project', 'image'], report
+    assert report['ok'], report
+    assert 'a personal access token of' in report['checks'][2]['detail']
+    assert report['checks'][4]['detail'] == f'task {project.tasks[0]["id"]}: 320x240'
     annotate(ls, project, project.tasks[:LABELED])
 
     ls.call('POST', f'/api/ml/{ml["id"]}/train')  # the Start Training button
@@ -293,6 +300,16 @@ def test_training_errors_say_what_is_wrong_and_publish_nothing(label_studio, bas
   try:
     status = start_training(backend, empty.id)
     assert 'Label Studio answered HTTP 401' in status['last_error']
+    report = requests.get(f'{backend.url}/diagnose', params={'project': empty.id}).json()
+    assert not report['ok'] and report['checks'][-1]['name'] == 'api_key'
+    assert 'the legacy token was refused' in report['checks'][-1]['detail']
+    assert 'personal access token' in report['checks'][-1]['fix']
+    # Label Studio connecting (its /setup call) runs them in the background, into the log.
+    requests.post(backend.url + '/setup', json={'project': empty.id})
+    deadline = time.monotonic() + 30
+    while 'api_key FAILED' not in backend.log_path.read_text() and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert 'api_key FAILED: the legacy token was refused' in backend.log_path.read_text()
     # Pre-annotations with the wrong key: the image is refused, the task gets an empty
     # prediction, and the log says why.
     config = DISC_CONFIG.replace('<Label value="disc"/>',

@@ -26,7 +26,7 @@ from official.vision.losses import focal_loss
 
 from model import compression
 from model import ssd as ssd_lib
-from model.config import TrainConfig
+from model.config import EarlyStoppingConfig, TrainConfig
 from model.views import CachedViews
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,29 @@ class ExtractorSplit:
     first_map, block = self.frozen(images)
     return tf_keras.Model(images, [first_map, *self.optimized.model(block)],
                           name='feature_extractor_qat')
+
+
+class EarlyStopping:
+  """Stops a run whose held-out loss has not improved for `every * patience` steps.
+
+  The held-out split is small (10% of the images): it is trusted only from
+  half the budget on, to stop a run and keep its best weights since then,
+  never to roll back to an early step.
+  """
+
+  def __init__(self, steps: int, config: EarlyStoppingConfig):
+    self.from_step = steps // 2
+    self.patience_steps = config.every * config.patience
+    self.best_value, self.best_step = math.inf, 0
+
+  def observe(self, step: int, value: float) -> tuple[bool, bool]:
+    """(whether this is the best so far, whether to stop now)."""
+    if step < self.from_step:
+      return False, False
+    if value < self.best_value:
+      self.best_value, self.best_step = value, step
+      return True, False
+    return False, step - self.best_step >= self.patience_steps
 
 
 @dataclasses.dataclass
@@ -227,24 +250,19 @@ class Trainer:
     rng = np.random.default_rng(config.seed)
     batch = min(config.schedule.batch_size, max(1, len(train_views)))
     losses, validation_losses = [], []
-    best = (math.inf, 0, None)
+    stopper, best_weights = EarlyStopping(steps, config.early_stopping), None
     stopped_early = False
     started = time.monotonic()
     for step in range(1, steps + 1):
       index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch)
       loss = step_fn(tf.constant(index, tf.int32))
       losses.append(float(loss))
-      stopping = config.early_stopping
-      if validation is not None and (step % stopping.every == 0 or step == steps):
+      if validation is not None and (step % config.early_stopping.every == 0 or step == steps):
         value = self._validation_loss(validation)
         validation_losses.append((step, value))
-        # The held-out split is small (10% of the images): trust it only to stop
-        # a run that has had half its budget, never to roll back to an early step.
-        if step >= steps // 2:
-          if value < best[0]:
-            best = (value, step, [v.numpy() for v in self.variables])
-          elif step - best[1] >= stopping.every * stopping.patience:
-            stopped_early = True
+        improved, stopped_early = stopper.observe(step, value)
+        if improved:
+          best_weights = [v.numpy() for v in self.variables]
       if progress and (step % 10 == 0 or step == steps or stopped_early):
         elapsed = time.monotonic() - started
         rate = step / elapsed if elapsed > 0 else 0.0
@@ -253,14 +271,14 @@ class Trainer:
                           eta_s=(steps - step) / rate if rate else 0.0))
       if stopped_early:
         break
-    if best[2] is not None:  # keep the weights that did best on held-out images
-      for variable, value in zip(self.variables, best[2]):
+    if best_weights is not None:  # keep the weights that did best on held-out images
+      for variable, value in zip(self.variables, best_weights):
         variable.assign(value)
     if self.split.optimized:
       self.split.optimized.end(self.split.trainable)
     seconds = time.monotonic() - started
     return TrainReport(steps=len(losses), planned_steps=steps, losses=losses,
                        validation=validation_losses,
-                       best_step=best[1] if best[2] is not None else len(losses),
+                       best_step=stopper.best_step if best_weights is not None else len(losses),
                        stopped_early=stopped_early, seconds=seconds,
                        views_per_s=len(losses) * batch / seconds if seconds else 0.0)

@@ -520,3 +520,19 @@ def test_a_tasks_certainty_is_its_least_sure_detection():
   ranked = sorted({'empty': [], 'sure': [0.97, 0.99], 'torn': [0.99, 0.45], 'weak': [0.1]}.items(),
                   key=lambda item: task_certainty(item[1]))
   assert [name for name, _ in ranked] == ['torn', 'weak', 'sure', 'empty']
+
+
+def test_a_detection_becomes_a_region_in_percent_of_the_image_with_the_configs_names():
+  from backend.label_config import parse_label_config
+  from backend.predictor import to_region
+  from model.boxes import Detection
+  target = parse_label_config('<View><Image name="img" value="$photo"/><RectangleLabels '
+                              'name="box" toName="img"><Label value="cat"/></RectangleLabels></View>')
+  region = to_region(Detection('Cat', 0.87654, (40.0, 30.0, 120.0, 90.0)), target, 'cat', 400, 300)
+  assert (region['from_name'], region['to_name'], region['type']) == ('box', 'img',
+                                                                      'rectanglelabels')
+  assert (region['original_width'], region['original_height']) == (400, 300)
+  assert region['value'] == {'x': 10.0, 'y': 10.0, 'width': 20.0, 'height': 20.0, 'rotation': 0,
+                             'rectanglelabels': ['cat']}
+  assert region['score'] == 0.8765
+  assert region['id'] != to_region(Detection('Cat', 0.5, (0, 0, 1, 1)), target, 'cat', 4, 3)['id']

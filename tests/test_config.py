@@ -27,3 +27,17 @@ def test_views_per_image_shrink_as_images_grow():
   config = TrainConfig()
   assert (config.views.per_image(1), config.views.zoom_outs_per_image(1)) == (16, 7)
   assert (config.views.per_image(240), config.views.zoom_outs_per_image(240)) == (2, 0)
+
+
+def test_early_stopping_trusts_the_held_out_loss_only_from_half_the_budget():
+  from model.config import EarlyStoppingConfig
+  from model.train import EarlyStopping
+  stopper = EarlyStopping(400, EarlyStoppingConfig(every=50, patience=2))
+  # A low loss early on counts for nothing: no rolling back to step 50.
+  assert stopper.observe(50, 0.1) == (False, False)
+  assert stopper.observe(150, 0.9) == (False, False)
+  assert stopper.observe(200, 0.5) == (True, False)
+  assert stopper.observe(250, 0.4) == (True, False)
+  assert stopper.observe(300, 0.45) == (False, False)
+  assert stopper.observe(350, 0.41) == (False, True)  # 100 steps = 2 x 50 without a better one
+  assert stopper.best_step == 250

@@ -5,6 +5,10 @@ the boxes whose centres they contain (clipped), and last the zoom-outs: the
 image shrunk onto a black canvas, so that objects also appear smaller than in
 any photo given. Random views are mirrored at random and colour-jittered. Every
 view is stretched to the model input, as at inference time.
+
+The random ops run as traced TensorFlow functions (`Augmenter`): eagerly, the
+crop's retry loop alone cost ~100 ms a view in op dispatch. One `Augmenter`
+per training run, made after the run's seed is set, keeps runs reproducible.
 """
 
 from __future__ import annotations
@@ -17,9 +21,41 @@ from PIL import Image
 from model.images import to_model_input
 
 
+_PIXELS = tf.TensorSpec([None, None, 3], tf.uint8)
+_BOXES = tf.TensorSpec([None, 4], tf.float32)
+_IDS = tf.TensorSpec([None], tf.int32)
+
+
+def _flip_and_jitter(pixels, boxes, class_ids):
+  """Mirrored at random and colour-jittered."""
+  flip = tf.random.uniform([]) < 0.5
+  pixels = tf.cond(flip, lambda: tf.image.flip_left_right(pixels), lambda: pixels)
+  boxes = tf.cond(flip, lambda: box_ops.horizontal_flip_boxes(boxes), lambda: boxes)
+  pixels = preprocess_ops.color_jitter(pixels, brightness=0.2, contrast=0.2, saturation=0.2)
+  return pixels, boxes, class_ids
+
+
+def _crop_flip_and_jitter(pixels, boxes, class_ids):
+  """A random crop keeping the boxes whose centres it holds, then `_flip_and_jitter`."""
+  crop, boxes, class_ids = preprocess_ops.random_crop_image_with_boxes_and_labels(
+      pixels, boxes, class_ids, min_scale=0.3, aspect_ratio_range=(0.5, 2.0),
+      min_overlap_params=(0.0, 1.4, 0.2, 0.1), max_retry=50)
+  return _flip_and_jitter(crop, boxes, class_ids)
+
+
+class Augmenter:
+  """The random parts of a view, traced once (any image size, any number of boxes)."""
+
+  def __init__(self):
+    signature = [_PIXELS, _BOXES, _IDS]
+    self.crop = tf.function(_crop_flip_and_jitter, input_signature=signature)
+    self.jitter = tf.function(_flip_and_jitter, input_signature=signature)
+
+
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
                input_size: int, zoom_outs: int = 0,
                zoom_out_scale: tuple[float, float] = (0.4, 0.9),
+               augmenter: Augmenter | None = None,
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones.
 
@@ -31,38 +67,29 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     input_size: side of the model input.
     zoom_outs: number of views of the image shrunk onto a canvas.
     zoom_out_scale: range of the shrink factor.
+    augmenter: the run's traced ops (a new one when None).
 
   Returns:
     (model input float32 [S, S, 3] in [-1, 1], boxes [K', 4], class ids [K']) per view.
     Randomness comes from TensorFlow's global seed (set once per training).
   """
+  augmenter = augmenter or Augmenter()
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
   class_ids = np.asarray(class_ids, np.int32).reshape(-1)
   pixels = tf.constant(np.asarray(image, np.uint8))
+  ids = tf.constant(class_ids)
   views = [(to_model_input(image, input_size), boxes, class_ids)]
   if count > 1:
     views.append(_view(tf.image.flip_left_right(pixels),
                        box_ops.horizontal_flip_boxes(boxes), class_ids, input_size))
+  random_view = augmenter.crop if len(boxes) else augmenter.jitter
   for _ in range(count - 2):
-    crop, crop_boxes, crop_ids = pixels, tf.constant(boxes), tf.constant(class_ids)
-    if len(boxes):
-      crop, crop_boxes, crop_ids = preprocess_ops.random_crop_image_with_boxes_and_labels(
-          pixels, crop_boxes, crop_ids, min_scale=0.3, aspect_ratio_range=(0.5, 2.0),
-          min_overlap_params=(0.0, 1.4, 0.2, 0.1), max_retry=50)
-    views.append(_random_view(crop, crop_boxes, crop_ids, input_size))
+    views.append(_view(*random_view(pixels, tf.constant(boxes), ids), input_size))
   for _ in range(zoom_outs):
     shrunk, shrunk_boxes = _shrink_onto_canvas(pixels, boxes, zoom_out_scale)
-    views.append(_random_view(shrunk, shrunk_boxes, class_ids, input_size))
+    views.append(_view(*augmenter.jitter(shrunk, tf.cast(shrunk_boxes, tf.float32), ids),
+                       input_size))
   return views
-
-
-def _random_view(pixels, boxes, class_ids, input_size):
-  """Mirrored at random and colour-jittered."""
-  if tf.random.uniform([]) < 0.5:
-    pixels = tf.image.flip_left_right(pixels)
-    boxes = box_ops.horizontal_flip_boxes(boxes)
-  pixels = preprocess_ops.color_jitter(pixels, brightness=0.2, contrast=0.2, saturation=0.2)
-  return _view(pixels, boxes, class_ids, input_size)
 
 
 def _shrink_onto_canvas(pixels, boxes, scale_range):

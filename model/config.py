@@ -255,11 +255,15 @@ class BudgetConfig:
   first_images: int = 5
   per_further_image: int = 10
   max: int = 1000
+  # A warm start whose previous iteration knows every label already trains this
+  # fraction of the steps (never fewer than `base`).
+  warm_fraction: float = 1.0
 
-  def steps(self, num_images: int) -> int:
+  def steps(self, num_images: int, warm: bool = False) -> int:
     first = min(num_images, self.first_images)
-    return min(self.max, self.base + self.per_first_image * first
-               + self.per_further_image * (num_images - first))
+    steps = min(self.max, self.base + self.per_first_image * first
+                + self.per_further_image * (num_images - first))
+    return max(self.base, round(steps * self.warm_fraction)) if warm else steps
 
 
 @dataclasses.dataclass(frozen=True)

@@ -252,12 +252,19 @@ class Schedule:
   steps: int
   class_learning_rate: float
   box_learning_rate_scale: float
+  steps_why: str = 'step budget for the images'
 
 
 def plan_schedule(num_images: int, columns: list, config: TrainConfig) -> Schedule:
-  return Schedule(config.budget.steps(num_images),
+  """Steps and learning rates; a warm start that knows every label already trains less."""
+  from model.warm_start import KEPT
+  warm = all(c.reason == KEPT for c in columns)
+  why = 'step budget for the images'
+  if warm and config.budget.warm_fraction != 1.0:
+    why += f', x{config.budget.warm_fraction:g}: the previous iteration knows every label'
+  return Schedule(config.budget.steps(num_images, warm),
                   config.class_learning_rate(num_images, any(c.head is None for c in columns)),
-                  config.box_learning_rate_scale(num_images))
+                  config.box_learning_rate_scale(num_images), why)
 
 
 def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None):
@@ -394,7 +401,7 @@ class Record:
   def all_choices(self, views: Views) -> dict:
     """Every choice made from the data, with its value (and why, where it is not a formula)."""
     return {**self.choices,
-            'steps': {'value': self.schedule.steps, 'why': 'step budget for the images'},
+            'steps': {'value': self.schedule.steps, 'why': self.schedule.steps_why},
             'class_learning_rate': {'value': self.schedule.class_learning_rate},
             'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
             'views_per_image': {'value': views.train.per_image,

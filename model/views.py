@@ -81,10 +81,11 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     (model inputs float32 [V, S, S, 3] in [-1, 1], the cached views).
   """
   inputs, class_targets, box_targets = [], [], []
+  augmenter = augment.Augmenter()
   for example, image in zip(examples, images):
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     for x, boxes, view_ids in augment.make_views(image, example.boxes, ids, views_each,
-                                                 input_size, zoom_outs):
+                                                 input_size, zoom_outs, augmenter=augmenter):
       cls, box = assigner.assign(boxes, view_ids)
       inputs.append(x)
       class_targets.append(cls)

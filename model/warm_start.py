@@ -172,14 +172,16 @@ def build_project_model(labels: list[str], input_size: int, *, parts_from: Path,
   return model
 
 
+KEPT = 'kept from the previous iteration'
+
+
 def columns_for_labels(labels: list[str], previous_labels: list[str] | None,
                        previous_head, base_sources: dict[str, ColumnSource]) -> list[ColumnSource]:
   """Kept labels keep their previous column; new ones start from the base (or fresh)."""
   columns = []
   for label in labels:
     if previous_labels and label in previous_labels:
-      columns.append(ColumnSource(previous_head, previous_labels.index(label) + 1,
-                                  'kept from the previous iteration'))
+      columns.append(ColumnSource(previous_head, previous_labels.index(label) + 1, KEPT))
     else:
       columns.append(base_sources[label])
   return columns

@@ -21,6 +21,9 @@ def test_step_budget_per_first_and_further_images():
   config = TrainConfig()
   assert [config.budget.steps(n) for n in (1, 5, 10, 160)] == [75, 275, 325, 1000]
   assert config.with_overrides({'budget.max': 200}).budget.steps(10) == 200
+  # A warm start that knows every label trains its fraction, never less than the base.
+  half = config.with_overrides({'budget.warm_fraction': 0.5}).budget
+  assert (half.steps(10), half.steps(10, warm=True), half.steps(1, warm=True)) == (325, 162, 38)
 
 
 def test_views_per_image_shrink_as_images_grow():

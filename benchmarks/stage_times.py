@@ -1,0 +1,104 @@
+"""Where an iteration's time goes, before and after a change, side by side in one run.
+
+Runs the contract's command, `python -m model train --tasks T --out O
+--max-images N`, in this checkout and in a git worktree of `--before` (a
+commit), alternating so both see the same machine, and reads each run's
+metrics.json: stage times (`wall_time_s`), the whole command's wall time, and
+mAP@0.5 of the float .tflite on the test split.
+
+  .venv/bin/python benchmarks/stage_times.py --before 0b3210a --images 10 --repeats 2
+
+Results: benchmarks/results/stage_times.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / 'benchmarks' / 'results'
+SHARED = REPO.parent / 'shared' / 'datasets'
+STAGES = ('load_examples', 'build_model', 'make_views', 'start_class_head', 'train', 'evaluate',
+          'export')
+
+
+def worktree(ref: str, folder: Path) -> Path:
+  """A checkout of `ref` sharing this one's virtual environment and base weights."""
+  subprocess.run(['git', 'worktree', 'add', '--detach', str(folder), ref], cwd=REPO, check=True,
+                 capture_output=True)
+  return folder
+
+
+def train_once(checkout: Path, tasks: Path, images: int, work: Path) -> dict:
+  out = Path(tempfile.mkdtemp(dir=work)) / 'run'
+  env = dict(os.environ, MODEL_DIR=str(REPO / 'models'), PYTHONPATH=str(checkout))
+  started = time.monotonic()
+  subprocess.run([sys.executable, '-m', 'model', 'train', '--tasks', str(tasks), '--out', str(out),
+                  '--max-images', str(images)], cwd=checkout, env=env, check=True,
+                 capture_output=True)
+  command_s = time.monotonic() - started
+  evaluation = subprocess.run(
+      [sys.executable, '-m', 'model', 'eval', '--run', str(out), '--tasks', str(tasks),
+       '--tflite', 'float'], cwd=REPO, env=env, check=True, capture_output=True, text=True)
+  wall = json.loads((out / 'metrics.json').read_text())['wall_time_s']
+  return {'command_s': round(command_s, 1),
+          'map50': json.loads(evaluation.stdout.strip().splitlines()[-1])['map50'],
+          **{stage: wall.get(f'{stage}_s', 0.0) for stage in STAGES}}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--before', required=True, help='git commit to compare with')
+  parser.add_argument('--dataset', default='raccoon')
+  parser.add_argument('--images', type=int, default=10)
+  parser.add_argument('--repeats', type=int, default=2)
+  args = parser.parse_args()
+  tasks = SHARED / args.dataset / 'tasks.json'
+  with tempfile.TemporaryDirectory() as temp:
+    work = Path(temp)
+    checkouts = {'before': worktree(args.before, work / 'before'), 'after': REPO}
+    runs = {name: [] for name in checkouts}
+    try:
+      for _ in range(args.repeats):
+        for name, checkout in checkouts.items():
+          runs[name].append(train_once(checkout, tasks, args.images, work))
+          print(name, runs[name][-1], flush=True)
+    finally:
+      subprocess.run(['git', 'worktree', 'remove', '--force', str(work / 'before')], cwd=REPO,
+                     capture_output=True)
+  mean = {name: {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+          for name, rows in runs.items()}
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                        text=True).stdout.strip()
+  results = {'before': args.before, 'after': head, 'dataset': args.dataset,
+             'images': args.images, 'runs': runs, 'mean': mean}
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / 'stage_times.json').write_text(json.dumps(results, indent=1) + '\n')
+  lines = [f'# Stage times: `python -m model train` on {args.images} {args.dataset} images', '',
+           f'{os.cpu_count()} cores, {args.repeats} runs each, alternating. Before: {args.before}; '
+           f'after: {head} (with its uncommitted changes). Seconds; `benchmarks/stage_times.py`.',
+           '', '| | ' + ' | '.join(STAGES) + ' | whole command | mAP@0.5 (float) |',
+           '|---|' + '---|' * (len(STAGES) + 2)]
+  for name in ('before', 'after'):
+    m = mean[name]
+    lines.append(f'| {name} | ' + ' | '.join(f'{m[s]:.1f}' for s in STAGES) +
+                 f' | {m["command_s"]:.1f} | {m["map50"]:.3f} |')
+  ratio = {s: mean['after'][s] / mean['before'][s] if mean['before'][s] else 1.0
+           for s in (*STAGES, 'command_s')}
+  lines.append('| after / before | ' + ' | '.join(f'{ratio[s]:.2f}' for s in STAGES) +
+               f' | {ratio["command_s"]:.2f} | |')
+  (RESULTS / 'stage_times.md').write_text('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()

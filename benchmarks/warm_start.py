@@ -1,0 +1,95 @@
+"""What a warm start buys: the next iteration from the last one vs from the base.
+
+For each subset of 10 training images: iteration A trains on its first 5
+from the base; then, on all 10, a fresh iteration (from the base) runs side
+by side with warm starts from A (which knows every label already) under
+each `--variant` of the step budget. Whole iterations (both .tflite files
+exported), timed; mAP@0.5 of the float .tflite on the test split.
+
+  .venv/bin/python benchmarks/warm_start.py --datasets raccoon bccd --seeds 2 \\
+      --variant 'warm:' --variant 'warm, half the steps:budget.warm_fraction=0.5'
+
+Results: benchmarks/results/warm_start.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from active_learning import MODEL_DIR, RESULTS, SHARED, Dataset
+from generalization import parse_variant
+
+from model import pipeline
+from model.config import TrainConfig
+from model.evaluate import evaluate_run
+
+log = logging.getLogger('warm_start')
+
+
+def iteration(dataset: Dataset, labeled: set, previous, overrides: dict, seed: int, work: Path):
+  out = Path(tempfile.mkdtemp(dir=work)) / 'run'
+  started = time.monotonic()
+  run = pipeline.train_iteration(dataset.tasks_for(labeled), dataset.root, out, MODEL_DIR,
+                                 previous=previous,
+                                 config=TrainConfig(seed=seed).with_overrides(overrides))
+  seconds = time.monotonic() - started
+  metrics = json.loads(run.metrics.read_text())
+  return run, {'map50': round(evaluate_run(run.root, *dataset.test, 'float')['map50'], 4),
+               'seconds': round(seconds, 1), 'steps': metrics['steps']}
+
+
+def one_subset(dataset: Dataset, variants, seed: int, work: Path) -> dict:
+  ten = random.Random(seed).sample(dataset.pool, 10)
+  first, _ = iteration(dataset, set(ten[:5]), None, {}, seed, work)
+  rows = {'fresh': iteration(dataset, set(ten), None, {}, seed, work)[1]}
+  for name, overrides in variants:
+    rows[name] = iteration(dataset, set(ten), first.root, overrides, seed, work)[1]
+  log.info('seed %d: %s', seed, rows)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd'])
+  parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--variant', action='append', default=[],
+                      help='name:key=value,... (TrainConfig overrides for the warm starts)')
+  parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'warm_start')
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('model', 'tensorflow', 'absl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  variants = [parse_variant(v) for v in args.variant] or [('warm', {})]
+  args.work.mkdir(parents=True, exist_ok=True)
+  results = {'datasets': {}}
+  lines = ['# Warm starts: 10 images from the base vs from an iteration on 5 of them', '',
+           f'{os.cpu_count()} cores; whole iterations, both .tflite files. Mean over subsets; '
+           'mAP@0.5 of the float .tflite on the test split. `benchmarks/warm_start.py` writes this.',
+           '', '| data set | start | subsets | steps | mAP@0.5 | seconds | time vs fresh |',
+           '|---|---|---|---|---|---|---|']
+  for name in args.datasets:
+    dataset = Dataset(SHARED / name)
+    subsets = [one_subset(dataset, variants, seed, args.work) for seed in range(args.seeds)]
+    results['datasets'][name] = subsets
+    fresh = statistics.mean(s['fresh']['seconds'] for s in subsets)
+    for start in subsets[0]:
+      mean = {k: statistics.mean(s[start][k] for s in subsets) for k in ('map50', 'seconds', 'steps')}
+      lines.append(f'| {name} | {start} | {len(subsets)} | {mean["steps"]:.0f} | '
+                   f'{mean["map50"]:.3f} | {mean["seconds"]:.0f} | {mean["seconds"] / fresh:.2f} |')
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'warm_start.json').write_text(json.dumps(results, indent=1) + '\n')
+    (RESULTS / 'warm_start.md').write_text('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()

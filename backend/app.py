@@ -272,10 +272,10 @@ def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher
     return RedisTrainingQueue(settings)
 
   def run_job(project, progress):
-    version = train_project(settings, store, fetcher, project, progress)
-    if settings.refresh_predictions and LabelStudioAPI.configured(settings):
-      refresh.request(project)
-    return version
+    def published(version):  # the served file is there: refresh while the other one converts
+      if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+        refresh.request(project)
+    return train_project(settings, store, fetcher, project, progress, published)
   return TrainingQueue(run_job, settings.model_dir / 'locks',
                        settings.train_every_n_annotations or 1, settings.train_debounce_s)
 

@@ -232,13 +232,16 @@ def run_training_job(project: int, job_id: str) -> str | None:
   log.info('Project %s: training on %s (job %s)', project, worker, job_id)
   store = ModelStore(settings.model_dir, settings.model_variant)
   unknown = False
-  try:
-    status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress)
-    status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
+
+  def published(version):  # the served file is there: another worker may refresh meanwhile
     if settings.refresh_predictions and LabelStudioAPI.configured(settings):
       Queue(QUEUE_NAME, connection=connection).enqueue_call(
-          run_refresh_job, args=(project,), timeout=settings.training_timeout_s, result_ttl=3600,
-          description=f'refresh predictions of project {project}')
+          run_refresh_job, args=(project,), timeout=settings.training_timeout_s,
+          result_ttl=3600, description=f'refresh predictions of project {project}')
+  try:
+    status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress,
+                                         published)
+    status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
     return status.model_version
   except Exception as error:
     log.exception('Project %s: training failed; the current version keeps serving', project)

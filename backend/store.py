@@ -21,7 +21,8 @@ from pathlib import Path
 
 from backend.errors import BackendError
 from model.config import BasePaths
-from model.run_folder import ARTIFACTS, FLOAT, RunPaths, read_labels_file, staging_pattern
+from model.run_folder import (ARTIFACTS, FLOAT, RunPaths, pending_files, read_labels_file,
+                              staging_pattern)
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,11 @@ class ModelStore:
       if child.is_symlink():  # versions are folders the backend published, never links
         continue
       run = RunPaths(child)
-      if match and run.tflite(FLOAT).is_file() and run.labels.is_file():
-        serving = run.tflite(self.variant)
+      # The served variant comes first; the other may follow after publishing.
+      tflite = next((f for f in (run.tflite(self.variant), run.tflite(FLOAT)) if f.is_file()), None)
+      if match and tflite is not None and run.labels.is_file():
         found.append(Version(f'{VERSION_PREFIX}{match.group(1)}', int(match.group(1)), child,
-                             serving if serving.is_file() else run.tflite(FLOAT),
-                             tuple(read_labels_file(run.labels))))
+                             tflite, tuple(read_labels_file(run.labels))))
     return sorted(found, key=lambda v: v.number)
 
   def current(self, project: int) -> Version | None:
@@ -173,10 +174,11 @@ class ModelStore:
     return path
 
   def listing(self, project: int) -> list[dict]:
-    """Every published version with its files, sizes and sha256."""
+    """Every published version with its files, sizes and sha256, and the files still to come."""
     return [{
         'model_version': version.name,
         'labels': list(version.labels),
+        'pending': pending_files(version.path),
         'files': [{'name': name, 'bytes': (version.path / name).stat().st_size,
                    'sha256': sha256_file(version.path / name),
                    'url': f'/artifacts/{project}/{version.name}/{name}'}

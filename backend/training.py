@@ -20,6 +20,7 @@ from backend.label_studio_api import ANNOTATED_TASKS, LabelStudioAPI
 from backend.settings import Settings
 from backend.store import ModelStore
 from model.images import ImageError
+from model.run_folder import TFLITE_FILES
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,12 @@ def to_training_tasks(tasks: list[dict], target: RectangleTarget,
 
 
 def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, project: int,
-                  on_progress: Callable | None = None) -> str:
+                  on_progress: Callable | None = None,
+                  on_published: Callable[[str], None] | None = None) -> str:
   """Trains and publishes the next version of `project`; returns its model version.
+
+  The version is published, and `on_published` called with its name, as soon
+  as the .tflite it serves (MODEL_VARIANT) is written; the other one follows.
 
   Raises:
     BackendError: Label Studio unreachable, a bad config, or nothing to train on.
@@ -120,12 +125,20 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   previous = current.path if current is not None and not current.is_base else None
   out = store.next_version_dir(project)
   # Image paths are absolute (the cache), so the images root is never used.
+  later = tuple(kind for kind in TFLITE_FILES if kind != settings.model_variant)
+
+  def published(run):
+    version = store.find(project, 'latest').name
+    log.info('Project %s: published %s in %.0f s (%s to follow)', project, version,
+             time.monotonic() - started, ', '.join(later))
+    if on_published is not None:
+      on_published(version)
   pipeline.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,
                             previous=previous, config=settings.train_config(),
-                            progress=report, on_stage=report)
-  version = store.find(project, 'latest').name
-  log.info('Project %s: published %s in %.0f s', project, version, time.monotonic() - started)
-  return version
+                            progress=report, on_stage=report,
+                            export_kinds=(settings.model_variant,), export_later=later,
+                            on_published=published)
+  return store.find(project, 'latest').name
 
 
 def _logged(project: int, on_progress: Callable | None) -> Callable:

@@ -340,14 +340,19 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
                     previous: Path | None = None, config: TrainConfig = TrainConfig(),
                     export_config: ExportConfig = ExportConfig(), max_images: int | None = None,
                     progress=None, on_stage=None,
-                    export_kinds: tuple[str, ...] = ('float', 'int8')) -> RunPaths:
+                    export_kinds: tuple[str, ...] = ('float', 'int8'),
+                    export_later: tuple[str, ...] = (), on_published=None) -> RunPaths:
   """Trains one iteration on the tasks' training split and publishes it at `out_dir`.
 
   Args:
     previous: the run folder this iteration continues from (None: the base).
     progress: called with each `train.Progress` while training.
     on_stage: called with each stage's name as it begins.
-    export_kinds: the .tflite files to write (benchmarks may skip conversion).
+    export_kinds: the .tflite files to write before publishing (benchmarks may skip some).
+    export_later: .tflite files converted after publishing, each added to the
+      published run as it is ready (listed as pending until then), so a
+      backend serves the new version as soon as its own file is there.
+    on_published: called with the run folder once it is published.
 
   Raises:
     RunError: out_dir exists, no usable training images or boxes, bad previous run.
@@ -380,8 +385,16 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   record = Record(choices, columns, schedule, report, evaluation, history, samples, files)
   with clock.stage('publish'):
     publish(out_dir, model, training, views, record, clock, previous=previous, config=config,
-            export_config=export_config)
+            export_config=export_config, pending=export_later)
   log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
+  if on_published is not None:
+    on_published(RunPaths(out_dir))
+  if export_later:
+    with clock.stage('export_later'):
+      for kind, data in export_model(model, views, training.labels, export_config,
+                                     export_later).items():
+        run_folder.add_file(out_dir, RunPaths(out_dir).tflite(kind).name, data)
+    log.info('Added %s to %s', ', '.join(export_later), out_dir)
   return RunPaths(out_dir)
 
 
@@ -410,7 +423,7 @@ class Record:
 
 def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: Record,
             clock: Stopwatch, *, previous: Path | None, config: TrainConfig,
-            export_config: ExportConfig) -> None:
+            export_config: ExportConfig, pending: tuple[str, ...] = ()) -> None:
   """Writes the run folder into a staging folder and renames it into place."""
   from model import base_weights, compression, ssd as ssd_lib
   from model.report import write_report
@@ -451,6 +464,9 @@ def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: R
         'task_stats': dataclasses.asdict(training.stats),
     })
     write_report(staged.report, report.losses, report.validation, record.history, record.samples)
+    if pending:
+      run_folder.write_json(staging / run_folder.PENDING_FILE,
+                            [staged.tflite(kind).name for kind in pending])
     run_folder.write_json(staged.run_info, {
         'labels': training.labels, 'input_size': config.input.size,
         'started_from': str(previous) if previous is not None else 'base',

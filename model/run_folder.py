@@ -32,6 +32,8 @@ METRICS_FILE = 'metrics.json'
 REPORT_FILE = 'report.png'
 RUN_INFO_FILE = 'run.json'
 CHECKPOINT_PREFIX = 'ckpt'
+# Names the .tflite files a published run has yet to get (`add_file`); gone when none are left.
+PENDING_FILE = 'pending.json'
 # What a published run offers for download; nothing else in it is ever served.
 ARTIFACTS = (*TFLITE_FILES.values(), LABELS_FILE, METRICS_FILE, REPORT_FILE)
 
@@ -97,6 +99,27 @@ def read_run(run_dir: Path) -> tuple[RunPaths, list[str], dict]:
   if not paths.run_info.is_file() or not paths.labels.is_file():
     raise RunError(f'{run_dir} is not a finished run folder (no {RUN_INFO_FILE} / {LABELS_FILE})')
   return paths, read_labels_file(paths.labels), json.loads(paths.run_info.read_text())
+
+
+def pending_files(run_dir: Path) -> list[str]:
+  """The files a published run is still to get (exported after publishing)."""
+  try:
+    return json.loads((Path(run_dir) / PENDING_FILE).read_text())
+  except (OSError, ValueError):
+    return []
+
+
+def add_file(run_dir: Path, name: str, data: bytes) -> None:
+  """Adds a file to a published run atomically (a rename), then drops it from the pending ones."""
+  run_dir = Path(run_dir)
+  partial = run_dir / f'.{name}.partial'
+  partial.write_bytes(data)
+  partial.replace(run_dir / name)
+  left = [n for n in pending_files(run_dir) if n != name]
+  if left:
+    write_json(run_dir / PENDING_FILE, left)
+  else:
+    (run_dir / PENDING_FILE).unlink(missing_ok=True)
 
 
 def read_history(run_dir: Path | None) -> list[dict]:

@@ -40,3 +40,32 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
   assert [v.name for v in store.versions(7)] == ['fewshot-ssd-v1']
   assert store.current(7).name == 'fewshot-ssd-v1'
   assert store.next_version_dir(7).name == 'v2'
+
+
+def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shapes_dataset,
+                                                               tmp_path):
+  """What the backend does: the version serves as soon as its int8 file is there; the float
+  one is added afterwards and the listing says it is pending until then."""
+  from model import pipeline, tasks as tasks_lib
+  from model.config import TrainConfig
+  model_dir = tmp_path / 'models'
+  shutil.copytree(base_paths.base_dir, model_dir / 'base')
+  store = ModelStore(model_dir, 'int8')
+  out = store.next_version_dir(7)
+  seen = {}
+
+  def published(run):
+    seen['files'] = sorted(p.name for p in run.root.iterdir() if p.suffix == '.tflite')
+    seen['pending'] = store.listing(7)[0]['pending']
+    seen['serving'] = store.current(7).tflite.name
+  tasks = tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json')
+  short = TrainConfig().with_overrides({'budget.base': 20, 'budget.per_first_image': 0,
+                                       'budget.max': 20, 'views.max_per_image': 2})
+  pipeline.train_iteration(tasks, shapes_dataset, out, model_dir, config=short, max_images=2,
+                           export_kinds=('int8',), export_later=('float',), on_published=published)
+  assert seen == {'files': ['model_int8.tflite'], 'pending': ['model.tflite'],
+                  'serving': 'model_int8.tflite'}
+  (listed,) = store.listing(7)
+  assert listed['pending'] == [] and {'model.tflite', 'model_int8.tflite'} <= {
+      f['name'] for f in listed['files']}
+  assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == []

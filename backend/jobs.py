@@ -33,6 +33,16 @@ from backend.training import TrainingStatus
 log = logging.getLogger(__name__)
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, every_s: float = 0.1) -> bool:
+  """Polls `condition` until it holds (True) or `timeout` seconds pass (False)."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(every_s)
+  return True
+
+
 class ProjectLock:
   """An exclusive file lock: held by one process per project (the kernel frees a dead one's)."""
 
@@ -184,15 +194,12 @@ class TrainingQueue:
     return True
 
   def wait_idle(self, timeout: float) -> bool:
-    """Blocks until nothing is queued or running (for tests and shutdown)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Blocks until nothing is queued, waiting or running (for tests and shutdown)."""
+    def idle():
       with self._lock:
-        if not self._queue and self._running is None and not any(
-            t.is_alive() for t in self._timers.values()):
-          return True
-      time.sleep(0.1)
-    return False
+        return not self._queue and self._running is None and not any(
+            t.is_alive() for t in self._timers.values())
+    return wait_until(idle, timeout)
 
   def _work(self) -> None:
     while True:

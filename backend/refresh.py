@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from backend.errors import BackendError
+from backend.jobs import ProjectLock, wait_until
 from backend.label_config import parse_label_config
 from backend.label_studio_api import PAGE_SIZE, UNANNOTATED_TASKS, LabelStudioAPI
 from backend.predictor import Predictor
@@ -121,7 +122,6 @@ class Refresher:
     Waits for a refresh of the project in another process to end first.
     Every failure ends in the status, never in an exception.
     """
-    from backend.jobs import ProjectLock
     file = StatusFile(self.status_dir, project)
     status = RefreshStatus(state='running', kind=NEW_VERSION if tasks is None else LATE_TASKS,
                            started_at=time.time())
@@ -222,13 +222,10 @@ class RefreshQueue:
 
   def wait_idle(self, timeout: float) -> bool:
     """Blocks until nothing is queued or running (for tests and shutdown)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def idle():
       with self._lock:
-        if not self._queue and not self._busy:
-          return True
-      time.sleep(0.1)
-    return False
+        return not self._queue and not self._busy
+    return wait_until(idle, timeout)
 
   def _work(self) -> None:
     while True:

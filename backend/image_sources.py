@@ -23,7 +23,10 @@ import ipaddress
 import posixpath
 import socket
 from pathlib import Path
+from typing import Callable
 from urllib.parse import parse_qs, unquote, urlparse
+
+import requests
 
 from model.images import ImageError
 
@@ -113,10 +116,29 @@ class SourcePolicy:
     except (OSError, ValueError) as error:
       raise ImageError(f'{url[:200]}: unreachable (cannot resolve {host}: {error})') from error
     for info in infos:
-      address = ipaddress.ip_address(info[4][0].split('%')[0])
-      if _refused(address) and not any(address in n for n in self.allowed_networks):
-        raise ImageError(f'{url[:200]}: {host} is {address}, a private or local address; '
-                         'list it in IMAGE_HOSTS_ALLOWED to fetch images from it')
+      try:
+        self.check_peer(host, info[4][0])
+      except ImageError as error:
+        raise ImageError(f'{url[:200]}: {error}') from None
+
+  def check_peer(self, host: str, address: str) -> None:
+    """Refuses a connection to `host` that reached a non-public `address`.
+
+    Run on every new connection (`checked_session`), after DNS: a name that
+    resolved to a public address for `check_host` and to a private one a
+    moment later (DNS rebinding) is caught here.
+
+    Raises:
+      ImageError: the address is private or local and neither it nor the host is allowed.
+    """
+    host = host.lower().strip('[]')
+    if host in self.allowed_names or (self.label_studio and host == self.label_studio.hostname):
+      return
+    ip = ipaddress.ip_address(address.split('%')[0])
+    if _refused(ip) and not any(ip in n for n in self.allowed_networks):
+      raise ImageError(f'{host} is {ip}, a private or local address; '
+                       'list it in IMAGE_HOSTS_ALLOWED to fetch images from it')
+
 
   def local_file(self, path: str) -> Path:
     """`path` resolved, if it lies inside the document root.
@@ -197,3 +219,38 @@ def shown_url(url: str) -> str:
   host = parsed.hostname or ''
   port = f':{parsed.port}' if parsed.port else ''
   return f'{parsed.scheme}://{host}{port}{parsed.path}'[:200]
+
+
+def checked_session(check_peer: Callable[[str, str], None]) -> requests.Session:
+  """A requests session whose every new connection is checked (host, peer address) before use."""
+  from requests.adapters import HTTPAdapter
+  from urllib3.connection import HTTPConnection, HTTPSConnection
+  from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+  def checked(connection_class):
+    class Checked(connection_class):
+      def _new_conn(self):
+        sock = super()._new_conn()
+        try:
+          check_peer(self.host, sock.getpeername()[0])
+        except BaseException:
+          sock.close()
+          raise
+        return sock
+    return Checked
+
+  class Pool(HTTPConnectionPool):
+    ConnectionCls = checked(HTTPConnection)
+
+  class TLSPool(HTTPSConnectionPool):
+    ConnectionCls = checked(HTTPSConnection)
+
+  class Adapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+      super().init_poolmanager(*args, **kwargs)
+      self.poolmanager.pool_classes_by_scheme = {'http': Pool, 'https': TLSPool}
+
+  session = requests.Session()
+  session.mount('http://', Adapter())
+  session.mount('https://', Adapter())
+  return session

@@ -30,7 +30,7 @@ import requests
 from PIL import Image
 
 from backend.errors import BackendError
-from backend.image_sources import SourcePolicy, shown_url
+from backend.image_sources import SourcePolicy, checked_session, shown_url
 from backend.label_studio_api import LabelStudioAPI
 from backend.settings import Settings
 from model.images import ImageError, load_image
@@ -45,7 +45,6 @@ class ImageFetcher:
 
   def __init__(self, settings: Settings, session: requests.Session | None = None):
     self.settings = settings
-    self.session = session or requests.Session()
     self._api: LabelStudioAPI | None = None  # made on the first image that needs the key
     self._api_lock = threading.Lock()
     self.cache_dir = settings.model_dir / 'cache' / 'images'
@@ -53,6 +52,8 @@ class ImageFetcher:
     self._cache_lock = threading.Lock()
     self.policy = SourcePolicy(settings.label_studio_url, settings.image_hosts_allowed,
                                settings.local_files_document_root)
+    # Every connection's peer is checked again: DNS may answer differently the second time.
+    self.session = session or checked_session(self.policy.check_peer)
 
   def load(self, url: str, task_id: int | None = None) -> Image.Image:
     """The task's image, upright RGB.

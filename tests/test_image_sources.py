@@ -236,3 +236,23 @@ def test_the_image_cache_stays_under_its_size_by_dropping_the_least_recently_use
   fetcher.load(third)
   assert fetcher.cached_path(second) is None
   assert fetcher.cached_path(first) is not None and fetcher.cached_path(third) is not None
+
+
+def test_a_name_that_resolves_anew_to_a_private_address_is_refused_before_any_request(
+    server, tmp_path, monkeypatch):
+  """DNS rebinding: public for the policy's lookup, 127.0.0.1 for the connection's."""
+  import socket
+  real = socket.getaddrinfo
+  answers = iter(['93.184.216.34'])
+  port = int(server.rsplit(':', 1)[1])
+
+  def rebinding(host, *args, **kwargs):
+    if host == 'rebind.test':
+      address = next(answers, '127.0.0.1')
+      return [(socket.AF_INET, socket.SOCK_STREAM, 6, '', (address, port))]
+    return real(host, *args, **kwargs)
+  monkeypatch.setattr(socket, 'getaddrinfo', rebinding)
+  _Handler.seen.clear()
+  with pytest.raises(ImageError, match='rebind.test is 127.0.0.1, a private or local address'):
+    _fetcher(tmp_path).load(f'http://rebind.test:{port}/image')
+  assert _Handler.seen == []  # connected, checked, closed: no request was sent

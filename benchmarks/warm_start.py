@@ -71,25 +71,31 @@ def main():
   variants = [parse_variant(v) for v in args.variant] or [('warm', {})]
   args.work.mkdir(parents=True, exist_ok=True)
   results = {'datasets': {}}
+  if (RESULTS / 'warm_start.json').is_file():  # data sets not run now keep their last result
+    results = json.loads((RESULTS / 'warm_start.json').read_text())
+  for name in args.datasets:
+    dataset = Dataset(SHARED / name)
+    results['datasets'][name] = [one_subset(dataset, variants, seed, args.work)
+                                 for seed in range(args.seeds)]
+    write(results)
+  print((RESULTS / 'warm_start.md').read_text())
+
+
+def write(results: dict) -> None:
   lines = ['# Warm starts: 10 images from the base vs from an iteration on 5 of them', '',
            f'{os.cpu_count()} cores; whole iterations, both .tflite files. Mean over subsets; '
            'mAP@0.5 of the float .tflite on the test split. `benchmarks/warm_start.py` writes this.',
            '', '| data set | start | subsets | steps | mAP@0.5 | seconds | time vs fresh |',
            '|---|---|---|---|---|---|---|']
-  for name in args.datasets:
-    dataset = Dataset(SHARED / name)
-    subsets = [one_subset(dataset, variants, seed, args.work) for seed in range(args.seeds)]
-    results['datasets'][name] = subsets
+  for name, subsets in results['datasets'].items():
     fresh = statistics.mean(s['fresh']['seconds'] for s in subsets)
     for start in subsets[0]:
       mean = {k: statistics.mean(s[start][k] for s in subsets) for k in ('map50', 'seconds', 'steps')}
       lines.append(f'| {name} | {start} | {len(subsets)} | {mean["steps"]:.0f} | '
                    f'{mean["map50"]:.3f} | {mean["seconds"]:.0f} | {mean["seconds"] / fresh:.2f} |')
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / 'warm_start.json').write_text(json.dumps(results, indent=1) + '\n')
-    (RESULTS / 'warm_start.md').write_text('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
-
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / 'warm_start.json').write_text(json.dumps(results, indent=1) + '\n')
+  (RESULTS / 'warm_start.md').write_text('\n'.join(lines) + '\n')
 
 if __name__ == '__main__':
   main()

@@ -256,8 +256,8 @@ class BudgetConfig:
   per_further_image: int = 10
   max: int = 1000
   # A warm start whose previous iteration knows every label already trains this
-  # fraction of the steps (never fewer than `base`).
-  warm_fraction: float = 1.0
+  # fraction of the steps (never fewer than `base`; why: benchmarks/results/choices.md).
+  warm_fraction: float = 0.5
 
   def steps(self, num_images: int, warm: bool = False) -> int:
     first = min(num_images, self.first_images)

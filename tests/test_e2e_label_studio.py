@@ -1,9 +1,11 @@
 """End to end with a real Label Studio 1.23.2, driven through its REST API as a person drives the UI.
 
-Create a project, upload images made here, connect our backend, label some
-tasks, press Start Training, wait for the new model version, run Retrieve
-Predictions on the unlabeled tasks, check what Label Studio stored, then
-download the .tflite from the backend and run it. And basic auth on both of
+Create a project, upload images made here, connect our backend (its
+diagnostics pass), label some tasks, press Start Training, wait for the new
+model version and for the refresh that stores its predictions on every
+unlabeled task, sort the Data Manager by prediction score, then download the
+.tflite from the backend and run it. Retrieve Predictions on 1000 tasks
+answers by the deadline and the backend completes the rest through the API. And basic auth on both of
 Label Studio's paths to the backend: its ML calls and the project webhook.
 And a backend killed mid-training that comes back serving its last version;
 a second iteration warm-started from the first with a legacy token; and the

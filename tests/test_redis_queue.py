@@ -118,8 +118,8 @@ def test_a_job_ends_at_once_when_nothing_changed_since_the_last_run_read_the_tas
   monkeypatch.setenv('MODEL_DIR', str(tmp_path))
   runs = []
   monkeypatch.setattr('backend.training.train_project',
-                      lambda settings, store, fetcher, project, progress: runs.append(project)
-                      or f'fewshot-ssd-v{len(runs)}')
+                      lambda settings, store, fetcher, project, progress, published:
+                      runs.append(project) or f'fewshot-ssd-v{len(runs)}')
   queue = _queue(redis_url)
   queue.trigger(6, 'ANNOTATION_CREATED events', changed_at=time.time() - 60)
   assert run_training_job(6, 'job-a') == 'fewshot-ssd-v1'
@@ -139,7 +139,7 @@ def test_a_project_label_studio_does_not_know_leaves_only_its_error_for_an_hour(
   monkeypatch.setenv('REDIS_URL', redis_url)
   monkeypatch.setenv('MODEL_DIR', str(tmp_path))
 
-  def unknown(settings, store, fetcher, project, progress):
+  def unknown(settings, store, fetcher, project, progress, published):
     raise BackendError(404, f'Label Studio answered HTTP 404 for project {project}')
   monkeypatch.setattr('backend.training.train_project', unknown)
   _queue(redis_url).trigger(99, 'START_TRAINING')

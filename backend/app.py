@@ -21,7 +21,6 @@ from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.jobs import TrainingQueue
 from backend.label_config import parse_label_config
-from backend.label_studio_api import LabelStudioAPI
 from backend.predictor import Predictor
 from backend.refresh import RefreshQueue, Refresher
 from backend.settings import Settings, configure_logging
@@ -116,7 +115,7 @@ def predict():
 def _complete_later(project: int, late: list[dict]) -> None:
   """Predicts in the background, through the API, the tasks a /predict left out."""
   settings: Settings = current_app.config['SETTINGS']
-  if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+  if settings.refreshes:
     _services()['refresh'].request(project, late)
   else:
     log.warning('Project %s: %d tasks left for the next Retrieve Predictions (completing them in '
@@ -273,7 +272,7 @@ def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher
 
   def run_job(project, progress):
     def published(version):  # the served file is there: refresh while the other one converts
-      if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+      if settings.refreshes:
         refresh.request(project)
     return train_project(settings, store, fetcher, project, progress, published)
   return TrainingQueue(run_job, settings.model_dir / 'locks',

@@ -156,7 +156,7 @@ class ImageFetcher:
   def _key_header(self) -> dict[str, str]:
     """Label Studio's Authorization header; label-studio-sdk refreshes a personal access
     token (a JWT) on its real expiry and sends a legacy token as it is."""
-    if not LabelStudioAPI.configured(self.settings):
+    if not self.settings.label_studio_configured:
       return {}
     try:
       with self._api_lock:

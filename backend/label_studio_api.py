@@ -44,17 +44,13 @@ class LabelStudioAPI:
   """
 
   def __init__(self, settings: Settings):
-    if not settings.label_studio_url or not settings.label_studio_api_key:
+    if not settings.label_studio_configured:
       raise BackendError(503, 'this needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to reach '
                               "the project's tasks in Label Studio")
     from label_studio_sdk.client import LabelStudio
     self.url = settings.label_studio_url
     with self._errors('the API key'):  # an expired personal access token fails here
       self.client = LabelStudio(base_url=self.url, api_key=settings.label_studio_api_key)
-
-  @staticmethod
-  def configured(settings: Settings) -> bool:
-    return bool(settings.label_studio_url and settings.label_studio_api_key)
 
   def auth_header(self) -> dict[str, str]:
     """The Authorization header the SDK sends now (an access token it keeps fresh)."""

@@ -44,7 +44,6 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 from backend.errors import BackendError
-from backend.label_studio_api import LabelStudioAPI
 from backend.settings import Settings
 from backend.training import TrainingStatus
 
@@ -234,7 +233,7 @@ def run_training_job(project: int, job_id: str) -> str | None:
   unknown = False
 
   def published(version):  # the served file is there: another worker may refresh meanwhile
-    if settings.refresh_predictions and LabelStudioAPI.configured(settings):
+    if settings.refreshes:
       Queue(QUEUE_NAME, connection=connection).enqueue_call(
           run_refresh_job, args=(project,), timeout=settings.training_timeout_s,
           result_ttl=3600, description=f'refresh predictions of project {project}')

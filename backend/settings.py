@@ -108,6 +108,16 @@ class Settings:
   def auth_enabled(self) -> bool:
     return self.basic_auth_user is not None
 
+  @property
+  def label_studio_configured(self) -> bool:
+    """Whether the backend may call Label Studio's API (both settings given)."""
+    return bool(self.label_studio_url and self.label_studio_api_key)
+
+  @property
+  def refreshes(self) -> bool:
+    """Whether new versions' and late /predict tasks' predictions go to Label Studio."""
+    return self.refresh_predictions and self.label_studio_configured
+
   def train_config(self) -> TrainConfig:
     return TrainConfig(trainable=self.train_mode).with_overrides({
         'budget.max': self.train_max_steps, 'input.size': self.train_input_size,

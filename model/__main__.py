@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--input-size', type=int, default=InputConfig.size,
                      help='model input side in pixels (larger finds smaller objects, costs time; '
                           'default: chosen from the sizes of the labeled boxes)')
-  train.add_argument('--train', choices=['heads', 'top', 'all'], default=TrainConfig.trainable,
+  train.add_argument('--train', choices=['heads', 'top', 'upper', 'all'], default=TrainConfig.trainable,
                      help='what trains: the heads only (as in the notebook), the heads and the top '
-                          'of the extractor (Conv_1 and the extra layers; default), or everything')
+                          'of the extractor (Conv_1 and the extra layers; default), those and the '
+                          'stride-16 blocks under them (upper), or everything')
   train.add_argument('--zoom-out', type=float, default=ViewsConfig.zoom_out,
                      metavar='FRACTION',
                      help='views of each image shrunk onto a canvas, added as this fraction of its '

@@ -294,10 +294,15 @@ class ViewsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MatchingConfig:
-  """Anchors with IoU >= positive are matched, < negative are background, ignored between."""
+  """Anchors with IoU >= positive are matched, < negative are background, ignored between.
+
+  `adaptive_top_k` > 0: a box that no anchor covers well gets its own
+  threshold from its k best IoUs (`model.targets`).
+  """
 
   positive_iou: float = 0.5
   negative_iou: float = 0.4
+  adaptive_top_k: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,8 +383,8 @@ class TrainConfig:
   compression: CompressionConfig = CompressionConfig()
 
   def __post_init__(self):
-    if self.trainable not in ('heads', 'top', 'all'):
-      raise ValueError(f'trainable must be heads, top or all, not {self.trainable!r}')
+    if self.trainable not in ('heads', 'top', 'upper', 'all'):
+      raise ValueError(f'trainable must be heads, top, upper or all, not {self.trainable!r}')
     if self.compression.active and self.trainable == 'heads':
       raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
 
@@ -432,5 +437,8 @@ class ExportConfig:
   # Candidates below this score never reach NMS (low, so evaluation sees the tail).
   nms_score_threshold: float = 0.01
   nms_iou_threshold: float = 0.5
-  # Images used to calibrate the int8 model (the project's own).
+  # Images used to calibrate the int8 model (the project's own), chosen from
+  # twice as many, leaving out those whose activations reach `calibration_outlier_ratio`
+  # x the median (`export.calibration_inputs`; why: benchmarks/results/choices.md).
   calibration_images: int = 64
+  calibration_outlier_ratio: float = 3.0

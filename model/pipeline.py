@@ -209,7 +209,7 @@ def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
   from model.views import make_cached_views
   assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
                             model.config.box_scale_factors, config.matching.positive_iou,
-                            config.matching.negative_iou)
+                            config.matching.negative_iou, config.matching.adaptive_top_k)
   split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   views_each = config.views.per_image(len(training.fit))
@@ -273,7 +273,7 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   views.split.apply_optimization(config, schedule.steps, views.train)
   log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
            {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
-            'all': 'everything'}[config.trainable], schedule.steps, config.schedule.batch_size,
+            'upper': 'the heads and the stride-16 blocks up', 'all': 'everything'}[config.trainable], schedule.steps, config.schedule.batch_size,
            schedule.class_learning_rate, schedule.box_learning_rate_scale,
            '' if config.trainable == 'heads'
            else f', extractor x{config.schedule.extractor_scale:g}')
@@ -325,7 +325,12 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
   int8_model = model if qat_extractor is None else ssd_lib.build_ssd(
       model.config, feature_extractor=qat_extractor, box_head=model.box_head,
       class_head=model.class_head)
-  calibration = views.train_inputs[views.train.originals][:export_config.calibration_images]
+  calibration = None
+  if export.INT8 in kinds:
+    count = export_config.calibration_images
+    calibration = export.calibration_inputs(
+        model, views.train_inputs[views.train.originals][:2 * count], count,
+        export_config.calibration_outlier_ratio)
   files = {}
   for kind in kinds:
     data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,
@@ -465,8 +470,7 @@ def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: R
     })
     write_report(staged.report, report.losses, report.validation, record.history, record.samples)
     if pending:
-      run_folder.write_json(staging / run_folder.PENDING_FILE,
-                            [staged.tflite(kind).name for kind in pending])
+      run_folder.mark_pending(staging, [staged.tflite(kind).name for kind in pending])
     run_folder.write_json(staged.run_info, {
         'labels': training.labels, 'input_size': config.input.size,
         'started_from': str(previous) if previous is not None else 'base',

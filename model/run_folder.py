@@ -19,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -32,8 +35,12 @@ METRICS_FILE = 'metrics.json'
 REPORT_FILE = 'report.png'
 RUN_INFO_FILE = 'run.json'
 CHECKPOINT_PREFIX = 'ckpt'
-# Names the .tflite files a published run has yet to get (`add_file`); gone when none are left.
+# Names the .tflite files a published run has yet to get (`add_file`) and the process
+# writing them; gone when none are left.
 PENDING_FILE = 'pending.json'
+# A writer on another host (a Redis worker sharing MODEL_DIR) is trusted this long;
+# on this host, while its process lives.
+PENDING_TRUST_S = 1800.0
 # What a published run offers for download; nothing else in it is ever served.
 ARTIFACTS = (*TFLITE_FILES.values(), LABELS_FILE, METRICS_FILE, REPORT_FILE)
 
@@ -101,12 +108,34 @@ def read_run(run_dir: Path) -> tuple[RunPaths, list[str], dict]:
   return paths, read_labels_file(paths.labels), json.loads(paths.run_info.read_text())
 
 
+def mark_pending(run_dir: Path, names: list[str]) -> None:
+  """Records that this process will add `names` to the run (`add_file`)."""
+  write_json(Path(run_dir) / PENDING_FILE, {
+      'files': list(names), 'host': socket.gethostname(), 'pid': os.getpid(),
+      'since': time.time()})
+
+
 def pending_files(run_dir: Path) -> list[str]:
-  """The files a published run is still to get (exported after publishing)."""
+  """The files a published run is still to get; none once their writer is gone (killed
+  during the export: those files never come)."""
   try:
-    return json.loads((Path(run_dir) / PENDING_FILE).read_text())
-  except (OSError, ValueError):
+    record = json.loads((Path(run_dir) / PENDING_FILE).read_text())
+    files, host, pid, since = record['files'], record['host'], record['pid'], record['since']
+  except (OSError, ValueError, KeyError, TypeError):
     return []
+  if host != socket.gethostname():
+    return files if time.time() - since < PENDING_TRUST_S else []
+  return files if _process_lives(pid) else []
+
+
+def _process_lives(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, someone else's
+    return True
+  return True
 
 
 def add_file(run_dir: Path, name: str, data: bytes) -> None:
@@ -117,7 +146,7 @@ def add_file(run_dir: Path, name: str, data: bytes) -> None:
   partial.replace(run_dir / name)
   left = [n for n in pending_files(run_dir) if n != name]
   if left:
-    write_json(run_dir / PENDING_FILE, left)
+    mark_pending(run_dir, left)
   else:
     (run_dir / PENDING_FILE).unlink(missing_ok=True)
 

@@ -29,7 +29,8 @@ _INVERTED_RESIDUALS = (
     (6, 320, 1),                                     # _16
 )
 # Block whose expansion output (before its stride-2 depthwise) is feature map 0.
-_FIRST_MAP_BLOCK = 13
+FIRST_MAP_BLOCK = 13
+FIRST_MAP_LAYER = f'expanded_conv_{FIRST_MAP_BLOCK}_expand_relu6'
 # Extra layers after Conv_1: (1x1 channels, 3x3 stride-2 channels).
 _EXTRA_LAYERS = ((256, 512), (128, 256), (128, 256), (64, 128))
 
@@ -38,10 +39,31 @@ def _block_name(index: int) -> str:
   return 'expanded_conv' if index == 0 else f'expanded_conv_{index}'
 
 
-def _conv(x, filters, kernel, stride, name, relu6=True):
-  x = tf_keras.layers.Conv2D(filters, kernel, strides=stride, padding='same',
-                             use_bias=True, name=name)(x)
-  return tf_keras.layers.ReLU(6.0, name=f'{name}_relu6')(x) if relu6 else x
+class _Layers:
+  """Makes the extractor's layers by name, or, given a built extractor, hands back
+  its layers of those names: a model that replays part of it shares its weights."""
+
+  def __init__(self, existing: tf_keras.Model | None = None):
+    self.existing = existing
+
+  def _get(self, name, make):
+    return self.existing.get_layer(name) if self.existing is not None else make()
+
+  def conv(self, x, filters, kernel, stride, name, relu6=True):
+    x = self._get(name, lambda: tf_keras.layers.Conv2D(
+        filters, kernel, strides=stride, padding='same', use_bias=True, name=name))(x)
+    return self.relu6(x, f'{name}_relu6') if relu6 else x
+
+  def depthwise(self, x, stride, name):
+    x = self._get(name, lambda: tf_keras.layers.DepthwiseConv2D(
+        3, strides=stride, padding='same', use_bias=True, name=name))(x)
+    return self.relu6(x, f'{name}_relu6')
+
+  def relu6(self, x, name):
+    return self._get(name, lambda: tf_keras.layers.ReLU(6.0, name=name))(x)
+
+  def add(self, a, b, name):
+    return self._get(name, lambda: tf_keras.layers.Add(name=name))([a, b])
 
 
 def extra_layer_names(index: int, channels: tuple[int, int]) -> tuple[str, str]:
@@ -51,6 +73,39 @@ def extra_layer_names(index: int, channels: tuple[int, int]) -> tuple[str, str]:
           f'layer_19_2_Conv2d_{index + 2}_3x3_s2_{out}')
 
 
+def _block_channels(index: int) -> int:
+  """Channels entering inverted residual block `index` (the stem gives 32)."""
+  return 32 if index == 0 else _INVERTED_RESIDUALS[index - 1][1]
+
+
+def _blocks_and_extras(x, first_block: int, layers: _Layers) -> list:
+  """Blocks `first_block`.. of MobileNetV2, Conv_1 and the extra layers on `x`.
+
+  Returns the feature maps made on the way: all six when `first_block` is at
+  most the first map's block, else maps 1..5.
+  """
+  features = []
+  for index in range(first_block, len(_INVERTED_RESIDUALS)):
+    expansion, out_channels, stride = _INVERTED_RESIDUALS[index]
+    name, in_channels, block_input = _block_name(index), _block_channels(index), x
+    if expansion != 1:
+      x = layers.conv(x, in_channels * expansion, 1, 1, f'{name}_expand')
+      if index == FIRST_MAP_BLOCK:
+        features.append(x)
+    x = layers.depthwise(x, stride, f'{name}_depthwise')
+    x = layers.conv(x, out_channels, 1, 1, f'{name}_project', relu6=False)
+    if stride == 1 and in_channels == out_channels:
+      x = layers.add(block_input, x, f'{name}_add')
+  x = layers.conv(x, 1280, 1, 1, 'Conv_1')
+  features.append(x)
+  for index, channels in enumerate(_EXTRA_LAYERS):
+    squeeze_name, out_name = extra_layer_names(index, channels)
+    x = layers.conv(x, channels[0], 1, 1, squeeze_name)
+    x = layers.conv(x, channels[1], 3, 2, out_name)
+    features.append(x)
+  return features
+
+
 def build_feature_extractor(input_size: int) -> tf_keras.Model:
   """MobileNetV2 + extra layers: [B, S, S, 3] in [-1, 1] -> six feature maps.
 
@@ -58,56 +113,41 @@ def build_feature_extractor(input_size: int) -> tf_keras.Model:
   and 1x1x128.
   """
   image = tf_keras.Input((input_size, input_size, 3), name='image')
-  x = _conv(image, 32, 3, 2, 'Conv')
-  features = []
-  in_channels = 32
-  for index, (expansion, out_channels, stride) in enumerate(_INVERTED_RESIDUALS):
-    name = _block_name(index)
-    block_input = x
-    if expansion != 1:
-      x = _conv(x, in_channels * expansion, 1, 1, f'{name}_expand')
-      if index == _FIRST_MAP_BLOCK:
-        features.append(x)
-    x = tf_keras.layers.DepthwiseConv2D(3, strides=stride, padding='same',
-                                        use_bias=True, name=f'{name}_depthwise')(x)
-    x = tf_keras.layers.ReLU(6.0, name=f'{name}_depthwise_relu6')(x)
-    x = _conv(x, out_channels, 1, 1, f'{name}_project', relu6=False)
-    if stride == 1 and in_channels == out_channels:
-      x = tf_keras.layers.Add(name=f'{name}_add')([block_input, x])
-    in_channels = out_channels
-  x = _conv(x, 1280, 1, 1, 'Conv_1')
-  features.append(x)
-  for index, channels in enumerate(_EXTRA_LAYERS):
-    squeeze_name, out_name = extra_layer_names(index, channels)
-    x = _conv(x, channels[0], 1, 1, squeeze_name)
-    x = _conv(x, channels[1], 3, 2, out_name)
-    features.append(x)
-  return tf_keras.Model(image, features, name='feature_extractor')
+  layers = _Layers()
+  x = layers.conv(image, 32, 3, 2, 'Conv')
+  return tf_keras.Model(image, _blocks_and_extras(x, 0, layers), name='feature_extractor')
 
 
-# The last backbone layer before the "top": Conv_1 and the extra layers.
-TOP_INPUT_LAYER = f'{_block_name(len(_INVERTED_RESIDUALS) - 1)}_project'
-FIRST_MAP_LAYER = f'{_block_name(_FIRST_MAP_BLOCK)}_expand_relu6'
+def _block_output_layer(index: int) -> str:
+  """The layer whose output leaves inverted residual block `index`."""
+  _, out_channels, stride = _INVERTED_RESIDUALS[index]
+  residual = stride == 1 and _block_channels(index) == out_channels
+  return f'{_block_name(index)}_{"add" if residual else "project"}'
 
 
-def split_extractor(feature_extractor: tf_keras.Model) -> tuple[tf_keras.Model, tf_keras.Model]:
-  """The extractor as (trunk, top), sharing its layers and so its weights.
+# What trains of the extractor, by `TrainConfig.trainable`: the first block
+# that trains. 'top' is Conv_1 and the four extra layers (maps 1..5); 'upper'
+# also the stride-16 blocks 13..16, whose first expansion is map 0, so every
+# map adapts.
+FIRST_TRAINED_BLOCK = {'top': len(_INVERTED_RESIDUALS), 'upper': FIRST_MAP_BLOCK}
 
-  trunk: image -> [feature map 0, the last block's output (10x10x320 at 300)].
-  top: that block output -> feature maps 1..5 (Conv_1 and the extra layers).
-  Training `top` trains those layers of `feature_extractor` itself.
+
+def split_extractor(feature_extractor: tf_keras.Model, first_block: int = FIRST_TRAINED_BLOCK['top']
+                    ) -> tuple[tf_keras.Model, tf_keras.Model]:
+  """The extractor as (trunk, tail) at block `first_block`, sharing its layers and weights.
+
+  trunk: image -> the output of block `first_block - 1`, preceded by feature
+  map 0 when that map is made below the cut (the cut above its block).
+  tail: that block output -> the maps made above the cut (all six, or 1..5).
+  Training `tail` trains those layers of `feature_extractor` itself.
   """
-  trunk = tf_keras.Model(feature_extractor.input,
-                         [feature_extractor.get_layer(FIRST_MAP_LAYER).output,
-                          feature_extractor.get_layer(TOP_INPUT_LAYER).output], name='trunk')
-  top_input = tf_keras.Input(feature_extractor.get_layer(TOP_INPUT_LAYER).output.shape[1:])
-  x = feature_extractor.get_layer('Conv_1_relu6')(feature_extractor.get_layer('Conv_1')(top_input))
-  maps = [x]
-  for index, channels in enumerate(_EXTRA_LAYERS):
-    for name in extra_layer_names(index, channels):
-      x = feature_extractor.get_layer(f'{name}_relu6')(feature_extractor.get_layer(name)(x))
-    maps.append(x)
-  return trunk, tf_keras.Model(top_input, maps, name='top')
+  cut = feature_extractor.get_layer(_block_output_layer(first_block - 1)).output
+  below = [feature_extractor.get_layer(FIRST_MAP_LAYER).output] if first_block > FIRST_MAP_BLOCK else []
+  trunk = tf_keras.Model(feature_extractor.input, [*below, cut], name='trunk')
+  tail_input = tf_keras.Input(cut.shape[1:])
+  tail = tf_keras.Model(tail_input, _blocks_and_extras(tail_input, first_block,
+                                                      _Layers(feature_extractor)), name='tail')
+  return trunk, tail
 
 
 class PredictionHead(tf_keras.layers.Layer):

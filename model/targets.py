@@ -4,6 +4,12 @@ Each anchor is matched to the ground-truth box it overlaps most: IoU >= the
 positive threshold -> that box's class and encoded box; below the negative
 threshold -> background; in between -> ignored. Every box also claims its best
 anchor, so no labeled object goes unmatched.
+
+A box that no anchor covers well (small, or of an odd shape) would get that one
+anchor only. With `adaptive_top_k`, each box's IoUs are scaled so that its own
+threshold, the mean + standard deviation of its k best IoUs (as in ATSS,
+Zhang et al. 2020), lands on the positive one; boxes whose threshold is above
+it keep their IoUs, so well-covered objects match as before.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ class TargetAssigner:
     anchors_yxyx: float32 [N, 4] normalized (ymin, xmin, ymax, xmax).
     scale_factors: box coder scale factors (ty, tx, th, tw).
     positive_iou, negative_iou: match thresholds.
+    adaptive_top_k: the k of each box's own threshold (0: none).
   """
 
   def __init__(self, anchors_yxyx: np.ndarray, scale_factors, positive_iou=0.5,
-               negative_iou=0.4):
+               negative_iou=0.4, adaptive_top_k=0):
     self.anchors = tf.constant(anchors_yxyx, tf.float32)
+    self.positive_iou = positive_iou
+    self.adaptive_top_k = adaptive_top_k
     self.scale_factors = list(scale_factors)
     self.similarity = iou_similarity.IouSimilarity()
     self.matcher = box_matcher.BoxMatcher(
@@ -52,6 +61,8 @@ class TargetAssigner:
       return np.zeros([num_anchors], np.int32), np.zeros([num_anchors, 4], np.float32)
     gt_boxes = tf.constant(boxes, tf.float32)
     similarity = self.similarity(self.anchors, gt_boxes)  # [N, K]
+    if self.adaptive_top_k:
+      similarity = self._lift_poorly_covered(similarity)
     matched, indicators = self.matcher(similarity)
     positive = tf.equal(indicators, _POSITIVE)
     matched_classes = self.gather(
@@ -62,3 +73,10 @@ class TargetAssigner:
     encoded = box_ops.encode_boxes(matched_boxes, self.anchors, weights=self.scale_factors)
     box_targets = tf.where(positive[:, None], encoded, 0.0)
     return class_targets.numpy().astype(np.int32), box_targets.numpy().astype(np.float32)
+
+  def _lift_poorly_covered(self, similarity: tf.Tensor) -> tf.Tensor:
+    """IoUs [N, K] scaled per box so that its adaptive threshold becomes the positive one."""
+    best = tf.math.top_k(tf.transpose(similarity), k=self.adaptive_top_k).values  # [K, k]
+    mean, variance = tf.nn.moments(best, axes=[1])
+    threshold = tf.clip_by_value(mean + tf.sqrt(variance), 1e-3, self.positive_iou)
+    return similarity * (self.positive_iou / threshold)[None, :]

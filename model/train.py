@@ -5,6 +5,7 @@ trains runs each step (`ExtractorSplit`). With `trainable='heads'` the whole
 extractor is frozen and the box and class heads (six 1x1 convs each) train on
 the cached feature maps in milliseconds per step; 'top' also trains Conv_1
 and the extra layers on the cached output of the last MobileNetV2 block;
+'upper' also the stride-16 blocks (13..16), whose first expansion is map 0;
 'all' caches the images and trains everything. Loss: sigmoid focal loss on the
 class logits (every column, background included, as the base was trained)
 plus Huber loss on the encoded boxes of positive anchors, both normalized by
@@ -68,9 +69,10 @@ class ExtractorSplit:
   def for_training(cls, feature_extractor: tf_keras.Model, trainable: str) -> 'ExtractorSplit':
     if trainable == 'heads':
       return cls(feature_extractor, None)
-    if trainable == 'top':
-      trunk, top = ssd_lib.split_extractor(feature_extractor)
-      return cls(trunk, top, passes_first_map=True)
+    if trainable in ssd_lib.FIRST_TRAINED_BLOCK:
+      first_block = ssd_lib.FIRST_TRAINED_BLOCK[trainable]
+      trunk, tail = ssd_lib.split_extractor(feature_extractor, first_block)
+      return cls(trunk, tail, passes_first_map=first_block > ssd_lib.FIRST_MAP_BLOCK)
     images = feature_extractor.input
     identity = tf_keras.Model(images, [tf_keras.layers.Activation('linear')(images)])
     return cls(identity, feature_extractor)

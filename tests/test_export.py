@@ -34,3 +34,17 @@ def test_the_last_class_is_reported_on_any_thread_count(three_class_tflite, thre
   # One label per box, the likeliest: never the runner-up "a" on a box already called "c".
   assert set(found['classes'].tolist()) == {2}
   assert np.allclose(found['scores'], 1 / (1 + np.exp(-2.0)), atol=1e-4)
+
+
+def test_int8_calibration_leaves_out_an_image_with_outlying_activations(base_model):
+  from tests.synthetic import textured_background
+  model = base_model[0]
+  size = model.config.input_size
+  photos = [textured_background(size, size, seed=i).astype(np.float32) / 127.5 - 1.0
+            for i in range(12)]
+  white = np.ones((size, size, 3), np.float32)  # an overexposed frame: sums ~7x their median
+  candidates = np.stack(photos[:6] + [white] + photos[6:])
+  kept = export.calibration_inputs(model, candidates, count=10, outlier_ratio=3.0)
+  np.testing.assert_array_equal(kept, np.stack(photos[:10]))
+  everything = export.calibration_inputs(model, candidates, count=20, outlier_ratio=10.0)
+  assert len(everything) == 13

@@ -1,5 +1,6 @@
 """A kill during export publishes nothing and loses nothing already published."""
 
+import json
 import os
 import shutil
 import signal
@@ -69,3 +70,21 @@ def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shape
   assert listed['pending'] == [] and {'model.tflite', 'model_int8.tflite'} <= {
       f['name'] for f in listed['files']}
   assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == []
+
+
+def test_files_pending_from_a_killed_writer_are_not_pending(tmp_path, monkeypatch):
+  from model import run_folder
+  run_folder.mark_pending(tmp_path, ['model.tflite'])
+  assert run_folder.pending_files(tmp_path) == ['model.tflite']  # this process writes them
+  finished = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                            capture_output=True, text=True, check=True)
+  record = json.loads((tmp_path / run_folder.PENDING_FILE).read_text())
+  record['pid'] = int(finished.stdout)  # a writer that is gone: its export never comes
+  (tmp_path / run_folder.PENDING_FILE).write_text(json.dumps(record))
+  assert run_folder.pending_files(tmp_path) == []
+  # A writer on another host (a worker sharing the folder) is trusted for a while.
+  record['host'] = 'another-host'
+  (tmp_path / run_folder.PENDING_FILE).write_text(json.dumps(record))
+  assert run_folder.pending_files(tmp_path) == ['model.tflite']
+  monkeypatch.setattr(run_folder.time, 'time', lambda: record['since'] + run_folder.PENDING_TRUST_S)
+  assert run_folder.pending_files(tmp_path) == []

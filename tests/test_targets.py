@@ -31,3 +31,30 @@ def test_an_image_without_boxes_is_all_background():
   classes, boxes = TargetAssigner(ANCHORS, SCALES).assign(np.zeros((0, 4), np.float32),
                                                           np.zeros(0, np.int32))
   assert classes.tolist() == [0, 0, 0] and not boxes.any()
+
+
+# A grid of 0.2-wide anchors: a 0.1-wide box overlaps its best one by IoU 0.25 at most.
+GRID = np.array([[y, x, y + 0.2, x + 0.2] for y in np.arange(0, 0.9, 0.1)
+                 for x in np.arange(0, 0.9, 0.1)], np.float32)
+
+
+def positives(classes):
+  return int((classes > 0).sum())
+
+
+def test_adaptive_matching_gives_a_poorly_covered_box_more_than_its_best_anchor():
+  small = np.array([[0.42, 0.42, 0.52, 0.52]], np.float32)
+  plain, _ = TargetAssigner(GRID, SCALES).assign(small, np.array([1]))
+  adaptive, boxes = TargetAssigner(GRID, SCALES, adaptive_top_k=9).assign(small, np.array([1]))
+  assert positives(plain) == 1
+  assert positives(adaptive) >= 2
+  assert np.all(boxes[adaptive > 0] != 0.0)  # every positive has its encoded box
+
+
+def test_adaptive_matching_leaves_a_well_covered_box_as_it_was():
+  fitting = np.array([[0.4, 0.4, 0.6, 0.6], [0.0, 0.0, 0.25, 0.2]], np.float32)
+  ids = np.array([1, 2])
+  plain = TargetAssigner(GRID, SCALES).assign(fitting, ids)
+  adaptive = TargetAssigner(GRID, SCALES, adaptive_top_k=9).assign(fitting, ids)
+  for a, b in zip(plain, adaptive):
+    np.testing.assert_array_equal(a, b)

@@ -1,4 +1,4 @@
-"""What trains: heads only, heads + top of the extractor, or everything.
+"""What trains: heads only, heads + top of the extractor, + its upper blocks, or everything.
 
 Each mode trains a few steps on the shapes set, then the trained extractor is
 compared layer by layer with the base it was restored from.
@@ -40,7 +40,7 @@ def changed_layers(trained: ssd_lib.SSD, base: ssd_lib.SSD) -> set[str]:
 def trained_by_mode(base_paths, shapes_dataset, tmp_path_factory):
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
   runs = {}
-  for mode in ('heads', 'top', 'all'):
+  for mode in ('heads', 'top', 'upper', 'all'):
     out = tmp_path_factory.mktemp('trainable') / mode
     pipeline.train_iteration(tasks, shapes_dataset, out, base_paths.model_dir, max_images=4,
                               config=TrainConfig(trainable=mode).with_overrides(SHORT), export_kinds=())
@@ -56,6 +56,15 @@ def test_heads_mode_leaves_the_extractor_as_restored(trained_by_mode, base_model
 def test_top_mode_trains_conv_1_and_the_extra_layers_only(trained_by_mode, base_model):
   trained, _ = run_folder.load_run_model(trained_by_mode['top'])
   assert changed_layers(trained, base_model[0]) == top_layer_names()
+
+
+def test_upper_mode_trains_the_stride_16_blocks_and_the_top(trained_by_mode, base_model):
+  trained, _ = run_folder.load_run_model(trained_by_mode['upper'])
+  blocks = tuple(f'expanded_conv_{index}_' for index in range(ssd_lib.FIRST_MAP_BLOCK, 17))
+  upper = {layer.name for layer in trained.feature_extractor.layers
+           if layer.name.startswith(blocks) and layer.get_weights()}
+  assert len(upper) == 4 * 3  # expand, depthwise, project in each of blocks 13..16
+  assert changed_layers(trained, base_model[0]) == top_layer_names() | upper
 
 
 def test_all_mode_trains_the_backbone_too(trained_by_mode, base_model):
@@ -81,6 +90,10 @@ def test_split_extractor_reproduces_the_feature_maps(base_model):
   map0, block = trunk(image)
   parts = [map0, *top(block)]
   for a, b in zip(whole, parts):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+  trunk, upper = ssd_lib.split_extractor(extractor, ssd_lib.FIRST_TRAINED_BLOCK['upper'])
+  assert trunk.output.shape[1:] == (19, 19, 96)  # block 12's output, under map 0
+  for a, b in zip(whole, upper(trunk(image))):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 

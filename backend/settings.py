@@ -82,16 +82,17 @@ class Settings:
   train_every_n_annotations: int = 5
   train_debounce_s: float = 10.0
   # Cap on a training run's steps (the budget grows with the images up to it),
-  # and what trains: 'heads', 'top' (heads + top of the extractor) or 'all'.
+  # and what trains: 'heads', 'top' (heads + top of the extractor), 'upper' (+ its
+  # stride-16 blocks), 'all'; None ('auto'): upper with many images, else top.
   train_max_steps: int = BudgetConfig.max
-  train_mode: str = TrainConfig.trainable
+  train_mode: str | None = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
   # None ('auto'): chosen from the sizes of the labeled boxes.
   train_input_size: int | None = InputConfig.size
   # Zoom-outs (each image also shrunk onto a canvas, for objects smaller in
   # new images than in the labeled ones) as a fraction of the random crops;
   # then quantization-aware training for the int8 file, or pruning to this
-  # fraction of zero weights for smaller downloads (both need TRAIN_MODE top or all).
+  # fraction of zero weights for smaller downloads (both need TRAIN_MODE other than heads).
   train_zoom_out: float = ViewsConfig.zoom_out
   train_qat: bool = CompressionConfig.quantization_aware
   train_prune: float = CompressionConfig.prune_sparsity
@@ -215,6 +216,11 @@ def _folder(raw: str) -> Path:
   return path
 
 
+def _train_mode(raw: str) -> str | None:
+  mode = _choice('auto', 'heads', 'top', 'upper', 'all')(raw)
+  return None if mode == 'auto' else mode
+
+
 def _input_size(raw: str) -> int | None:
   return None if raw.lower() == 'auto' else _integer(128, 1024)(raw)
 
@@ -270,7 +276,7 @@ VARIABLES = (
     Variable('TRAIN_EVERY_N_ANNOTATIONS', 'train_every_n_annotations', _integer(0, 10**6)),
     Variable('TRAIN_DEBOUNCE_S', 'train_debounce_s', _real(0.0, 3600.0)),
     Variable('TRAIN_MAX_STEPS', 'train_max_steps', _integer(10, 100_000)),
-    Variable('TRAIN_MODE', 'train_mode', _choice('heads', 'top', 'all')),
+    Variable('TRAIN_MODE', 'train_mode', _train_mode),
     Variable('TRAIN_INPUT_SIZE', 'train_input_size', _input_size),
     Variable('TRAIN_ZOOM_OUT', 'train_zoom_out', _real(0.0, 1.0)),
     Variable('TRAIN_QAT', 'train_qat', _boolean),

@@ -51,7 +51,7 @@ STARTS = {
     'nothing restored': {'warm_start.restore': 'none', 'warm_start.class_init': 'fresh'},
 }
 # What trains besides the default (`TrainConfig.trainable`), from a partial restore.
-TRAINABLE = ('heads', 'top', 'all')
+TRAINABLE = ('heads', 'top', 'upper', 'all')
 
 
 def load_split(tasks, root, split):

@@ -60,7 +60,8 @@ def cmd_train(args) -> int:
   from model import pipeline, tasks as tasks_lib
   from model.config import TrainConfig
   try:
-    config = TrainConfig(seed=args.seed, trainable=args.train).with_overrides({
+    trainable = None if args.train == 'auto' else args.train
+    config = TrainConfig(seed=args.seed, trainable=trainable).with_overrides({
         'input.size': args.input_size, 'views.zoom_out': args.zoom_out,
         'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune})
   except ValueError as error:
@@ -149,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--input-size', type=int, default=InputConfig.size,
                      help='model input side in pixels (larger finds smaller objects, costs time; '
                           'default: chosen from the sizes of the labeled boxes)')
-  train.add_argument('--train', choices=['heads', 'top', 'upper', 'all'], default=TrainConfig.trainable,
+  train.add_argument('--train', choices=['auto', 'heads', 'top', 'upper', 'all'], default='auto',
                      help='what trains: the heads only (as in the notebook), the heads and the top '
-                          'of the extractor (Conv_1 and the extra layers; default), those and the '
-                          'stride-16 blocks under them (upper), or everything')
+                          'of the extractor (Conv_1 and the extra layers), those and the '
+                          'stride-16 blocks under them (upper), or everything; default: upper '
+                          f'from {TrainConfig.upper_from_images} training images on, else top')
   train.add_argument('--zoom-out', type=float, default=ViewsConfig.zoom_out,
                      metavar='FRACTION',
                      help='views of each image shrunk onto a canvas, added as this fraction of its '

@@ -365,13 +365,16 @@ class TrainConfig:
 
   `trainable` is what trains: 'heads' (box and class heads on cached feature
   maps, as in the notebook), 'top' (also Conv_1 and the four SSD extra
-  layers, which make five of the six maps) or 'all' (the whole extractor;
-  slow on a CPU). What is frozen is computed once per view and cached.
-  Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
+  layers, which make five of the six maps), 'upper' (also the stride-16
+  blocks under them, so all six maps adapt) or 'all' (the whole extractor;
+  slow on a CPU); None: 'upper' from `upper_from_images` training images on,
+  'top' below (`choose_trainable`). What is frozen is computed once per view
+  and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
   """
 
   seed: int = 0
-  trainable: str = 'top'
+  trainable: str | None = None
+  upper_from_images: int = 100
   input: InputConfig = InputConfig()
   warm_start: WarmStartConfig = WarmStartConfig()
   budget: BudgetConfig = BudgetConfig()
@@ -383,7 +386,7 @@ class TrainConfig:
   compression: CompressionConfig = CompressionConfig()
 
   def __post_init__(self):
-    if self.trainable not in ('heads', 'top', 'upper', 'all'):
+    if self.trainable not in (None, 'heads', 'top', 'upper', 'all'):
       raise ValueError(f'trainable must be heads, top, upper or all, not {self.trainable!r}')
     if self.compression.active and self.trainable == 'heads':
       raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
@@ -402,6 +405,16 @@ class TrainConfig:
       else:
         config = _replace(config, stage, _replace(getattr(config, stage), field, value))
     return config
+
+  def choose_trainable(self, num_images: int) -> tuple[str, str]:
+    """What trains, and why: more of the extractor once images are many enough to
+    teach it (sharper boxes: raccoon 160 images mAP 0.644 -> 0.688, BCCD 0.433 -> 0.496;
+    benchmarks/results/choices.md); a handful trains fast on the top alone."""
+    if self.trainable is not None:
+      return self.trainable, 'set'
+    if num_images >= self.upper_from_images:
+      return 'upper', f'{num_images} training images (from {self.upper_from_images} on)'
+    return 'top', f'{num_images} training images (under {self.upper_from_images})'
 
   def class_learning_rate(self, num_images: int, any_fresh_column: bool) -> float:
     """A column started from a fitting base class is already good and one

@@ -136,11 +136,13 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
   """
-  size, why = config.input.choose(typical_sides(training.part(training.fit)[0]))
+  size, size_why = config.input.choose(typical_sides(training.part(training.fit)[0]))
   if size != config.input.size:
-    log.info('Input size %d: %s', size, why)
-  return (config.with_overrides({'input.size': size}),
-          {'input_size': {'value': size, 'why': why}})
+    log.info('Input size %d: %s', size, size_why)
+  trainable, trainable_why = config.choose_trainable(len(training.fit))
+  return (config.with_overrides({'input.size': size, 'trainable': trainable}),
+          {'input_size': {'value': size, 'why': size_why},
+           'trainable': {'value': trainable, 'why': trainable_why}})
 
 
 @dataclasses.dataclass
@@ -273,7 +275,8 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   views.split.apply_optimization(config, schedule.steps, views.train)
   log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
            {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
-            'upper': 'the heads and the stride-16 blocks up', 'all': 'everything'}[config.trainable], schedule.steps, config.schedule.batch_size,
+            'upper': 'the heads and the extractor from its stride-16 blocks up',
+            'all': 'everything'}[config.trainable], schedule.steps, config.schedule.batch_size,
            schedule.class_learning_rate, schedule.box_learning_rate_scale,
            '' if config.trainable == 'heads'
            else f', extractor x{config.schedule.extractor_scale:g}')

@@ -109,12 +109,13 @@ class ExtractorSplit:
     """images -> feature maps through the quantization-aware copy (for the int8 export), or None."""
     if not self.optimized or self.optimized.kind != 'qat':
       return None
-    if not self.passes_first_map:
-      return self.optimized.model
     images = self.frozen.input
-    first_map, block = self.frozen(images)
-    return tf_keras.Model(images, [first_map, *self.optimized.model(block)],
-                          name='feature_extractor_qat')
+    if self.passes_first_map:
+      first_map, block = self.frozen(images)
+      maps = [first_map, *self.optimized.model(block)]
+    else:  # one cached tensor: the image ('all') or the last frozen block's output
+      maps = self.optimized.model(tf.nest.flatten(self.frozen(images))[0])
+    return tf_keras.Model(images, maps, name='feature_extractor_qat')
 
 
 class EarlyStopping:

@@ -403,6 +403,8 @@ def test_training_settings_reach_the_train_config():
   assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().compression.quantization_aware
   assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().compression.prune_sparsity == 0.5
   assert config.views.zoom_out == 0.5  # on by default
+  assert Settings.from_env({}).train_config().trainable is None  # chosen from the images
+  assert Settings.from_env({'TRAIN_MODE': 'auto'}).train_mode is None
   assert Settings.from_env({'TRAIN_ZOOM_OUT': '0'}).train_config().views.zoom_out == 0
   for auto in ({}, {'TRAIN_INPUT_SIZE': 'auto'}):  # chosen from the boxes by default
     assert Settings.from_env(auto).train_config().input.size is None

@@ -44,3 +44,11 @@ def test_early_stopping_trusts_the_held_out_loss_only_from_half_the_budget():
   assert stopper.observe(300, 0.45) == (False, False)
   assert stopper.observe(350, 0.41) == (False, True)  # 100 steps = 2 x 50 without a better one
   assert stopper.best_step == 250
+
+
+def test_more_of_the_extractor_trains_once_images_are_many():
+  config = TrainConfig()
+  assert config.choose_trainable(10)[0] == 'top'
+  assert config.choose_trainable(config.upper_from_images - 1)[0] == 'top'
+  assert config.choose_trainable(config.upper_from_images)[0] == 'upper'
+  assert TrainConfig(trainable='heads').choose_trainable(500) == ('heads', 'set')

@@ -272,10 +272,12 @@ class ViewsConfig:
 
   Original + mirror, then random crops while the cache holds them (many for a
   handful of images, few for many), then zoom-outs (the image shrunk onto a
-  canvas) as a fraction `zoom_out` of the crops (0 turns them off).
+  canvas by a factor drawn from `zoom_out_scale`) as a fraction `zoom_out` of
+  the crops (0 turns them off).
   """
 
   zoom_out: float = 0.5
+  zoom_out_scale: tuple[float, float] = (0.4, 0.9)
   max_per_image: int = 16
   max_cached: int = 480
 
@@ -297,7 +299,8 @@ class MatchingConfig:
   """Anchors with IoU >= positive are matched, < negative are background, ignored between.
 
   `adaptive_top_k` > 0: a box that no anchor covers well gets its own
-  threshold from its k best IoUs (`model.targets`).
+  threshold from its k best IoUs (`model.targets`). Off: it found ducky's far
+  ducks but cost BCCD and small shapes (benchmarks/results/choices.md).
   """
 
   positive_iou: float = 0.5

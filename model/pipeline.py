@@ -219,7 +219,8 @@ def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
 
   def cached(indices, each, zoom):
     return make_cached_views(*training.part(indices), label_ids, assigner, split.frozen,
-                             views_each=each, zoom_outs=zoom, input_size=config.input.size)
+                             views_each=each, zoom_outs=zoom, input_size=config.input.size,
+                             zoom_out_scale=tuple(config.views.zoom_out_scale))
 
   train_inputs, train = cached(training.fit, views_each, zoom_outs)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None

@@ -67,7 +67,8 @@ def cache_features(frozen, inputs: np.ndarray, batch_size: int = 16) -> list[np.
 
 def make_cached_views(examples: list[Example], images: list[Image.Image],
                       label_ids: dict[str, int], assigner: TargetAssigner, frozen, *,
-                      views_each: int, zoom_outs: int, input_size: int
+                      views_each: int, zoom_outs: int, input_size: int,
+                      zoom_out_scale: tuple[float, float] = (0.4, 0.9)
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
 
@@ -75,7 +76,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     examples, images: aligned lists of the images that train.
     label_ids: label -> class id (1-based).
     frozen: the model whose outputs are cached (`ExtractorSplit.frozen`).
-    views_each, zoom_outs: per image (`augment.make_views`).
+    views_each, zoom_outs, zoom_out_scale: per image (`augment.make_views`).
 
   Returns:
     (model inputs float32 [V, S, S, 3] in [-1, 1], the cached views).
@@ -85,7 +86,8 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
   for example, image in zip(examples, images):
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     for x, boxes, view_ids in augment.make_views(image, example.boxes, ids, views_each,
-                                                 input_size, zoom_outs, augmenter=augmenter):
+                                                 input_size, zoom_outs, zoom_out_scale,
+                                                 augmenter=augmenter):
       cls, box = assigner.assign(boxes, view_ids)
       inputs.append(x)
       class_targets.append(cls)

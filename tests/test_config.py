@@ -52,3 +52,4 @@ def test_more_of_the_extractor_trains_once_images_are_many():
   assert config.choose_trainable(config.upper_from_images - 1)[0] == 'top'
   assert config.choose_trainable(config.upper_from_images)[0] == 'upper'
   assert TrainConfig(trainable='heads').choose_trainable(500) == ('heads', 'set')
+

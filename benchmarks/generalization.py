@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -71,10 +72,11 @@ def dataset_folder(name: str, work: Path) -> Path:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-  """'name:stage.field=value,...' -> (name, TrainConfig overrides); values are JSON or words."""
+  """'name:stage.field=value,...' -> (name, TrainConfig overrides); values are JSON or words
+  (a list's commas stay inside it: 'views.zoom_out_scale=[0.25,0.9]')."""
   name, _, assignments = text.partition(':')
   overrides = {}
-  for assignment in filter(None, assignments.split(',')):
+  for assignment in filter(None, re.split(r',(?![^\[]*\])', assignments)):
     key, value = assignment.split('=', 1)
     try:
       overrides[key] = json.loads(value)

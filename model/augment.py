@@ -18,6 +18,7 @@ import tensorflow as tf
 from official.vision.ops import box_ops, preprocess_ops
 from PIL import Image
 
+from model.config import ViewsConfig
 from model.images import to_model_input
 
 
@@ -54,7 +55,7 @@ class Augmenter:
 
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
                input_size: int, zoom_outs: int = 0,
-               zoom_out_scale: tuple[float, float] = (0.4, 0.9),
+               zoom_out_scale: tuple[float, float] = ViewsConfig.zoom_out_scale,
                augmenter: Augmenter | None = None,
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones.

@@ -68,7 +68,7 @@ def cache_features(frozen, inputs: np.ndarray, batch_size: int = 16) -> list[np.
 def make_cached_views(examples: list[Example], images: list[Image.Image],
                       label_ids: dict[str, int], assigner: TargetAssigner, frozen, *,
                       views_each: int, zoom_outs: int, input_size: int,
-                      zoom_out_scale: tuple[float, float] = (0.4, 0.9)
+                      zoom_out_scale: tuple[float, float]
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
 

@@ -185,20 +185,34 @@ class BasePaths:
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  """The model input's side in pixels.
+  """The model input's side in pixels, and the smallest anchor's scale.
 
   `size` None: chosen from the labeled boxes (`choose`), the smallest of
   `sizes` at which every label's typical object spans `min_object_px` or more.
+  `lowest_anchor` None: the base's (0.1 of the input side); set, the lowest
+  map's square anchor takes it and the restored box head is rescaled to match
+  (`model.warm_start`). Shrinking it to the smallest label's size lost on
+  BCCD, the small shapes and ducky (benchmarks/results/choices.md).
   """
 
   size: int | None = None
   sizes: tuple[int, ...] = (300, 384, 448)
   min_object_px: float = 30.0
+  lowest_anchor: float | None = None
 
   def __post_init__(self):
     for size in (self.size, *self.sizes):
       if size is not None and (size < 128 or size > 1024 or size % 2):
         raise ValueError(f'input sizes must be even numbers from 128 to 1024, not {size}')
+    if self.lowest_anchor is not None and not 0.01 <= self.lowest_anchor <= 0.5:
+      raise ValueError(f'lowest_anchor must be in [0.01, 0.5], not {self.lowest_anchor}')
+
+  def ssd_config(self, num_classes: int) -> SSDConfig:
+    """The network of these choices (`size` and `lowest_anchor` made)."""
+    anchors = AnchorConfig()
+    if self.lowest_anchor is not None:
+      anchors = dataclasses.replace(anchors, lowest_layer_scale=self.lowest_anchor)
+    return SSDConfig(num_classes=num_classes, input_size=self.size, anchors=anchors)
 
   def choose(self, typical_sides: dict[str, float]) -> tuple[int, str]:
     """The input side for objects of these sizes, and why.
@@ -343,6 +357,10 @@ class EarlyStoppingConfig:
   patience: int = 6
 
 
+COMPRESSION_NEEDS_EXTRACTOR = (
+    'QAT and pruning act on the extractor: train "top", "upper" or "all", not "heads"')
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressionConfig:
   """Optional, on what trains of the extractor (`model.compression`): quantization-aware
@@ -392,7 +410,7 @@ class TrainConfig:
     if self.trainable not in (None, 'heads', 'top', 'upper', 'all'):
       raise ValueError(f'trainable must be heads, top, upper or all, not {self.trainable!r}')
     if self.compression.active and self.trainable == 'heads':
-      raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
+      raise ValueError(COMPRESSION_NEEDS_EXTRACTOR)
 
   def with_overrides(self, overrides: dict) -> 'TrainConfig':
     """A copy with fields replaced, nested ones by dotted name ('views.zoom_out').

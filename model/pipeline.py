@@ -28,7 +28,7 @@ from PIL import Image
 
 from model import run_folder
 from model import tasks as tasks_lib
-from model.config import ExportConfig, PostprocessConfig, TrainConfig
+from model.config import AnchorConfig, ExportConfig, PostprocessConfig, TrainConfig
 from model.run_folder import RunError, RunPaths
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class Sources:
   base_model: object
   base_labels: list[str]
   checkpoint: Path
+  anchors: AnchorConfig  # those the checkpoint's box head was trained with
   previous_model: object = None
   previous_labels: list[str] | None = None
 
@@ -173,17 +174,20 @@ def load_sources(model_dir: Path, config: TrainConfig, previous: Path | None) ->
   base_paths = base_weights.ensure_base(model_dir)
   base_model, base_labels = base_weights.load_base_ssd(model_dir, config.input.size)
   if previous is None:
-    return Sources(base_model, base_labels, base_paths.checkpoint_prefix)
+    return Sources(base_model, base_labels, base_paths.checkpoint_prefix,
+                   base_model.config.anchors)
   previous_model, previous_labels = run_folder.load_run_model(previous)
   return Sources(base_model, base_labels, RunPaths(Path(previous)).checkpoint_prefix,
-                 previous_model, previous_labels)
+                 previous_model.config.anchors, previous_model, previous_labels)
 
 
 def build_model(labels: list[str], sources: Sources, config: TrainConfig):
   """The project's SSD: extractor + box head restored, class head left for `start_class_head`."""
   from model import warm_start
-  return warm_start.build_project_model(labels, config.input.size, parts_from=sources.checkpoint,
-                                        parts=config.warm_start.restored_parts())
+  return warm_start.build_project_model(config.input.ssd_config(len(labels)),
+                                        parts_from=sources.checkpoint,
+                                        parts=config.warm_start.restored_parts(),
+                                        source_anchors=sources.anchors)
 
 
 @dataclasses.dataclass
@@ -477,6 +481,7 @@ def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: R
       run_folder.mark_pending(staging, [staged.tflite(kind).name for kind in pending])
     run_folder.write_json(staged.run_info, {
         'labels': training.labels, 'input_size': config.input.size,
+        'anchors': dataclasses.asdict(model.config.anchors),
         'started_from': str(previous) if previous is not None else 'base',
         'base': base_weights.PACKAGE.spec, 'seed': config.seed,
         'train_config': dataclasses.asdict(config),

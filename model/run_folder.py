@@ -165,9 +165,13 @@ def load_run_model(run_dir: Path):
     RunError: not a run folder, or its checkpoint does not load.
   """
   from model import ssd as ssd_lib
-  from model.config import SSDConfig
+  from model.config import AnchorConfig, SSDConfig
   paths, labels, info = read_run(run_dir)
-  model = ssd_lib.build_ssd(SSDConfig(num_classes=len(labels), input_size=info['input_size']))
+  # Runs before anchors were chosen have the default ones; JSON made the tuples lists.
+  anchors = AnchorConfig(**{name: tuple(value) if isinstance(value, list) else value
+                            for name, value in info.get('anchors', {}).items()})
+  model = ssd_lib.build_ssd(SSDConfig(num_classes=len(labels), input_size=info['input_size'],
+                                      anchors=anchors))
   try:
     ssd_lib.checkpoint_for(model).read(str(paths.checkpoint_prefix)).assert_consumed()
   except Exception as error:  # TF raises several types for a bad checkpoint

@@ -27,7 +27,7 @@ from official.vision.losses import focal_loss
 
 from model import compression
 from model import ssd as ssd_lib
-from model.config import EarlyStoppingConfig, TrainConfig
+from model.config import COMPRESSION_NEEDS_EXTRACTOR, EarlyStoppingConfig, TrainConfig
 from model.views import CachedViews
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ExtractorSplit:
     """
     if config.compression.active:
       if self.trainable is None:
-        raise ValueError('QAT and pruning act on the extractor: train "top" or "all", not "heads"')
+        raise ValueError(COMPRESSION_NEEDS_EXTRACTOR)
       self.optimized = compression.wrap(self.trainable, config, steps)
       self.optimized.calibrate(self.trainable,
                                views.features[1 if self.passes_first_map else 0][:64])

@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from model import ssd as ssd_lib
-from model.config import SSDConfig
+from model import anchors as anchors_lib, ssd as ssd_lib
+from model.config import AnchorConfig, SSDConfig
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +159,45 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
     conv.set_weights([kernel, bias])
 
 
-def build_project_model(labels: list[str], input_size: int, *, parts_from: Path,
-                        parts: tuple[str, ...] = ('feature_extractor', 'box_head')) -> ssd_lib.SSD:
-  """A new SSD for `labels` with `parts` restored from the checkpoint at `parts_from`.
+def build_project_model(config: SSDConfig, *, parts_from: Path,
+                        parts: tuple[str, ...] = ('feature_extractor', 'box_head'),
+                        source_anchors: AnchorConfig = AnchorConfig()) -> ssd_lib.SSD:
+  """A new SSD of `config` with `parts` restored from the checkpoint at `parts_from`,
+  whose box head was trained with `source_anchors`.
 
   The class head is left as built (random); `init_class_head` fills it.
   """
-  config = SSDConfig(num_classes=len(labels), input_size=input_size)
   model = ssd_lib.build_ssd(config)
   if parts:
     restore_parts(model, parts_from, parts)
+  if 'box_head' in parts:
+    fit_box_head_to_anchors(model.box_head, dataclasses.replace(config, anchors=source_anchors),
+                            config)
   return model
+
+
+def fit_box_head_to_anchors(head: ssd_lib.PredictionHead, source: SSDConfig,
+                            target: SSDConfig) -> None:
+  """Rescales a box head trained with `source`'s anchors so that, with
+  `target`'s, it decodes the same boxes.
+
+  A box decodes to center = anchor center + t_yx / scale x anchor side and
+  side = anchor side x exp(t_hw / scale): an anchor r times smaller needs the
+  center outputs r times larger (kernel and bias) and the size outputs
+  shifted by scale x log r (bias). Both heads are 1x1 convs, so this is exact.
+  """
+  factors = target.box_scale_factors
+  for conv, old_specs, new_specs in zip(head.convs, anchors_lib.anchor_specs(source),
+                                        anchors_lib.anchor_specs(target)):
+    kernel, bias = (w.numpy() for w in conv.weights)
+    for a, ((old_scale, old_ratio), (new_scale, new_ratio)) in enumerate(zip(old_specs, new_specs)):
+      ratio_h = (old_scale / np.sqrt(old_ratio)) / (new_scale / np.sqrt(new_ratio))
+      ratio_w = (old_scale * np.sqrt(old_ratio)) / (new_scale * np.sqrt(new_ratio))
+      for coordinate, ratio in enumerate((ratio_h, ratio_w)):
+        kernel[..., 4 * a + coordinate] *= ratio
+        bias[4 * a + coordinate] *= ratio
+        bias[4 * a + 2 + coordinate] += factors[2 + coordinate] * np.log(ratio)
+    conv.set_weights([kernel, bias])
 
 
 KEPT = 'kept from the previous iteration'

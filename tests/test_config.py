@@ -2,7 +2,17 @@
 
 import pytest
 
-from model.config import TrainConfig
+from model.config import AnchorConfig, TrainConfig
+
+
+def test_the_lowest_anchor_is_the_base_s_unless_set():
+  assert TrainConfig().with_overrides({'input.size': 300}).input.ssd_config(2).anchors \
+      == AnchorConfig()
+  chosen = TrainConfig().with_overrides({'input.size': 448, 'input.lowest_anchor': 0.05}).input
+  assert chosen.ssd_config(3).anchors.lowest_layer_scale == 0.05
+  assert chosen.ssd_config(3).input_size == 448
+  with pytest.raises(ValueError):
+    TrainConfig().with_overrides({'input.lowest_anchor': 0.0})
 
 
 def test_input_size_grows_until_the_smallest_label_spans_30_pixels():

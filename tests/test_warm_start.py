@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from model import anchors as anchors_lib, pipeline, run_folder, ssd as ssd_lib, warm_start
-from model.config import TrainConfig
+from model.config import AnchorConfig, SSDConfig, TrainConfig
 from tests.synthetic import make_task_set
 
 # Training kept tiny: these tests check what restores and what carries over, not quality.
@@ -29,7 +29,7 @@ def assert_same_weights(a, b):
 
 def test_new_model_restores_extractor_and_box_head_but_not_the_class_head(base_model, base_paths):
   base, _ = base_model
-  model = warm_start.build_project_model(['disc', 'square'], 300, parts_from=base_paths.checkpoint_prefix)
+  model = warm_start.build_project_model(SSDConfig(num_classes=2), parts_from=base_paths.checkpoint_prefix)
   assert_same_weights(model.feature_extractor.weights, base.feature_extractor.weights)
   assert_same_weights(model.box_head.weights, base.box_head.weights)
   assert [c.filters for c in model.class_head.convs] == [9, 18, 18, 18, 18, 18]
@@ -39,10 +39,30 @@ def test_new_model_restores_extractor_and_box_head_but_not_the_class_head(base_m
   assert not np.allclose(kernel, base_kernel)
 
 
+def test_a_box_head_rescaled_to_smaller_anchors_decodes_the_same_boxes(base_model, base_paths):
+  import tensorflow as tf
+  from official.vision.ops import box_ops
+  base, _ = base_model
+  config = SSDConfig(num_classes=2, anchors=AnchorConfig(lowest_layer_scale=0.06))
+  model = warm_start.build_project_model(config, parts_from=base_paths.checkpoint_prefix)
+  images = tf.random.uniform([2, 300, 300, 3], -1.0, 1.0, seed=3)
+  features = base.feature_extractor(images)
+
+  def decoded(head, ssd_config):
+    anchors = tf.constant(anchors_lib.anchors_yxyx(ssd_config))
+    return box_ops.decode_boxes(head(features), anchors, weights=list(ssd_config.box_scale_factors))
+
+  changed = anchors_lib.anchors_yxyx(config) != anchors_lib.anchors_yxyx(base.config)
+  assert changed.any(axis=1).sum() == 19 * 19  # the lowest map's square anchors only
+  np.testing.assert_allclose(decoded(model.box_head, config), decoded(base.box_head, base.config),
+                             atol=1e-5)
+  assert not np.allclose(model.box_head(features), base.box_head(features))
+
+
 def test_a_label_naming_a_base_class_starts_from_it(base_model, base_paths):
   base, base_labels = base_model
   labels = ['dog', 'widget']
-  model = warm_start.build_project_model(labels, 300, parts_from=base_paths.checkpoint_prefix)
+  model = warm_start.build_project_model(SSDConfig(num_classes=len(labels)), parts_from=base_paths.checkpoint_prefix)
   sources = warm_start.choose_base_sources(labels, base.class_head, base_labels, fits={})
   assert sources['dog'].index == base_labels.index('Dog')
   assert sources['widget'].head is None

@@ -109,6 +109,9 @@ class Predictor:
     self.detectors = DetectorCache()
     self.pool = concurrent.futures.ThreadPoolExecutor(fetch_concurrency,
                                                       thread_name_prefix='fetch')
+    # Decoded images waiting for the detector, at most: downloads outpace it, and
+    # a batch of 20,000 tasks must not hold 20,000 images.
+    self.window = 2 * fetch_concurrency
 
   def predict(self, project: int, tasks: list[dict], target: RectangleTarget) -> list[dict]:
     """Label Studio's /predict answer: exactly one entry per task, in order, by PREDICT_DEADLINE_S.
@@ -127,10 +130,10 @@ class Predictor:
     """(the version used, per task: its prediction, UNREADABLE or LATE).
 
     Cached images go first, then downloads (on `pool`, the shared fetch pool
-    by default) as they arrive; whatever is not done `deadline_s` after the
-    call is LATE (a download under way goes on, bounded by
-    IMAGE_FETCH_TIMEOUT_S, and is cached for the next ask; the others are
-    dropped). No deadline when None.
+    by default, `window` at a time) as they arrive; whatever is not done
+    `deadline_s` after the call is LATE (a download under way goes on, bounded
+    by IMAGE_FETCH_TIMEOUT_S, and is cached for the next ask; the others never
+    start). No deadline when None.
     """
     deadline = time.monotonic() + (deadline_s if deadline_s is not None else float('inf'))
     version = self.store.current(project)
@@ -153,22 +156,15 @@ class Predictor:
       outcomes[i] = self._prediction(version.name, found, target, image)
 
     cached = [i for i, url in enumerate(urls) if url and self.fetcher.cached_path(url)]
-    downloads = {(pool or self.pool).submit(self._load, urls[i], tasks[i].get('id')): i
-                 for i in sorted(set(range(len(tasks))) - set(cached))}
+    downloads = _Downloads(pool or self.pool, self.window, self._load,
+                           [(i, urls[i], tasks[i].get('id'))
+                            for i in sorted(set(range(len(tasks))) - set(cached))])
     for i in cached:
       if time.monotonic() >= deadline:
         break
       run(i, self._load(urls[i], tasks[i].get('id')))
-    try:
-      for future in concurrent.futures.as_completed(
-          downloads, timeout=None if deadline_s is None else max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-          break
-        run(downloads[future], future.result())
-    except concurrent.futures.TimeoutError:
-      pass
-    for future in downloads:  # downloads not begun yet leave the pool to other requests
-      future.cancel()
+    for i, image in downloads.as_they_arrive(deadline):
+      run(i, image)
     late = outcomes.count(LATE)
     if late:
       log.warning('Project %s: %d of %d tasks not predicted within the deadline (%g s)', project,
@@ -215,6 +211,39 @@ class Predictor:
   @staticmethod
   def _empty(version: str) -> dict:
     return {'model_version': version, 'score': 0.0, 'result': []}
+
+
+class _Downloads:
+  """Images fetched on `pool`, at most `window` started and not yet taken."""
+
+  def __init__(self, pool, window: int, load, todo: list[tuple[int, str, object]]):
+    self.pool, self.window, self.load = pool, window, load
+    self.todo = iter(todo)
+    self.running: dict[concurrent.futures.Future, int] = {}
+    self._top_up()
+
+  def _top_up(self) -> None:
+    while len(self.running) < self.window:
+      item = next(self.todo, None)
+      if item is None:
+        return
+      index, url, task_id = item
+      self.running[self.pool.submit(self.load, url, task_id)] = index
+
+  def as_they_arrive(self, deadline: float):
+    """(task index, image or None) as downloads finish, until none is left or the deadline."""
+    while self.running:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        for future in self.running:  # those not begun leave the pool to other requests
+          future.cancel()
+        return
+      done, _ = concurrent.futures.wait(self.running, timeout=min(left, 3600.0),
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+      for future in done:
+        index = self.running.pop(future)
+        self._top_up()
+        yield index, future.result()
 
 
 def _image_url(task: dict, target: RectangleTarget):

@@ -313,13 +313,19 @@ class MatchingConfig:
   """Anchors with IoU >= positive are matched, < negative are background, ignored between.
 
   `adaptive_top_k` > 0: a box that no anchor covers well gets its own
-  threshold from its k best IoUs (`model.targets`). Off: it found ducky's far
-  ducks but cost BCCD and small shapes (benchmarks/results/choices.md).
+  threshold from its k best IoUs (`model.targets`), on all views or on the
+  zoom-outs only (`adaptive_views`). Off: both found more of ducky's far ducks
+  but cost BCCD and the small shapes (benchmarks/results/choices.md).
   """
 
   positive_iou: float = 0.5
   negative_iou: float = 0.4
   adaptive_top_k: int = 0
+  adaptive_views: str = 'all'
+
+  def __post_init__(self):
+    if self.adaptive_views not in ('all', 'zoom-outs'):
+      raise ValueError(f'adaptive_views must be all or zoom-outs, not {self.adaptive_views!r}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,7 +215,8 @@ def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
   from model.views import make_cached_views
   assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
                             model.config.box_scale_factors, config.matching.positive_iou,
-                            config.matching.negative_iou, config.matching.adaptive_top_k)
+                            config.matching.negative_iou, config.matching.adaptive_top_k,
+                            config.matching.adaptive_views)
   split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   views_each = config.views.per_image(len(training.fit))

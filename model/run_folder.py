@@ -5,7 +5,7 @@
   labels.txt          real labels, one per line, in class-id order
   metrics.json        losses per step, wall time, choices made, evaluation, mAP history
   report.png          loss curve, mAP per iteration, a few detections
-  run.json            labels, input size, where it started from, settings
+  run.json            labels, input size, anchors, where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
 
 Folders (runs, the converted base) are written into a staging folder

@@ -33,10 +33,11 @@ class TargetAssigner:
   """
 
   def __init__(self, anchors_yxyx: np.ndarray, scale_factors, positive_iou=0.5,
-               negative_iou=0.4, adaptive_top_k=0):
+               negative_iou=0.4, adaptive_top_k=0, adaptive_views='all'):
     self.anchors = tf.constant(anchors_yxyx, tf.float32)
     self.positive_iou = positive_iou
     self.adaptive_top_k = adaptive_top_k
+    self.adaptive_views = adaptive_views
     self.scale_factors = list(scale_factors)
     self.similarity = iou_similarity.IouSimilarity()
     self.matcher = box_matcher.BoxMatcher(
@@ -45,12 +46,14 @@ class TargetAssigner:
         force_match_for_each_col=True)
     self.gather = target_gather.TargetGather()
 
-  def assign(self, boxes: np.ndarray, class_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def assign(self, boxes: np.ndarray, class_ids: np.ndarray,
+             zoomed_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Targets of one image.
 
     Args:
       boxes: float [K, 4] normalized (ymin, xmin, ymax, xmax); K may be 0.
       class_ids: int [K], 1-based (0 is the background).
+      zoomed_out: a view whose objects were shrunk (adaptive_views 'zoom-outs').
 
     Returns:
       class_targets: int32 [N]: 0 background, 1..C a class, IGNORE ignored.
@@ -61,7 +64,7 @@ class TargetAssigner:
       return np.zeros([num_anchors], np.int32), np.zeros([num_anchors, 4], np.float32)
     gt_boxes = tf.constant(boxes, tf.float32)
     similarity = self.similarity(self.anchors, gt_boxes)  # [N, K]
-    if self.adaptive_top_k:
+    if self.adaptive_top_k and (zoomed_out or self.adaptive_views == 'all'):
       similarity = self._lift_poorly_covered(similarity)
     matched, indicators = self.matcher(similarity)
     positive = tf.equal(indicators, _POSITIVE)

@@ -85,10 +85,10 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
   augmenter = augment.Augmenter()
   for example, image in zip(examples, images):
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
-    for x, boxes, view_ids in augment.make_views(image, example.boxes, ids, views_each,
-                                                 input_size, zoom_outs, zoom_out_scale,
-                                                 augmenter=augmenter):
-      cls, box = assigner.assign(boxes, view_ids)
+    views = augment.make_views(image, example.boxes, ids, views_each, input_size, zoom_outs,
+                               zoom_out_scale, augmenter=augmenter)
+    for index, (x, boxes, view_ids) in enumerate(views):
+      cls, box = assigner.assign(boxes, view_ids, zoomed_out=index >= views_each)
       inputs.append(x)
       class_targets.append(cls)
       box_targets.append(box)

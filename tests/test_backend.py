@@ -538,3 +538,35 @@ def test_a_detection_becomes_a_region_in_percent_of_the_image_with_the_configs_n
                              'rectanglelabels': ['cat']}
   assert region['score'] == 0.8765
   assert region['id'] != to_region(Detection('Cat', 0.5, (0, 0, 1, 1)), target, 'cat', 4, 3)['id']
+
+
+def test_a_large_batch_holds_a_window_of_decoded_images_not_all_of_them(model_dir, shapes_dataset):
+  """Downloads outpace the detector; waiting images are bounded by the window (memory stays
+  flat with the batch's size), and every task is still predicted, in order."""
+  import weakref
+  from backend.images import ImageFetcher
+  from backend.label_config import parse_label_config
+  from backend.predictor import Predictor
+  from backend.store import ModelStore
+
+  settings = Settings(model_dir=model_dir, local_files_document_root=shapes_dataset)
+  live, most = set(), [0]
+
+  class CountingFetcher(ImageFetcher):
+    def load(self, url, task_id=None):
+      image = super().load(url, task_id)
+      live.add(id(image))
+      most[0] = max(most[0], len(live))
+      weakref.finalize(image, live.discard, id(image))
+      return image
+
+  predictor = Predictor(ModelStore(model_dir), CountingFetcher(settings), 0.25,
+                        fetch_concurrency=2)
+  images = sorted(shapes_dataset.glob('images/*.jpg'))
+  tasks = [{'id': i, 'data': {'photo': str(images[i % len(images)])}}
+           for i in range(80)]
+  version, outcomes = predictor.predict_tasks(7, tasks, parse_label_config(CONFIG))
+  assert version == 'fewshot-ssd-v1'
+  assert all(isinstance(o, dict) for o in outcomes), outcomes
+  # Waiting in the window, in a finished wait's set, and in the detector's hands; not 80.
+  assert most[0] <= 2 * predictor.window + 2, most[0]

@@ -58,3 +58,10 @@ def test_adaptive_matching_leaves_a_well_covered_box_as_it_was():
   adaptive = TargetAssigner(GRID, SCALES, adaptive_top_k=9).assign(fitting, ids)
   for a, b in zip(plain, adaptive):
     np.testing.assert_array_equal(a, b)
+
+
+def test_adaptive_matching_on_zoom_outs_only_leaves_other_views_as_they_were():
+  small = np.array([[0.42, 0.42, 0.52, 0.52]], np.float32)
+  assigner = TargetAssigner(GRID, SCALES, adaptive_top_k=9, adaptive_views='zoom-outs')
+  assert positives(assigner.assign(small, np.array([1]))[0]) == 1
+  assert positives(assigner.assign(small, np.array([1]), zoomed_out=True)[0]) >= 2

@@ -90,6 +90,17 @@ def trained_run(base_paths, shapes_dataset, tmp_path_factory):
   return out
 
 
+def poll(read, until, seconds: float, every: float = 0.3):
+  """Calls `read()` until `until(value)` holds or `seconds` pass; returns the last value
+  (the caller asserts on it, so a timeout fails with what was last seen)."""
+  deadline = time.monotonic() + seconds
+  value = read()
+  while not until(value) and time.monotonic() < deadline:
+    time.sleep(every)
+    value = read()
+  return value
+
+
 def free_port() -> int:
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))

@@ -15,7 +15,7 @@ import requests
 
 from backend.settings import Settings, SettingsError
 from model.boxes import iou_xyxy
-from tests.conftest import REPO, Backend, free_port
+from tests.conftest import REPO, Backend, free_port, poll
 
 CONFIG = ('<View><Image name="img" value="$photo"/>'
           '<RectangleLabels name="box" toName="img">'
@@ -281,12 +281,8 @@ def test_a_failed_training_is_visible_and_the_current_version_keeps_serving(back
   response = requests.post(backend.url + '/webhook', json={'action': 'START_TRAINING',
                                                            'project': {'id': 7, 'title': 'x'}})
   assert response.status_code == 200 and response.json()['training'] == 'queued'
-  deadline = time.monotonic() + 30
-  while time.monotonic() < deadline:
-    status = requests.get(backend.url + '/train/status', params={'project': 7}).json()
-    if status['state'] == 'failed':
-      break
-    time.sleep(0.2)
+  status = poll(lambda: requests.get(backend.url + '/train/status', params={'project': 7}).json(),
+                lambda s: s['state'] == 'failed', 30)
   assert status['state'] == 'failed' and 'LABEL_STUDIO_URL' in status['last_error']
   assert status['current_version'] == 'fewshot-ssd-v1'
   assert requests.post(backend.url + '/setup', json={'project': 7}).json() == {

@@ -26,7 +26,7 @@ from backend.label_studio_api import UNANNOTATED_TASKS
 from model.boxes import iou_xyxy
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
-from tests.conftest import Backend
+from tests.conftest import Backend, poll
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
 
 LABELED, UNLABELED = 8, 4
@@ -123,10 +123,7 @@ def test_basic_auth_passes_on_ml_calls_and_on_the_webhook_with_its_header(label_
     return requests.get(backend.url + '/metrics', auth=(user, password)).json()['webhooks']
 
   def received_after(before, seconds=10):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and webhooks_received() == before:
-      time.sleep(0.3)
-    return webhooks_received() - before
+    return poll(webhooks_received, lambda count: count != before, seconds) - before
 
   try:
     assert requests.get(backend.url + '/metrics', auth=(user, 'wrong')).status_code == 401
@@ -149,10 +146,7 @@ def test_basic_auth_passes_on_ml_calls_and_on_the_webhook_with_its_header(label_
     def refused():  # the access log's lines for webhook calls turned away
       return backend.log_path.read_text().count('"POST /webhook HTTP/1.1" 401')
     annotate(ls, project, project.tasks[:1])
-    deadline = time.monotonic() + 10
-    while refused() == 0 and time.monotonic() < deadline:
-      time.sleep(0.3)
-    assert refused() == 1 and webhooks_received() == before  # sent, refused, not counted
+    assert poll(refused, bool, 10) == 1 and webhooks_received() == before  # sent, refused, not counted
     # The README's fix: add the Authorization header to that webhook.
     token = base64.b64encode(f'{user}:{password}'.encode()).decode()
     ls.call('PATCH', f'/api/webhooks/{hooks[0]["id"]}/',
@@ -182,12 +176,9 @@ def test_a_backend_killed_mid_training_restarts_serving_its_last_version(label_s
   try:
     requests.post(backend.url + '/webhook', json={'action': 'START_TRAINING',
                                                   'project': {'id': project.id}})
-    deadline = time.monotonic() + 300
-    status = {}
-    while time.monotonic() < deadline and not (status.get('state') == 'running'
-                                               and status.get('step', 0) >= 1):
-      time.sleep(0.3)
-      status = requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()
+    status = poll(lambda: requests.get(f'{backend.url}/train/status',
+                                       params={'project': project.id}).json(),
+                  lambda s: s['state'] == 'running' and s.get('step', 0) >= 1, 300)
     assert status['state'] == 'running', (status, backend.output())
   finally:
     backend.kill()
@@ -213,14 +204,8 @@ def test_a_backend_killed_mid_training_restarts_serving_its_last_version(label_s
 
 def _wait_for_training(backend, project_id: int, done, timeout: float = 600) -> dict:
   """Polls /train/status until `done(status)` (or the timeout); returns the last status."""
-  deadline = time.monotonic() + timeout
-  status = {}
-  while time.monotonic() < deadline:
-    status = requests.get(f'{backend.url}/train/status', params={'project': project_id}).json()
-    if done(status):
-      break
-    time.sleep(1)
-  return status
+  return poll(lambda: requests.get(f'{backend.url}/train/status',
+                                   params={'project': project_id}).json(), done, timeout, every=1)
 
 
 def test_the_next_iteration_starts_from_the_last_with_a_legacy_token(label_studio, base_paths,
@@ -314,10 +299,8 @@ def test_training_errors_say_what_is_wrong_and_publish_nothing(label_studio, bas
     assert 'personal access token' in report['checks'][-1]['fix']
     # Label Studio connecting (its /setup call) runs them in the background, into the log.
     requests.post(backend.url + '/setup', json={'project': empty.id})
-    deadline = time.monotonic() + 30
-    while 'api_key FAILED' not in backend.log_path.read_text() and time.monotonic() < deadline:
-      time.sleep(0.2)
-    assert 'api_key FAILED: the legacy token was refused' in backend.log_path.read_text()
+    log = poll(backend.log_path.read_text, lambda text: 'api_key FAILED' in text, 30)
+    assert 'api_key FAILED: the legacy token was refused' in log
     # Pre-annotations with the wrong key: the image is refused, the task gets an empty
     # prediction, and the log says why.
     config = DISC_CONFIG.replace('<Label value="disc"/>',

@@ -6,10 +6,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from backend.store import ModelStore
-from tests.conftest import REPO
+from tests.conftest import REPO, poll
 
 
 def test_kill_during_export_leaves_the_published_version_serving(base_paths, trained_run,
@@ -29,11 +28,10 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
          '--max-images', '2'],  # a short training: the export is what gets killed
         cwd=REPO, env=dict(os.environ, MODEL_DIR=str(model_dir)), stderr=stderr,
         stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while 'Exported float' not in log.read_text():  # the int8 conversion is under way
-      assert process.poll() is None, log.read_text()[-2000:]
-      assert time.monotonic() < deadline, 'training never reached the export'
-      time.sleep(0.2)
+    # Until the float file is exported (the int8 conversion is under way) or the process ends.
+    text = poll(log.read_text, lambda t: 'Exported float' in t or process.poll() is not None,
+                300, every=0.2)
+    assert 'Exported float' in text and process.poll() is None, text[-2000:]
     process.send_signal(signal.SIGKILL)
     process.wait(30)
 

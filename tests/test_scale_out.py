@@ -11,7 +11,6 @@ predictions in Label Studio.
 from __future__ import annotations
 
 import shutil
-import time
 
 import requests
 
@@ -19,7 +18,7 @@ from backend.store import ARTIFACTS
 from model.run_folder import read_labels_file
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
-from tests.conftest import Backend
+from tests.conftest import Backend, poll
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
 from tests.redis_servers import TrainingWorker
 
@@ -41,13 +40,9 @@ def _predict(backend: Backend, project, task: dict) -> dict:
 
 
 def _wait_for(condition, seconds: float, what: str):
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    value = condition()
-    if value:
-      return value
-    time.sleep(0.5)
-  raise AssertionError(f'timed out waiting for {what}')
+  value = poll(condition, bool, seconds, every=0.5)
+  assert value, f'timed out waiting for {what}'
+  return value
 
 
 def test_two_backends_and_two_workers_on_redis_survive_a_killed_worker(

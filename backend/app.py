@@ -102,7 +102,8 @@ def predict():
   project = _project_from(body)
   target = parse_label_config(body.get('label_config') or '')
   started = time.monotonic()
-  results = _services()['predictor'].predict(project, tasks, target)
+  completing = _services()['refresh'].completing(project)
+  results = _services()['predictor'].predict(project, tasks, target, completing)
   _services()['counters'].add('predicted_tasks', len(tasks))
   log.info('Project %s: predicted %d tasks in %.2f s with %s', project, len(tasks),
            time.monotonic() - started, results[0]['model_version'] if results else '-')

@@ -31,6 +31,13 @@ def _total_annotations(operator: str) -> dict:
 
 ANNOTATED_TASKS = _total_annotations('greater')
 UNANNOTATED_TASKS = _total_annotations('equal')
+
+
+def tasks_with_ids(ids) -> dict:
+  """A Data Manager query for the tasks with these ids (those deleted since drop out)."""
+  return {'selectedItems': {'all': False, 'included': list(ids)}}
+
+
 PAGE_SIZE = 100
 # Label Studio imports predictions in batches of 500; one request stays well inside it.
 PUSH_CHUNK = 100

@@ -113,14 +113,22 @@ class Predictor:
     # a batch of 20,000 tasks must not hold 20,000 images.
     self.window = 2 * fetch_concurrency
 
-  def predict(self, project: int, tasks: list[dict], target: RectangleTarget) -> list[dict]:
+  def predict(self, project: int, tasks: list[dict], target: RectangleTarget,
+              completing: set = frozenset()) -> list[dict]:
     """Label Studio's /predict answer: exactly one entry per task, in order, by PREDICT_DEADLINE_S.
 
     An unreadable image gets an empty prediction (Label Studio stores it);
     a task the deadline left out gets an entry without "result", which Label
     Studio skips, storing nothing (`pending` says why), so it is asked again.
+    So does a task whose id is in `completing` (a refresh is pushing its
+    prediction already: answering too would store two).
     """
-    version, outcomes = self.predict_tasks(project, tasks, target, self.deadline_s)
+    todo = [i for i, task in enumerate(tasks)
+            if not (isinstance(task.get('id'), int) and task['id'] in completing)]
+    version, some = self.predict_tasks(project, [tasks[i] for i in todo], target, self.deadline_s)
+    outcomes: list = [LATE] * len(tasks)
+    for i, outcome in zip(todo, some):
+      outcomes[i] = outcome
     return [outcome if isinstance(outcome, dict)
             else {'model_version': version, 'pending': True} if outcome == LATE
             else self._empty(version) for outcome in outcomes]

@@ -32,7 +32,7 @@ from typing import Iterable
 from backend.errors import BackendError
 from backend.jobs import ProjectLock, wait_until
 from backend.label_config import parse_label_config
-from backend.label_studio_api import PAGE_SIZE, UNANNOTATED_TASKS, LabelStudioAPI
+from backend.label_studio_api import PAGE_SIZE, UNANNOTATED_TASKS, LabelStudioAPI, tasks_with_ids
 from backend.predictor import Predictor
 from backend.settings import Settings
 from backend.store import ModelStore
@@ -93,6 +93,11 @@ def _has_version(task: dict, version: str) -> bool:
     versions = [p.get('model_version') for p in task.get('predictions') or []
                 if isinstance(p, dict)]
   return version in versions
+
+
+def _task_id(task: dict) -> int | None:
+  task_id = task.get('id')
+  return task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None
 
 
 def _pages(tasks: Iterable[dict]):
@@ -160,6 +165,8 @@ class Refresher:
     target = parse_label_config(api.label_config(project))
     source = api.tasks(project, UNANNOTATED_TASKS) if tasks is None else tasks
     for page in _pages(source):
+      if tasks is not None:  # as Label Studio has them now: another process may have done some
+        page = list(api.tasks(project, tasks_with_ids(t['id'] for t in page)))
       current = self.store.current(project).name
       if tasks is None and current != status.model_version:
         status.state = 'superseded'
@@ -194,12 +201,15 @@ class RefreshQueue:
   """Refreshes in a background thread of this process, one at a time.
 
   Requests for a project's new version coalesce while one waits; late tasks
-  queue as they come. `run` is `Refresher.run`.
+  queue as they come, less those already queued or being completed (pressing
+  Retrieve Predictions twice must not store two predictions on a task).
+  `run` is `Refresher.run`.
   """
 
   def __init__(self, refresher: Refresher):
     self.refresher = refresher
     self._queue: collections.deque[tuple[int, list | None]] = collections.deque()
+    self._late: dict[int, set] = collections.defaultdict(set)  # task ids queued or running
     self._busy = False
     self._lock = threading.Condition()
     self._thread = threading.Thread(target=self._work, name='refresh', daemon=True)
@@ -210,6 +220,11 @@ class RefreshQueue:
     with self._lock:
       if tasks is None and (project, None) in self._queue:
         return 'coalesced'
+      if tasks is not None:  # only tasks Label Studio can name can be completed through it
+        tasks = [t for t in tasks if _task_id(t) is not None and t['id'] not in self._late[project]]
+        if not tasks:
+          return 'coalesced'
+        self._late[project].update(t['id'] for t in tasks)
       self._queue.append((project, tasks))
       self._lock.notify()
     if tasks is None:
@@ -219,6 +234,11 @@ class RefreshQueue:
     log.info('Project %s: refresh queued (%s)', project,
              NEW_VERSION if tasks is None else f'{len(tasks)} late tasks')
     return 'queued'
+
+  def completing(self, project: int) -> set:
+    """Ids of the project's late tasks queued or being predicted: a /predict leaves them out."""
+    with self._lock:
+      return set(self._late.get(project, ()))
 
   def wait_idle(self, timeout: float) -> bool:
     """Blocks until nothing is queued or running (for tests and shutdown)."""
@@ -239,3 +259,7 @@ class RefreshQueue:
       finally:
         with self._lock:
           self._busy = False
+          if tasks is not None:
+            self._late[project].difference_update(t['id'] for t in tasks)
+            if not self._late[project]:
+              del self._late[project]

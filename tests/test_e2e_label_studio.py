@@ -366,7 +366,8 @@ def test_retrieve_predictions_on_a_thousand_tasks_answers_in_time_and_completes_
     label_studio, base_paths, tmp_path):
   """Retrieve Predictions on every task of a project too big for one /predict: the answer
   comes by PREDICT_DEADLINE_S with what is done, Label Studio stores nothing for the rest,
-  and the backend completes them through the API: each task ends with one real prediction."""
+  and the backend completes them through the API: each task ends with one real prediction,
+  even when the button is pressed twice."""
   import http.server
   import threading
   from tests.synthetic import jpeg_bytes, textured_background
@@ -402,11 +403,16 @@ def test_retrieve_predictions_on_a_thousand_tasks_answers_in_time_and_completes_
     assert time.monotonic() - started < 30
     stored_at_once = ls.call('GET', f'/api/predictions/?project={pid}')
     assert len(stored_at_once) < count  # the deadline left some out, and nothing was stored for them
+    # Pressed again while the backend completes them: still one prediction per task.
+    ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={pid}',
+            json={'selectedItems': {'all': True, 'excluded': []}})
 
     status = _wait_for_training(backend, pid, lambda s: s['refresh']['state'] in ('done', 'failed'),
                                 timeout=300)
     assert status['refresh']['state'] == 'done', (status, backend.output()[-3000:])
     assert status['refresh']['kind'] == 'late tasks'
+    # one refresh, of the first press's late tasks only, each page read back from Label Studio
+    assert status['refresh']['tasks'] == status['refresh']['pushed'] < count, status
     stored = ls.call('GET', f'/api/predictions/?project={pid}')
     per_task = {}
     for prediction in stored:

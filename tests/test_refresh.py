@@ -66,3 +66,20 @@ def test_new_version_requests_coalesce_while_waiting_and_late_tasks_queue(tmp_pa
   refresher.release.set()
   assert queue.wait_idle(10)
   assert refresher.runs == [(1, None), (1, None), (2, None), (1, [5])]
+
+
+def test_late_tasks_already_queued_or_running_are_not_queued_again(tmp_path):
+  """Retrieve Predictions pressed again while the first press's late tasks are completing."""
+  refresher = _Refresher(tmp_path)
+  queue = RefreshQueue(refresher)
+  assert queue.request(1, [{'id': 5}, {'id': 6}]) == 'queued'
+  assert refresher.started.wait(10)  # running, held
+  assert queue.completing(1) == {5, 6}
+  assert queue.request(1, [{'id': 6}, {'id': 7}, {'id': 'x'}, {}]) == 'queued'  # only 7 is new
+  assert queue.request(1, [{'id': 5}, {'id': 7}]) == 'coalesced'
+  assert queue.completing(1) == {5, 6, 7} and queue.completing(2) == set()
+  refresher.release.set()
+  assert queue.wait_idle(10)
+  assert refresher.runs == [(1, [5, 6]), (1, [7])]
+  assert queue.completing(1) == set()
+  assert queue.request(1, [{'id': 5}]) == 'queued'  # done: a later press may ask again

@@ -102,8 +102,11 @@ def predict():
   project = _project_from(body)
   target = parse_label_config(body.get('label_config') or '')
   started = time.monotonic()
+  settings: Settings = current_app.config['SETTINGS']
+  # What is left out is completed through the API, when the backend can reach it.
   completing = _services()['refresh'].completing(project)
-  results = _services()['predictor'].predict(project, tasks, target, completing)
+  at_most = settings.predict_max_answered if settings.refreshes else None
+  results = _services()['predictor'].predict(project, tasks, target, completing, at_most)
   _services()['counters'].add('predicted_tasks', len(tasks))
   log.info('Project %s: predicted %d tasks in %.2f s with %s', project, len(tasks),
            time.monotonic() - started, results[0]['model_version'] if results else '-')

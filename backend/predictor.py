@@ -114,17 +114,20 @@ class Predictor:
     self.window = 2 * fetch_concurrency
 
   def predict(self, project: int, tasks: list[dict], target: RectangleTarget,
-              completing: set = frozenset()) -> list[dict]:
+              completing: set = frozenset(), at_most: int | None = None) -> list[dict]:
     """Label Studio's /predict answer: exactly one entry per task, in order, by PREDICT_DEADLINE_S.
 
     An unreadable image gets an empty prediction (Label Studio stores it);
     a task the deadline left out gets an entry without "result", which Label
     Studio skips, storing nothing (`pending` says why), so it is asked again.
     So does a task whose id is in `completing` (a refresh is pushing its
-    prediction already: answering too would store two).
+    prediction already: answering too would store two), and every task after
+    the first `at_most` (Label Studio saves a /predict's answers one at a
+    time, ~30 ms each, in the user's request: thousands keep Retrieve
+    Predictions spinning for minutes; the API stores them in bulk).
     """
     todo = [i for i, task in enumerate(tasks)
-            if not (isinstance(task.get('id'), int) and task['id'] in completing)]
+            if not (isinstance(task.get('id'), int) and task['id'] in completing)][:at_most]
     version, some = self.predict_tasks(project, [tasks[i] for i in todo], target, self.deadline_s)
     outcomes: list = [LATE] * len(tasks)
     for i, outcome in zip(todo, some):

@@ -67,6 +67,10 @@ class Settings:
   # /predict answers within this; images not there by then get an empty
   # prediction (Label Studio gives up on a /predict after 100 s).
   predict_deadline_s: float = 60.0
+  # With the background completion on (`refreshes`), /predict answers at most
+  # this many tasks and leaves the rest to it: Label Studio saves a /predict's
+  # answers one at a time in the user's request, the API in bulk.
+  predict_max_answered: int = 500
   # Hosts (names, addresses, networks) images may come from although they are
   # private or local; LABEL_STUDIO_URL's host always may (backend/image_sources.py).
   image_hosts_allowed: tuple[str, ...] = ()
@@ -270,6 +274,7 @@ VARIABLES = (
     Variable('IMAGE_CACHE_BYTES', 'image_cache_bytes', _integer(10_000_000, 10**13)),
     Variable('IMAGE_FETCH_TIMEOUT_S', 'image_fetch_timeout_s', _real(1.0, 90.0)),
     Variable('PREDICT_DEADLINE_S', 'predict_deadline_s', _real(1.0, 90.0)),
+    Variable('PREDICT_MAX_ANSWERED', 'predict_max_answered', _integer(1, 10**6)),
     Variable('IMAGE_HOSTS_ALLOWED', 'image_hosts_allowed', _names),
     Variable('LOCAL_FILES_DOCUMENT_ROOT', 'local_files_document_root', _folder),
     Variable('REFRESH_PREDICTIONS', 'refresh_predictions', _boolean),

@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
   try:
     trainable = None if args.train == 'auto' else args.train
     config = TrainConfig(seed=args.seed, trainable=trainable).with_overrides({
-        'input.size': args.input_size, 'views.zoom_out': args.zoom_out,
+        'input.size': args.input_size, 'views.zoom_out': args.zoom_out, 'budget.max': args.max_steps,
         'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune})
   except ValueError as error:
     log.error('%s', error)
@@ -126,7 +126,7 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from model.config import CompressionConfig, InputConfig, TrainConfig, ViewsConfig
+  from model.config import BudgetConfig, CompressionConfig, InputConfig, TrainConfig, ViewsConfig
   parser = argparse.ArgumentParser(prog='python -m model', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model-dir', help='model directory (default: $MODEL_DIR or ./models)')
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                           'of the extractor (Conv_1 and the extra layers), those and the '
                           'stride-16 blocks under them (upper), or everything; default: upper '
                           f'from {TrainConfig.upper_from_images} training images on, else top')
+  train.add_argument('--max-steps', type=int, default=BudgetConfig.max,
+                     help='cap on the training steps (the budget grows with the images up to it; '
+                          'default %(default)s, as TRAIN_MAX_STEPS for the backend)')
   train.add_argument('--zoom-out', type=float, default=ViewsConfig.zoom_out,
                      metavar='FRACTION',
                      help='views of each image shrunk onto a canvas, added as this fraction of its '

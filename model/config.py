@@ -207,12 +207,15 @@ class InputConfig:
     if self.lowest_anchor is not None and not 0.01 <= self.lowest_anchor <= 0.5:
       raise ValueError(f'lowest_anchor must be in [0.01, 0.5], not {self.lowest_anchor}')
 
+  @property
+  def anchors(self) -> AnchorConfig:
+    if self.lowest_anchor is None:
+      return AnchorConfig()
+    return dataclasses.replace(AnchorConfig(), lowest_layer_scale=self.lowest_anchor)
+
   def ssd_config(self, num_classes: int) -> SSDConfig:
     """The network of these choices (`size` and `lowest_anchor` made)."""
-    anchors = AnchorConfig()
-    if self.lowest_anchor is not None:
-      anchors = dataclasses.replace(anchors, lowest_layer_scale=self.lowest_anchor)
-    return SSDConfig(num_classes=num_classes, input_size=self.size, anchors=anchors)
+    return SSDConfig(num_classes=num_classes, input_size=self.size, anchors=self.anchors)
 
   def choose(self, typical_sides: dict[str, float]) -> tuple[int, str]:
     """The input side for objects of these sizes, and why.
@@ -273,11 +276,15 @@ class BudgetConfig:
   # fraction of the steps (never fewer than `base`; why: benchmarks/results/choices.md).
   warm_fraction: float = 0.5
 
+  def __post_init__(self):
+    if self.max < 1:
+      raise ValueError(f'the step cap must be 1 or more, not {self.max}')
+
   def steps(self, num_images: int, warm: bool = False) -> int:
     first = min(num_images, self.first_images)
     steps = min(self.max, self.base + self.per_first_image * first
                 + self.per_further_image * (num_images - first))
-    return max(self.base, round(steps * self.warm_fraction)) if warm else steps
+    return min(self.max, max(self.base, round(steps * self.warm_fraction))) if warm else steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,20 +319,39 @@ class ViewsConfig:
 class MatchingConfig:
   """Anchors with IoU >= positive are matched, < negative are background, ignored between.
 
-  `adaptive_top_k` > 0: a box that no anchor covers well gets its own
-  threshold from its k best IoUs (`model.targets`), on all views or on the
-  zoom-outs only (`adaptive_views`). Off: both found more of ducky's far ducks
-  but cost BCCD and the small shapes (benchmarks/results/choices.md).
+  Adaptive matching: a box that no anchor covers well gets its own threshold
+  from its `adaptive_top_k` best IoUs (`model.targets`), on `adaptive_views`:
+  'none', 'zoom-outs' or 'all'. None chooses from the data (`choose_adaptive`):
+  on the zoom-outs when the labeled objects are at least the lowest anchor's
+  size (zoom-outs shrink them below it: ducky's far ducks found in 45, 44, 44
+  of 49 frames instead of 43, 42, 37, raccoon even), else none (objects
+  already that small shrink to a few pixels, and lifting their IoUs taught
+  loose boxes: BCCD and the small shapes lost; benchmarks/results/choices.md).
   """
 
   positive_iou: float = 0.5
   negative_iou: float = 0.4
-  adaptive_top_k: int = 0
-  adaptive_views: str = 'all'
+  adaptive_top_k: int = 16
+  adaptive_views: str | None = None
 
   def __post_init__(self):
-    if self.adaptive_views not in ('all', 'zoom-outs'):
-      raise ValueError(f'adaptive_views must be all or zoom-outs, not {self.adaptive_views!r}')
+    if self.adaptive_views not in (None, 'none', 'all', 'zoom-outs'):
+      raise ValueError(f'adaptive_views must be none, all or zoom-outs, not {self.adaptive_views!r}')
+
+  def choose_adaptive(self, smallest_side: float, lowest_anchor: float) -> tuple[str, str]:
+    """Where adaptive matching applies, and why.
+
+    Args:
+      smallest_side: the smallest label's typical box side, a fraction of the image side.
+      lowest_anchor: the lowest map's square anchor, the same way.
+    """
+    if self.adaptive_views is not None:
+      return self.adaptive_views, 'set'
+    if smallest_side >= lowest_anchor:
+      return 'zoom-outs', (f'the smallest label is typically {smallest_side:.3f} of the image, '
+                           f'the lowest anchor {lowest_anchor:g}: zoom-outs shrink it below')
+    return 'none', (f'the smallest label is typically {smallest_side:.3f} of the image, under '
+                    f'the lowest anchor ({lowest_anchor:g})')
 
 
 @dataclasses.dataclass(frozen=True)

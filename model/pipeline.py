@@ -136,13 +136,18 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
   """
-  size, size_why = config.input.choose(typical_sides(training.part(training.fit)[0]))
+  sides = typical_sides(training.part(training.fit)[0])
+  size, size_why = config.input.choose(sides)
   if size != config.input.size:
     log.info('Input size %d: %s', size, size_why)
   trainable, trainable_why = config.choose_trainable(len(training.fit))
-  return (config.with_overrides({'input.size': size, 'trainable': trainable}),
+  adaptive, adaptive_why = config.matching.choose_adaptive(
+      min(sides.values(), default=1.0), config.input.anchors.lowest_layer_scale)
+  return (config.with_overrides({'input.size': size, 'trainable': trainable,
+                                 'matching.adaptive_views': adaptive}),
           {'input_size': {'value': size, 'why': size_why},
-           'trainable': {'value': trainable, 'why': trainable_why}})
+           'trainable': {'value': trainable, 'why': trainable_why},
+           'adaptive_matching': {'value': adaptive, 'why': adaptive_why}})
 
 
 @dataclasses.dataclass
@@ -215,7 +220,8 @@ def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
   from model.views import make_cached_views
   assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
                             model.config.box_scale_factors, config.matching.positive_iou,
-                            config.matching.negative_iou, config.matching.adaptive_top_k,
+                            config.matching.negative_iou,
+                            0 if config.matching.adaptive_views == 'none' else config.matching.adaptive_top_k,
                             config.matching.adaptive_views)
   split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}

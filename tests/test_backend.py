@@ -566,3 +566,21 @@ def test_a_large_batch_holds_a_window_of_decoded_images_not_all_of_them(model_di
   assert all(isinstance(o, dict) for o in outcomes), outcomes
   # Waiting in the window, in a finished wait's set, and in the detector's hands; not 80.
   assert most[0] <= 2 * predictor.window + 2, most[0]
+
+
+def test_predict_leaves_out_tasks_being_completed_and_those_past_its_cap(model_dir, shapes_dataset):
+  """Each left-out task gets an entry without "result" (Label Studio stores nothing for it)."""
+  from backend.images import ImageFetcher
+  from backend.label_config import parse_label_config
+  from backend.predictor import Predictor
+  from backend.store import ModelStore
+
+  settings = Settings(model_dir=model_dir, local_files_document_root=shapes_dataset)
+  predictor = Predictor(ModelStore(model_dir), ImageFetcher(settings), 0.25, fetch_concurrency=2)
+  image = str(sorted(shapes_dataset.glob('images/*.jpg'))[0])
+  tasks = [{'id': i, 'data': {'photo': image}} for i in range(8)]
+  results = predictor.predict(7, tasks, parse_label_config(CONFIG), completing={1, 2}, at_most=3)
+  answered = [i for i, r in enumerate(results) if 'result' in r]
+  assert answered == [0, 3, 4]
+  assert all(r == {'model_version': 'fewshot-ssd-v1', 'pending': True}
+             for i, r in enumerate(results) if i not in answered)

@@ -63,3 +63,16 @@ def test_more_of_the_extractor_trains_once_images_are_many():
   assert config.choose_trainable(config.upper_from_images)[0] == 'upper'
   assert TrainConfig(trainable='heads').choose_trainable(500) == ('heads', 'set')
 
+
+
+def test_adaptive_matching_on_zoom_outs_only_for_objects_the_anchors_cover():
+  matching = TrainConfig().matching
+  # ducky's duck (0.156 of the image) and raccoons: zoom-outs shrink them under the 0.1 anchor
+  assert matching.choose_adaptive(0.156, 0.1)[0] == 'zoom-outs'
+  # BCCD's platelets (0.071), the small shapes: already under it
+  value, why = matching.choose_adaptive(0.071, 0.1)
+  assert value == 'none' and '0.071' in why
+  set_ = TrainConfig().with_overrides({'matching.adaptive_views': 'all'}).matching
+  assert set_.choose_adaptive(0.01, 0.1) == ('all', 'set')
+  with pytest.raises(ValueError, match='adaptive_views'):
+    TrainConfig().with_overrides({'matching.adaptive_views': 'some'})

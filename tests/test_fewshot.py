@@ -30,6 +30,10 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
   assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]
+  # Every choice made from the data, with why (the shapes span a fifth of the image or more).
+  assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
+  assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
+  assert 'lowest anchor' in metrics['choices']['adaptive_matching']['why']
   from PIL import Image
   with Image.open(trained_run / 'report.png') as report:
     assert report.width > 500 and report.height > 400

@@ -25,7 +25,7 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
     process = subprocess.Popen(
         [sys.executable, '-m', 'model', 'train', '--tasks', str(shapes_dataset / 'tasks.json'),
          '--out', str(out), '--from', str(store.versions_dir(7) / 'v1'),
-         '--max-images', '2'],  # a short training: the export is what gets killed
+         '--max-images', '2', '--max-steps', '10'],  # short: the export is what gets killed
         cwd=REPO, env=dict(os.environ, MODEL_DIR=str(model_dir)), stderr=stderr,
         stdout=subprocess.DEVNULL)
     # Until the float file is exported (the int8 conversion is under way) or the process ends.

@@ -55,7 +55,8 @@ def test_two_backends_and_two_workers_on_redis_survive_a_killed_worker(
   shutil.copytree(base_paths.base_dir, model_dir / 'base')
   env = {'MODEL_DIR': str(model_dir), 'LABEL_STUDIO_URL': label_studio.url,
          'LABEL_STUDIO_API_KEY': label_studio.token, 'TRAINING_QUEUE': 'redis',
-         'REDIS_URL': redis_url, 'TRAINING_LOCK_TTL_S': '4', 'TRAIN_EVERY_N_ANNOTATIONS': '0'}
+         'REDIS_URL': redis_url, 'TRAINING_LOCK_TTL_S': '4', 'TRAIN_EVERY_N_ANNOTATIONS': '0',
+         'TRAIN_MAX_STEPS': '120'}  # a third of the budget: discs are easy, the queue is the test
   backends = [Backend(model_dir, WORKERS='2', **env) for _ in range(2)]
   workers = [TrainingWorker(tmp_path / f'worker-{i}.log', env) for i in range(2)]
   unlabeled = project.tasks[LABELED]

@@ -108,9 +108,10 @@ def predict():
   at_most = settings.predict_max_answered if settings.refreshes else None
   results = _services()['predictor'].predict(project, tasks, target, completing, at_most)
   _services()['counters'].add('predicted_tasks', len(tasks))
-  log.info('Project %s: predicted %d tasks in %.2f s with %s', project, len(tasks),
-           time.monotonic() - started, results[0]['model_version'] if results else '-')
   late = [task for task, result in zip(tasks, results) if 'result' not in result]
+  log.info('Project %s: predicted %d tasks in %.2f s with %s; answered %d, %d left for later',
+           project, len(tasks), time.monotonic() - started,
+           results[0]['model_version'] if results else '-', len(tasks) - len(late), len(late))
   if late:
     _complete_later(project, late)
   return jsonify(results=results)

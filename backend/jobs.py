@@ -243,12 +243,8 @@ class TrainingQueue:
       self._run_started[project] = status.started_at
     self._write_shared_status(project)
 
-    def progress(p):  # a stage's name as it begins, or a training step
-      if isinstance(p, str):
-        status.stage = p
-      else:
-        status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
-        status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
+    def progress(p):
+      status.update(p)
       self._write_shared_status(project)
 
     unknown = False

@@ -183,6 +183,61 @@ class _Heartbeat(threading.Thread):
         return
 
 
+class _JobStatus:
+  """A training job's /train/status in Redis, readable by every process; steps at most once a second."""
+
+  def __init__(self, connection, project: int, job_id: str):
+    self.connection, self.key, self.job_id = connection, _key(project, 'status'), job_id
+    previous = connection.get(self.key)
+    self.status = TrainingStatus(state='running', started_at=time.time(),
+                                 runs=json.loads(previous)['runs'] if previous else 0)
+    self.worker = f'{socket.gethostname()}:{os.getpid()}'
+    self._saved_at = 0.0
+
+  def save(self) -> None:
+    self._saved_at = time.monotonic()
+    self.connection.set(self.key, json.dumps({**self.status.to_dict(), 'worker': self.worker,
+                                              'job': self.job_id}))
+
+  def progress(self, progress) -> None:
+    self.status.update(progress)
+    if isinstance(progress, str) or time.monotonic() - self._saved_at >= 1.0:
+      self.save()
+
+
+def _hold_project(connection, project: int, settings: Settings):
+  """(the project's lock, its heartbeat), once this job holds it.
+
+  Raises:
+    TimeoutError: another job held it for TRAINING_TIMEOUT_S.
+  """
+  lock = connection.lock(_key(project, 'lock'), timeout=settings.training_lock_ttl_s,
+                         blocking_timeout=settings.training_timeout_s, thread_local=False)
+  if not lock.acquire():
+    raise TimeoutError(f'project {project} stayed locked for {settings.training_timeout_s} s')
+  heartbeat = _Heartbeat(lock, settings.training_lock_ttl_s)
+  heartbeat.start()
+  return lock, heartbeat
+
+
+def _let_go(lock, heartbeat: _Heartbeat) -> None:
+  heartbeat.stopped.set()
+  try:
+    lock.release()
+  except redis.exceptions.LockError:  # the hold ran out meanwhile
+    pass
+
+
+def _changed_since_last_fetch(connection, project: int) -> bool:
+  """Whether anything changed since the last job read the tasks; marks this job's read."""
+  changed = float(connection.get(_key(project, 'changed')) or 0)
+  fetched = connection.get(_key(project, 'fetched'))
+  if fetched is not None and changed < float(fetched):
+    return False
+  connection.set(_key(project, 'fetched'), repr(time.time()))
+  return True
+
+
 def run_training_job(project: int, job_id: str) -> str | None:
   """RQ job: waits for the project's lock, then trains and publishes one version."""
   from backend.images import ImageFetcher
@@ -190,46 +245,18 @@ def run_training_job(project: int, job_id: str) -> str | None:
   from backend.training import train_project
   settings = Settings.from_env()
   connection = redis.Redis.from_url(settings.redis_url)
-  lock = connection.lock(_key(project, 'lock'), timeout=settings.training_lock_ttl_s,
-                         blocking_timeout=settings.training_timeout_s, thread_local=False)
-  if not lock.acquire():
-    raise TimeoutError(f'project {project} stayed locked for {settings.training_timeout_s} s')
-  heartbeat = _Heartbeat(lock, settings.training_lock_ttl_s)
-  heartbeat.start()
+  lock, heartbeat = _hold_project(connection, project, settings)
   # From here on, triggers make a new job: this one has not read the tasks yet.
   connection.delete(_key(project, 'pending'))
-  changed = float(connection.get(_key(project, 'changed')) or 0)
-  fetched = connection.get(_key(project, 'fetched'))
-  if fetched is not None and changed < float(fetched):
+  if not _changed_since_last_fetch(connection, project):
     log.info('Project %s: nothing changed since the last run read the tasks; job %s ends',
              project, job_id)
-    heartbeat.stopped.set()
-    lock.release()
+    _let_go(lock, heartbeat)
     return None
-  connection.set(_key(project, 'fetched'), repr(time.time()))
-  status = TrainingStatus(state='running', started_at=time.time())
-  status_key = _key(project, 'status')
-  previous = connection.get(status_key)
-  status.runs = json.loads(previous)['runs'] if previous else 0
-  worker = f'{socket.gethostname()}:{os.getpid()}'
-
-  def save(throttle_s: float = 0.0, _last=[0.0]):  # pylint: disable=dangerous-default-value
-    if time.monotonic() - _last[0] >= throttle_s:
-      _last[0] = time.monotonic()
-      connection.set(status_key, json.dumps({**status.to_dict(), 'worker': worker, 'job': job_id}))
-
-  def progress(p):  # a stage's name as it begins, or a training step
-    if isinstance(p, str):
-      status.stage = p
-      save()
-      return
-    status.step, status.total_steps, status.loss = p.step, p.total_steps, p.loss
-    status.eta_s, status.images_per_s = p.eta_s, p.images_per_s
-    save(throttle_s=1.0)
-
-  save()
-  log.info('Project %s: training on %s (job %s)', project, worker, job_id)
-  store = ModelStore(settings.model_dir, settings.model_variant)
+  job = _JobStatus(connection, project, job_id)
+  status = job.status
+  job.save()
+  log.info('Project %s: training on %s (job %s)', project, job.worker, job_id)
   unknown = False
 
   def published(version):  # the served file is there: another worker may refresh meanwhile
@@ -238,8 +265,9 @@ def run_training_job(project: int, job_id: str) -> str | None:
           run_refresh_job, args=(project,), timeout=settings.training_timeout_s,
           result_ttl=3600, description=f'refresh predictions of project {project}')
   try:
-    status.model_version = train_project(settings, store, ImageFetcher(settings), project, progress,
-                                         published)
+    status.model_version = train_project(
+        settings, ModelStore(settings.model_dir, settings.model_variant), ImageFetcher(settings),
+        project, job.progress, published)
     status.state, status.stage = 'idle', None  # a failed run keeps the stage it failed in
     return status.model_version
   except Exception as error:
@@ -249,17 +277,13 @@ def run_training_job(project: int, job_id: str) -> str | None:
     raise
   finally:
     status.finished_at, status.runs = time.time(), status.runs + 1
-    save()
+    job.save()
     if unknown:
       # Anyone may name any project id: of one Label Studio does not know, keep only the
       # error, for an hour.
       connection.delete(*(_key(project, name) for name in ('changed', 'fetched', 'events')))
-      connection.expire(status_key, UNKNOWN_PROJECT_TTL_S)
-    heartbeat.stopped.set()
-    try:
-      lock.release()
-    except redis.exceptions.LockError:
-      pass
+      connection.expire(job.key, UNKNOWN_PROJECT_TTL_S)
+    _let_go(lock, heartbeat)
 
 
 def run_refresh_job(project: int) -> str:

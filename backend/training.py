@@ -47,6 +47,14 @@ class TrainingStatus:
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
+  def update(self, progress) -> None:
+    """Takes the pipeline's progress: a stage's name as it begins, or a `train.Progress`."""
+    if isinstance(progress, str):
+      self.stage = progress
+      return
+    self.step, self.total_steps, self.loss = progress.step, progress.total_steps, progress.loss
+    self.eta_s, self.images_per_s = progress.eta_s, progress.images_per_s
+
 
 def fetch_project(settings: Settings, project: int) -> tuple[str, list[dict]]:
   """The project's label config and its annotated tasks (the unlabeled ones stay in Label Studio).

@@ -101,6 +101,21 @@ def poll(read, until, seconds: float, every: float = 0.3):
   return value
 
 
+def wait_until_serving(process: subprocess.Popen, answers, seconds: float, what: str,
+                       log_tail) -> None:
+  """Polls `answers()` (True once the server responds) until it does.
+
+  Raises:
+    RuntimeError: with the end of its log, if `process` exits first or `seconds` pass.
+  """
+  def up():
+    if process.poll() is not None:
+      raise RuntimeError(f'{what} exited: {log_tail()}')
+    return answers()
+  if not poll(up, bool, seconds, every=0.2):
+    raise RuntimeError(f'{what} did not start in {seconds:g} s: {log_tail()}')
+
+
 def free_port() -> int:
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
@@ -126,16 +141,13 @@ class Backend:
     self.process = subprocess.Popen([sys.executable, '-m', 'backend'], cwd=REPO, env=environ,
                                     stdout=self.log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-      if self.process.poll() is not None:
-        raise RuntimeError(f'backend exited: {self.output()}')
+    def answers():
       try:
         requests.get(self.url + '/health', timeout=5, auth=('u', env.get('BASIC_AUTH_PASS', '')))
-        return
+        return True
       except (requests.ConnectionError, requests.Timeout):  # not up yet, or still importing
-        time.sleep(0.2)
-    raise RuntimeError('backend did not start in 60 s')
+        return False
+    wait_until_serving(self.process, answers, 60, 'the backend', self.output)
 
   def output(self) -> str:
     """The end of the server's log."""

@@ -6,12 +6,11 @@ import dataclasses
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import requests
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_until_serving
 from tests.synthetic import make_task_set
 
 LABEL_STUDIO = REPO / '.venv-labelstudio' / 'bin' / 'label-studio'
@@ -43,18 +42,13 @@ class LabelStudio:
     self.process = subprocess.Popen(
         [str(LABEL_STUDIO), 'start', '--no-browser', '--internal-host', '127.0.0.1',
          '--port', str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-      if self.process.poll() is not None:
-        raise RuntimeError(f'Label Studio exited: {self.log_path.read_text()[-3000:]}')
+    def answers():
       try:
-        if requests.get(self.url + '/health', timeout=2).status_code == 200:
-          break
+        return requests.get(self.url + '/health', timeout=2).status_code == 200
       except (requests.ConnectionError, requests.Timeout):
-        pass
-      time.sleep(1)
-    else:
-      raise RuntimeError(f'Label Studio did not start: {self.log_path.read_text()[-3000:]}')
+        return False
+    wait_until_serving(self.process, answers, 240, 'Label Studio',
+                       lambda: self.log_path.read_text()[-3000:])
     self.token = self._personal_access_token()
     self.api = requests.Session()
 

@@ -7,10 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_until_serving
 
 
 class RedisServer:
@@ -28,15 +27,13 @@ class RedisServer:
         [binary, '--port', str(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
          '--dir', str(folder)], stdout=self.log, stderr=subprocess.STDOUT)
     self.url = f'redis://127.0.0.1:{port}/0'
-    deadline = time.monotonic() + 20
-    while True:
+    def answers():
       try:
-        redis.Redis.from_url(self.url).ping()
-        return
+        return redis.Redis.from_url(self.url).ping()
       except redis.exceptions.ConnectionError:
-        if time.monotonic() > deadline or self.process.poll() is not None:
-          raise RuntimeError(self.log_path.read_text()[-2000:]) from None
-        time.sleep(0.1)
+        return False
+    wait_until_serving(self.process, answers, 20, 'redis-server',
+                       lambda: self.log_path.read_text()[-2000:])
 
   def stop(self):
     self.process.terminate()

@@ -20,8 +20,8 @@ from model.tasks import evaluation_examples, load_tasks_file, parse_tasks, resol
 from tests.conftest import run_model_cli
 from tests.test_trainable import top_layer_names
 
-SHORT = TrainConfig().with_overrides({'budget.base': 200, 'budget.per_first_image': 0,
-                                      'budget.max': 200, 'views.max_per_image': 6})
+SHORT = TrainConfig().with_overrides({'budget.base': 120, 'budget.per_first_image': 0,
+                                      'budget.max': 120, 'views.max_per_image': 6})
 
 
 @pytest.fixture(scope='module')

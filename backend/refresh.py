@@ -209,7 +209,7 @@ class RefreshQueue:
   def __init__(self, refresher: Refresher):
     self.refresher = refresher
     self._queue: collections.deque[tuple[int, list | None]] = collections.deque()
-    self._late: dict[int, set] = collections.defaultdict(set)  # task ids queued or running
+    self._late: dict[int, set] = {}  # task ids queued or running, per project
     self._busy = False
     self._lock = threading.Condition()
     self._thread = threading.Thread(target=self._work, name='refresh', daemon=True)
@@ -221,10 +221,11 @@ class RefreshQueue:
       if tasks is None and (project, None) in self._queue:
         return 'coalesced'
       if tasks is not None:  # only tasks Label Studio can name can be completed through it
-        tasks = [t for t in tasks if _task_id(t) is not None and t['id'] not in self._late[project]]
-        if not tasks:
+        pending = self._late.get(project, set())
+        tasks = [t for t in tasks if _task_id(t) is not None and t['id'] not in pending]
+        if not tasks:  # (no entry made: any caller may name any project)
           return 'coalesced'
-        self._late[project].update(t['id'] for t in tasks)
+        self._late.setdefault(project, set()).update(t['id'] for t in tasks)
       self._queue.append((project, tasks))
       self._lock.notify()
     if tasks is None:

@@ -83,3 +83,4 @@ def test_late_tasks_already_queued_or_running_are_not_queued_again(tmp_path):
   assert refresher.runs == [(1, [5, 6]), (1, [7])]
   assert queue.completing(1) == set()
   assert queue.request(1, [{'id': 5}]) == 'queued'  # done: a later press may ask again
+  assert queue.request(3, [{'id': 'x'}]) == 'coalesced' and 3 not in queue._late  # pylint: disable=protected-access

@@ -503,8 +503,16 @@ class ExportConfig:
   # Candidates below this score never reach NMS (low, so evaluation sees the tail).
   nms_score_threshold: float = 0.01
   nms_iou_threshold: float = 0.5
-  # Images used to calibrate the int8 model (the project's own), chosen from
-  # twice as many, leaving out those whose activations reach `calibration_outlier_ratio`
-  # x the median (`export.calibration_inputs`; why: benchmarks/results/choices.md).
+  # Inputs that calibrate the int8 model: the project's training views, each
+  # image as it is first, then its augmented views while there are fewer images
+  # than twice `calibration_images` ('originals': the images as they are only).
+  # Chosen from twice as many, leaving out those whose activations reach
+  # `calibration_outlier_ratio` x the median (`export.calibration_inputs`;
+  # why both: benchmarks/results/choices.md).
   calibration_images: int = 64
+  calibration_views: str = 'all'
   calibration_outlier_ratio: float = 3.0
+
+  def __post_init__(self):
+    if self.calibration_views not in ('all', 'originals'):
+      raise ValueError(f'calibration_views must be all or originals, not {self.calibration_views!r}')

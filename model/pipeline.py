@@ -343,9 +343,10 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
   calibration = None
   if export.INT8 in kinds:
     count = export_config.calibration_images
-    calibration = export.calibration_inputs(
-        model, views.train_inputs[views.train.originals][:2 * count], count,
-        export_config.calibration_outlier_ratio)
+    order = (views.train.originals_first() if export_config.calibration_views == 'all'
+             else np.arange(len(views.train))[views.train.originals])
+    calibration = export.calibration_inputs(model, views.train_inputs[order[:2 * count]], count,
+                                            export_config.calibration_outlier_ratio)
   files = {}
   for kind in kinds:
     data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,
@@ -354,6 +355,43 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
       data = export.add_metadata(data, labels, metadata_python)
     files[kind] = data
   return files
+
+
+@dataclasses.dataclass
+class Fitted:
+  """A trained model and what made it: the stages up to `train_model`."""
+
+  model: object
+  training: TrainingSet
+  views: Views
+  config: TrainConfig  # with every choice made
+  choices: dict
+  columns: list
+  schedule: Schedule
+  report: object
+
+
+def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
+        previous: Path | None = None, config: TrainConfig = TrainConfig(),
+        max_images: int | None = None, progress=None) -> Fitted:
+  """load_examples -> build_model -> make_views -> start_class_head -> train_model."""
+  import tensorflow as tf
+  tf.random.set_seed(config.seed)
+  with clock.stage('load_examples'):
+    previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
+    training = load_examples(tasks, images_root, config, previous_labels, max_images)
+    config, choices = choose_settings(config, training)
+  with clock.stage('build_model'):
+    sources = load_sources(model_dir, config, previous)
+    model = build_model(training.labels, sources, config)
+  with clock.stage('make_views'):
+    views = make_views(model, training, config)
+  with clock.stage('start_class_head'):
+    columns = start_class_head(model, training.labels, sources, views, config)
+  schedule = plan_schedule(len(training.fit), columns, config)
+  with clock.stage('train'):
+    report = train_model(model, views, schedule, config, progress)
+  return Fitted(model, training, views, config, choices, columns, schedule, report)
 
 
 def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Path, *,
@@ -378,31 +416,19 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     RunError: out_dir exists, no usable training images or boxes, bad previous run.
     tasks_lib.TaskError: malformed tasks.
   """
-  import tensorflow as tf
   out_dir = Path(out_dir)
   if out_dir.exists():
     raise RunError(f'{out_dir} already exists: each iteration gets a new folder')
-  tf.random.set_seed(config.seed)
   clock = Stopwatch(on_stage)
-  with clock.stage('load_examples'):
-    previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
-    training = load_examples(tasks, images_root, config, previous_labels, max_images)
-    config, choices = choose_settings(config, training)
-  with clock.stage('build_model'):
-    sources = load_sources(model_dir, config, previous)
-    model = build_model(training.labels, sources, config)
-  with clock.stage('make_views'):
-    views = make_views(model, training, config)
-  with clock.stage('start_class_head'):
-    columns = start_class_head(model, training.labels, sources, views, config)
-  schedule = plan_schedule(len(training.fit), columns, config)
-  with clock.stage('train'):
-    report = train_model(model, views, schedule, config, progress)
+  fitted = fit(tasks, images_root, model_dir, clock, previous=previous, config=config,
+               max_images=max_images, progress=progress)
+  model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
   with clock.stage('evaluate'):
     evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous))
   with clock.stage('export'):
     files = export_model(model, views, training.labels, export_config, export_kinds)
-  record = Record(choices, columns, schedule, report, evaluation, history, samples, files)
+  record = Record(fitted.choices, fitted.columns, fitted.schedule, fitted.report, evaluation,
+                  history, samples, files)
   with clock.stage('publish'):
     publish(out_dir, model, training, views, record, clock, previous=previous, config=config,
             export_config=export_config, pending=export_later)

@@ -46,6 +46,10 @@ class CachedViews:
     """Selects each image's unaugmented view (view 0 of its views)."""
     return slice(0, None, self.per_image)
 
+  def originals_first(self) -> np.ndarray:
+    """Every view's index: each image's original, then each image's second view, and so on."""
+    return np.argsort(np.arange(len(self)) % self.per_image, kind='stable')
+
 
 def cache_features(frozen, inputs: np.ndarray, batch_size: int = 16) -> list[np.ndarray]:
   """Runs a frozen model over inputs [V, S, S, 3]; returns its outputs as float16 arrays.

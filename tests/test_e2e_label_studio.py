@@ -362,7 +362,7 @@ def test_a_training_job_fetches_the_annotated_tasks_only(label_studio, tmp_path)
   assert all(t['annotations'] for t in tasks)
 
 
-def test_retrieve_predictions_on_a_thousand_tasks_answers_in_time_and_completes_them_all(
+def test_retrieve_predictions_on_two_thousand_tasks_answers_in_time_and_completes_them_all(
     label_studio, base_paths, tmp_path):
   """Retrieve Predictions on every task of a project too big for one /predict: the answer
   comes by PREDICT_DEADLINE_S with what is done, Label Studio stores nothing for the rest,
@@ -371,7 +371,7 @@ def test_retrieve_predictions_on_a_thousand_tasks_answers_in_time_and_completes_
   import http.server
   import threading
   from tests.synthetic import jpeg_bytes, textured_background
-  count, image = 1000, jpeg_bytes(textured_background(64, 48))
+  count, image = 2000, jpeg_bytes(textured_background(64, 48))
 
   class Images(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):

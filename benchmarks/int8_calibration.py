@@ -1,0 +1,137 @@
+"""Does the int8 .tflite score what the float one does, and what calibrates it best?
+
+Trains once per data set and subset, then exports the same trained model as
+float32 and as int8 once per calibration variant (`ExportConfig` fields), and
+scores each on the test split (mAP@0.5), so the only difference between the
+int8 columns is the calibration.
+
+  .venv/bin/python benchmarks/int8_calibration.py --datasets raccoon partial \\
+      --shots 1 5 --variant 'originals:calibration_views=originals' --variant 'views:'
+
+Data sets as in generalization.py (../shared/datasets plus synthetic scenes).
+Results: benchmarks/results/int8_calibration.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.generalization import ALL, dataset_folder, parse_variant  # noqa: E402
+from model import export, pipeline, tasks as tasks_lib  # noqa: E402
+from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
+from model.evaluate import coco_map  # noqa: E402
+
+log = logging.getLogger('int8_calibration')
+RESULTS = REPO / 'benchmarks' / 'results'
+
+
+def export_variant(text: str) -> tuple[str, dict]:
+  """'name:field=value,...' -> (name, ExportConfig fields), parsed as generalization.py does."""
+  name, _, assignments = text.partition(':')
+  fields = {}
+  for assignment in filter(None, assignments.split(',')):
+    key, value = assignment.split('=', 1)
+    try:
+      fields[key] = json.loads(value)
+    except ValueError:
+      fields[key] = value
+  try:
+    dataclasses.replace(ExportConfig(), **fields)
+  except (TypeError, ValueError) as error:
+    raise SystemExit(f'--variant {text!r}: {error}') from None
+  return name, fields
+
+
+def one_subset(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int,
+               variants: list[tuple[str, dict]], test) -> dict:
+  from model.checkpoint_detector import CheckpointDetector
+  from model.tflite_detector import TFLiteDetector
+  clock = pipeline.Stopwatch()
+  fitted = pipeline.fit(tasks, root, model_dir, clock, config=TrainConfig(seed=seed),
+                        max_images=None if shots == ALL else shots)
+  labels = fitted.training.labels
+  checkpoint = CheckpointDetector(fitted.model, labels, PostprocessConfig(min_score=0.01))
+  scores = {'checkpoint': coco_map(*test, checkpoint.detect(test[1]), labels)['map50']}
+  files = {'float': (ExportConfig(), export.FLOAT)}
+  files.update({name: (dataclasses.replace(ExportConfig(), **fields), export.INT8)
+                for name, fields in variants})
+  for name, (config, kind) in files.items():
+    path = Path(tempfile.mkdtemp(dir=work)) / f'{kind}.tflite'
+    path.write_bytes(pipeline.export_model(fitted.model, fitted.views, labels, config,
+                                           (kind,))[kind])
+    detector = TFLiteDetector(path, labels)
+    scores[name] = coco_map(*test, [detector.detect(image, 0.01) for image in test[1]],
+                            labels)['map50']
+  log.info('%s images, seed %d: %s', shots, seed,
+           ', '.join(f'{k} {v:.3f}' for k, v in scores.items()))
+  return {'seed': seed, 'images': len(fitted.training.fit),
+          'views': len(fitted.views.train), **scores}
+
+
+def write(results: dict, variants: list[str]) -> None:
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / 'int8_calibration.json').write_text(json.dumps(results, indent=1) + '\n')
+  columns = ['checkpoint', 'float', *variants]
+  lines = ['# int8 calibration: the same trained model exported with each calibration', '',
+           f'{os.cpu_count()} cores. mAP@0.5 on the test split, mean over subsets (seeds); '
+           'int8 columns differ only in what calibrates them. '
+           '`benchmarks/int8_calibration.py` writes this.', '',
+           '| data set | images | subsets | ' + ' | '.join(columns) + ' |',
+           '|---|---|---|' + '---|' * len(columns)]
+  for dataset, by_shots in results.items():
+    for shots, rows in by_shots.items():
+      means = [statistics.mean(r[c] for r in rows) if all(c in r for r in rows) else None
+               for c in columns]
+      lines.append(f'| {dataset} | {shots} | {len(rows)} | ' + ' | '.join(
+          '–' if m is None else f'{m:.3f}' for m in means) + ' |')
+  (RESULTS / 'int8_calibration.md').write_text('\n'.join(lines) + '\n')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
+                                                        'partial'])
+  parser.add_argument('--shots', nargs='+', default=['1', '5', '10'])
+  parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
+  parser.add_argument('--variant', action='append', default=[],
+                      help='name:field=value,... (ExportConfig fields for the int8 file)')
+  parser.add_argument('--model-dir', type=Path,
+                      default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
+  parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('model', 'tensorflow', 'absl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  variants = [export_variant(v) for v in args.variant] or [
+      ('int8 originals', {'calibration_views': 'originals'}), ('int8 views', {})]
+  args.work.mkdir(parents=True, exist_ok=True)
+  results = {}
+  for name in args.datasets:
+    root = dataset_folder(name, args.work)
+    tasks = tasks_lib.load_tasks_file(root / 'tasks.json')
+    examples, _ = tasks_lib.parse_tasks(tasks)
+    test = tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), root)
+    for shots in args.shots:
+      count = ALL if shots == ALL else int(shots)
+      seeds = range(args.seeds) if count != ALL and count <= 10 else range(1)
+      results.setdefault(name, {})[shots] = [
+          one_subset(tasks, root, args.model_dir, args.work, count, seed, variants, test)
+          for seed in seeds]
+      write(results, [v for v, _ in variants])
+  print((RESULTS / 'int8_calibration.md').read_text())
+
+
+if __name__ == '__main__':
+  main()

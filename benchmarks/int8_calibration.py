@@ -1,9 +1,9 @@
-"""Does the int8 .tflite score what the float one does, and what calibrates it best?
+"""Do the .tflite files score what the TF checkpoint does, and which export settings keep them so?
 
 Trains once per data set and subset, then exports the same trained model as
-float32 and as int8 once per calibration variant (`ExportConfig` fields), and
-scores each on the test split (mAP@0.5), so the only difference between the
-int8 columns is the calibration.
+float32 and int8 once per variant (`ExportConfig` fields: calibration, the
+box-encoding bound), and scores each on the test split (mAP@0.5), so columns
+differ only in the export.
 
   .venv/bin/python benchmarks/int8_calibration.py --datasets raccoon partial \\
       --shots 1 5 --variant 'originals:calibration_views=originals' --variant 'views:'
@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.generalization import ALL, dataset_folder, parse_variant  # noqa: E402
+from benchmarks.generalization import ALL, dataset_folder  # noqa: E402
 from model import export, pipeline, tasks as tasks_lib  # noqa: E402
 from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -54,7 +54,7 @@ def export_variant(text: str) -> tuple[str, dict]:
 
 
 def one_subset(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int,
-               variants: list[tuple[str, dict]], test) -> dict:
+               variants: list[tuple[str, dict]], kinds: tuple[str, ...], test) -> dict:
   from model.checkpoint_detector import CheckpointDetector
   from model.tflite_detector import TFLiteDetector
   clock = pipeline.Stopwatch()
@@ -63,9 +63,8 @@ def one_subset(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int,
   labels = fitted.training.labels
   checkpoint = CheckpointDetector(fitted.model, labels, PostprocessConfig(min_score=0.01))
   scores = {'checkpoint': coco_map(*test, checkpoint.detect(test[1]), labels)['map50']}
-  files = {'float': (ExportConfig(), export.FLOAT)}
-  files.update({name: (dataclasses.replace(ExportConfig(), **fields), export.INT8)
-                for name, fields in variants})
+  files = {f'{name} {kind}': (dataclasses.replace(ExportConfig(), **fields), kind)
+           for name, fields in variants for kind in kinds}
   for name, (config, kind) in files.items():
     path = Path(tempfile.mkdtemp(dir=work)) / f'{kind}.tflite'
     path.write_bytes(pipeline.export_model(fitted.model, fitted.views, labels, config,
@@ -82,10 +81,10 @@ def one_subset(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int,
 def write(results: dict, variants: list[str]) -> None:
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / 'int8_calibration.json').write_text(json.dumps(results, indent=1) + '\n')
-  columns = ['checkpoint', 'float', *variants]
-  lines = ['# int8 calibration: the same trained model exported with each calibration', '',
+  columns = ['checkpoint', *variants]
+  lines = ['# Export fidelity: the same trained model exported with each setting', '',
            f'{os.cpu_count()} cores. mAP@0.5 on the test split, mean over subsets (seeds); '
-           'int8 columns differ only in what calibrates them. '
+           'columns differ only in the export settings. '
            '`benchmarks/int8_calibration.py` writes this.', '',
            '| data set | images | subsets | ' + ' | '.join(columns) + ' |',
            '|---|---|---|' + '---|' * len(columns)]
@@ -106,7 +105,8 @@ def main():
   parser.add_argument('--shots', nargs='+', default=['1', '5', '10'])
   parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
   parser.add_argument('--variant', action='append', default=[],
-                      help='name:field=value,... (ExportConfig fields for the int8 file)')
+                      help='name:field=value,... (ExportConfig fields); default: the default')
+  parser.add_argument('--kinds', nargs='+', default=[export.FLOAT, export.INT8])
   parser.add_argument('--model-dir', type=Path,
                       default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
@@ -114,8 +114,7 @@ def main():
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('model', 'tensorflow', 'absl'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  variants = [export_variant(v) for v in args.variant] or [
-      ('int8 originals', {'calibration_views': 'originals'}), ('int8 views', {})]
+  variants = [export_variant(v) for v in args.variant] or [('default', {})]
   args.work.mkdir(parents=True, exist_ok=True)
   results = {}
   for name in args.datasets:
@@ -127,9 +126,10 @@ def main():
       count = ALL if shots == ALL else int(shots)
       seeds = range(args.seeds) if count != ALL and count <= 10 else range(1)
       results.setdefault(name, {})[shots] = [
-          one_subset(tasks, root, args.model_dir, args.work, count, seed, variants, test)
+          one_subset(tasks, root, args.model_dir, args.work, count, seed, variants,
+                     tuple(args.kinds), test)
           for seed in seeds]
-      write(results, [v for v, _ in variants])
+      write(results, [f'{v} {k}' for v, _ in variants for k in args.kinds])
   print((RESULTS / 'int8_calibration.md').read_text())
 
 

@@ -69,3 +69,10 @@ def test_zoom_outs_are_added_as_a_fraction_of_the_crops():
   assert config.views.per_image(160) == 3 and config.views.zoom_outs_per_image(160) == 0
   assert config.with_overrides({'views.zoom_out': 0.0}).views.zoom_outs_per_image(5) == 0
 
+
+
+def test_int8_calibration_takes_every_image_as_it_is_before_any_augmented_view():
+  from model.views import CachedViews
+  views = CachedViews([np.zeros((6, 1), np.float16)], np.zeros((6, 1), np.int32),
+                      np.zeros((6, 1, 4), np.float32), per_image=3)
+  assert views.originals_first().tolist() == [0, 3, 1, 4, 2, 5]

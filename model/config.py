@@ -503,12 +503,9 @@ class ExportConfig:
   # Candidates below this score never reach NMS (low, so evaluation sees the tail).
   nms_score_threshold: float = 0.01
   nms_iou_threshold: float = 0.5
-  # Box encodings (ty, tx, th, tw, scaled as SSDConfig.box_scale_factors) are
-  # clipped to +-this inside the graph, so int8 keeps their precision
-  # (`export.bounded_box_encodings`; why: benchmarks/results/choices.md).
-  box_encoding_bound: float = 10.0
   # A box conv's weights beyond this x their output channel's 99th percentile
-  # get a conv of their own (0: never), so int8 keeps the others' precision.
+  # get a conv of their own (0: never), so int8 keeps the others' precision
+  # (`export.split_box_head`; why: benchmarks/results/choices.md).
   box_weight_outlier_ratio: float = 4.0
   # Inputs that calibrate the int8 model: the project's training views, each
   # image as it is first, then its augmented views while there are fewer images
@@ -521,7 +518,5 @@ class ExportConfig:
   calibration_outlier_ratio: float = 3.0
 
   def __post_init__(self):
-    if not self.box_encoding_bound > 0:
-      raise ValueError(f'box_encoding_bound must be positive, not {self.box_encoding_bound}')
     if self.calibration_views not in ('all', 'originals'):
       raise ValueError(f'calibration_views must be all or originals, not {self.calibration_views!r}')

@@ -37,8 +37,7 @@ class ExportError(RuntimeError):
 
 
 def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig):
-  # The graph hands the op encodings divided by the bound (`bounded_box_encodings`).
-  y, x, h, w = (factor / config.box_encoding_bound for factor in model.config.box_scale_factors)
+  y, x, h, w = model.config.box_scale_factors
   signature = detection_generator._generate_detections_tflite_implements_signature({  # pylint: disable=protected-access
       'max_detections': config.max_detections,
       'max_classes_per_detection': 1,
@@ -70,8 +69,7 @@ def serving_function(model: ssd_lib.SSD, config: ExportConfig):
   size = model.config.input_size
   anchors = tf.constant(anchors_lib.generate_anchors_cycxhw(model.config))
   postprocess = _postprocess_fn(model, config)
-  box_encodings = bounded_box_encodings(model.box_head, config.box_encoding_bound,
-                                        config.box_weight_outlier_ratio)
+  box_encodings = split_box_head(model.box_head, config.box_weight_outlier_ratio)
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='image')])
   def serve(image):
@@ -81,22 +79,17 @@ def serving_function(model: ssd_lib.SSD, config: ExportConfig):
   return serve
 
 
-def bounded_box_encodings(box_head: ssd_lib.PredictionHead, bound: float, outlier_ratio: float):
-  """features -> the box head's encodings divided by `bound` and clipped to [-1, 1], each
-  conv split in two so that int8 keeps every weight's precision.
+def split_box_head(box_head: ssd_lib.PredictionHead, outlier_ratio: float):
+  """features -> the box head's encodings, each conv split in two so that int8
+  keeps every weight's precision.
 
-  int8 gives the six maps' encodings one scale (they are concatenated), set by
-  the widest: the restored head's lowest map puts out -80 on anchors far from
-  anything. The divide folds into the weights and the clip fuses as a
-  RELU_N1_TO_1, so the bound costs no op; only encodings no real box has
-  (beyond `bound`: a box 7x its anchor) change. Weights are int8 per output
-  channel, scaled by its largest: the restored lowest map gives two channels
-  one weight of 5.4 among weights under 0.8, which alone cost 0.07 mAP@0.5 on
-  the synthetic shapes at one image; `split_outlier_weights` moves such
-  weights to a second conv of their own, whose sum with the first is exact.
+  int8 weights are scaled per output channel by its largest: the restored
+  head's lowest map gives two channels one weight of 5.4 among weights under
+  0.8, which alone cost 0.07 mAP@0.5 on the synthetic shapes at one image.
+  `split_outlier_weights` moves such weights to a second conv of their own,
+  whose sum with the first is exact (benchmarks/results/choices.md).
   """
-  convs = [(split_outlier_weights(conv.kernel.numpy() / bound, outlier_ratio),
-            conv.bias.numpy() / bound)
+  convs = [(split_outlier_weights(conv.kernel.numpy(), outlier_ratio), conv.bias.numpy())
            for conv in box_head.convs]  # read here: a tf.function cannot
 
   def encode(features):
@@ -109,7 +102,6 @@ def bounded_box_encodings(box_head: ssd_lib.PredictionHead, bound: float, outlie
       out = parts[-1] + bias
       for part in parts[:-1]:
         out = part + out  # ADD (add_n has no int8 kernel)
-      out = tf.clip_by_value(out, -1.0, 1.0)
       outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, box_head.values_per_anchor]))
     return tf.concat(outputs, axis=1)
 

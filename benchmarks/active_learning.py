@@ -12,6 +12,7 @@ round adds:
 Every round is scored by COCO mAP@0.5 of its float .tflite on the test split.
 
   .venv/bin/python benchmarks/active_learning.py --datasets raccoon bccd --seeds 2
+  .venv/bin/python benchmarks/active_learning.py --datasets bccd --first-seed 1 --seeds 1
 
 Results: benchmarks/results/active_learning.{json,md,png}.
 """
@@ -154,6 +155,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd'])
   parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--first-seed', type=int, default=0,
+                      help='above 0: adds seeds from this one to those a data set has')
   parser.add_argument('--start', type=int, default=5)
   parser.add_argument('--step', type=int, default=5)
   parser.add_argument('--until', type=int, default=25)
@@ -168,7 +171,10 @@ def main():
     results = json.loads((RESULTS / 'active_learning.json').read_text())
   for name in args.datasets:
     dataset = Dataset(SHARED / name)
-    seeds = [one_seed(dataset, args, seed, args.work) for seed in range(args.seeds)]
+    seeds = [one_seed(dataset, args, seed, args.work)
+             for seed in range(args.first_seed, args.first_seed + args.seeds)]
+    if args.first_seed:
+      seeds = results['datasets'][name]['seeds'][:args.first_seed] + seeds
     sizes = list(range(args.start, args.until + 1, args.step))
     if sizes[-1] != args.until:
       sizes.append(args.until)

@@ -71,22 +71,39 @@ def dataset_folder(name: str, work: Path) -> Path:
   return SHARED / name
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-  """'name:stage.field=value,...' -> (name, TrainConfig overrides); values are JSON or words
+def parse_assignments(text: str) -> tuple[str, dict]:
+  """'name:key=value,...' -> (name, {key: value}); values are JSON or words
   (a list's commas stay inside it: 'views.zoom_out_scale=[0.25,0.9]')."""
   name, _, assignments = text.partition(':')
-  overrides = {}
+  values = {}
   for assignment in filter(None, re.split(r',(?![^\[]*\])', assignments)):
     key, value = assignment.split('=', 1)
     try:
-      overrides[key] = json.loads(value)
+      values[key] = json.loads(value)
     except ValueError:
-      overrides[key] = value  # a word: 'top', 'fresh', ...
+      values[key] = value  # a word: 'top', 'fresh', ...
+  return name, values
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+  """'name:stage.field=value,...' -> (name, TrainConfig overrides)."""
+  name, overrides = parse_assignments(text)
   try:
     TrainConfig().with_overrides(overrides)
   except ValueError as error:
     raise SystemExit(f'--variant {text!r}: {error}') from None
   return name, overrides
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> None:
+  """--datasets, --shots, --seeds, --model-dir, --work: which subsets, and where."""
+  parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
+                                                        'partial'])
+  parser.add_argument('--shots', nargs='+', default=shots)
+  parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
+  parser.add_argument('--model-dir', type=Path,
+                      default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
+  parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
 
 
 def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, overrides: dict,
@@ -150,15 +167,9 @@ def write(results: dict) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
-                                                        'partial'])
-  parser.add_argument('--shots', nargs='+', default=['1', '5', '10', ALL])
-  parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
+  add_dataset_arguments(parser, shots=['1', '5', '10', ALL])
   parser.add_argument('--variant', action='append', default=[],
                       help='name:key=value,... (TrainConfig overrides); default: "default"')
-  parser.add_argument('--model-dir', type=Path,
-                      default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
-  parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('model', 'tensorflow', 'absl'):

@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.generalization import ALL, dataset_folder  # noqa: E402
+from benchmarks.generalization import (  # noqa: E402
+    ALL, add_dataset_arguments, dataset_folder, parse_assignments)
 from model import export, pipeline, tasks as tasks_lib  # noqa: E402
 from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -37,15 +38,8 @@ RESULTS = REPO / 'benchmarks' / 'results'
 
 
 def export_variant(text: str) -> tuple[str, dict]:
-  """'name:field=value,...' -> (name, ExportConfig fields), parsed as generalization.py does."""
-  name, _, assignments = text.partition(':')
-  fields = {}
-  for assignment in filter(None, assignments.split(',')):
-    key, value = assignment.split('=', 1)
-    try:
-      fields[key] = json.loads(value)
-    except ValueError:
-      fields[key] = value
+  """'name:field=value,...' -> (name, ExportConfig fields)."""
+  name, fields = parse_assignments(text)
   try:
     dataclasses.replace(ExportConfig(), **fields)
   except (TypeError, ValueError) as error:
@@ -100,16 +94,10 @@ def write(results: dict, variants: list[str]) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
-                                                        'partial'])
-  parser.add_argument('--shots', nargs='+', default=['1', '5', '10'])
-  parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
+  add_dataset_arguments(parser, shots=['1', '5', '10'])
   parser.add_argument('--variant', action='append', default=[],
                       help='name:field=value,... (ExportConfig fields); default: the default')
   parser.add_argument('--kinds', nargs='+', default=[export.FLOAT, export.INT8])
-  parser.add_argument('--model-dir', type=Path,
-                      default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
-  parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
   for noisy in ('model', 'tensorflow', 'absl'):

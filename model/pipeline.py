@@ -11,8 +11,9 @@
   export_model       float32 and int8 .tflite with post-processing (`export`)
   publish            everything into a run folder, renamed into place (`run_folder`)
 
-`train_iteration` calls them in that order. Each stage's wall time goes to
-metrics.json (`wall_time_s`) and to the log.
+`train_iteration` calls them in that order: `fit` the first five (a trained
+model, for benchmarks that export it several ways), then the last three.
+Each stage's wall time goes to metrics.json (`wall_time_s`) and to the log.
 """
 
 from __future__ import annotations

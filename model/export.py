@@ -216,10 +216,11 @@ def check_tflite(data: bytes) -> None:
   or that the runtime we serve with (XNNPACK) cannot prepare."""
   from ai_edge_litert.interpreter import Interpreter
   try:
-    Interpreter(model_content=data).allocate_tensors()
+    interpreter = Interpreter(model_content=data)
+    interpreter.allocate_tensors()
   except (RuntimeError, ValueError) as error:
     raise ExportError(f'the file does not load in TFLite: {error}') from error
-  names = op_names(data)
+  names = [op['op_name'] for op in tflite_ops(interpreter)]
   if POSTPROCESS_OP not in names:
     raise ExportError(f'{POSTPROCESS_OP} is missing from the exported graph')
   variables = sorted({n for n in names if n in ('VAR_HANDLE', 'READ_VARIABLE', 'ASSIGN_VARIABLE')})

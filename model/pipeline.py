@@ -371,6 +371,15 @@ class Fitted:
   schedule: Schedule
   report: object
 
+  def all_choices(self) -> dict:
+    """Every choice made from the data, with its value (and why, where it is not a formula)."""
+    return {**self.choices,
+            'steps': {'value': self.schedule.steps, 'why': self.schedule.steps_why},
+            'class_learning_rate': {'value': self.schedule.class_learning_rate},
+            'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
+            'views_per_image': {'value': self.views.train.per_image,
+                                'zoom_outs': self.views.zoom_outs_per_image}}
+
 
 def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
         previous: Path | None = None, config: TrainConfig = TrainConfig(),
@@ -423,16 +432,15 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   clock = Stopwatch(on_stage)
   fitted = fit(tasks, images_root, model_dir, clock, previous=previous, config=config,
                max_images=max_images, progress=progress)
-  model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
+  model, training, views = fitted.model, fitted.training, fitted.views
   with clock.stage('evaluate'):
     evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous))
   with clock.stage('export'):
     files = export_model(model, views, training.labels, export_config, export_kinds)
-  record = Record(fitted.choices, fitted.columns, fitted.schedule, fitted.report, evaluation,
-                  history, samples, files)
+  record = Record(fitted, evaluation, history, samples, files)
   with clock.stage('publish'):
-    publish(out_dir, model, training, views, record, clock, previous=previous, config=config,
-            export_config=export_config, pending=export_later)
+    publish(out_dir, record, clock, previous=previous, export_config=export_config,
+            pending=export_later)
   log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
   if on_published is not None:
     on_published(RunPaths(out_dir))
@@ -449,32 +457,21 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
 class Record:
   """What the stages chose and produced, for the run folder."""
 
-  choices: dict
-  columns: list
-  schedule: Schedule
-  report: object
+  fitted: Fitted
   evaluation: dict
   history: list[dict]
   samples: list
   files: dict[str, bytes]
 
-  def all_choices(self, views: Views) -> dict:
-    """Every choice made from the data, with its value (and why, where it is not a formula)."""
-    return {**self.choices,
-            'steps': {'value': self.schedule.steps, 'why': self.schedule.steps_why},
-            'class_learning_rate': {'value': self.schedule.class_learning_rate},
-            'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
-            'views_per_image': {'value': views.train.per_image,
-                                'zoom_outs': views.zoom_outs_per_image}}
 
-
-def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: Record,
-            clock: Stopwatch, *, previous: Path | None, config: TrainConfig,
+def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path | None,
             export_config: ExportConfig, pending: tuple[str, ...] = ()) -> None:
   """Writes the run folder into a staging folder and renames it into place."""
   from model import base_weights, compression, ssd as ssd_lib
   from model.report import write_report
-  columns, schedule, report, files = record.columns, record.schedule, record.report, record.files
+  fitted, files = record.fitted, record.files
+  model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
+  columns, schedule, report = fitted.columns, fitted.schedule, fitted.report
   with run_folder.published_folder(out_dir) as staging:
     staged = RunPaths(staging)
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
@@ -505,7 +502,7 @@ def publish(out_dir: Path, model, training: TrainingSet, views: Views, record: R
             # zeros over the extractor's (depthwise) conv kernels, all of them
             'extractor_sparsity': round(compression.kernel_sparsity(model.feature_extractor), 4)},
         'tflite_metadata': bool(files) and _has_metadata(),
-        'choices': record.all_choices(views),
+        'choices': fitted.all_choices(),
         'evaluation': record.evaluation,
         'history': record.history,
         'task_stats': dataclasses.asdict(training.stats),

@@ -3,11 +3,12 @@
 For each subset of 10 training images: iteration A trains on its first 5
 from the base; then, on all 10, a fresh iteration (from the base) runs side
 by side with warm starts from A (which knows every label already) under
-each `--variant` of the step budget. Whole iterations (both .tflite files
-exported), timed; mAP@0.5 of the float .tflite on the test split.
+each `--variant` (TrainConfig overrides), each from its own copy of A.
+Whole iterations (both .tflite files exported), timed, with their stage
+times; mAP@0.5 of the float .tflite on the test split.
 
   .venv/bin/python benchmarks/warm_start.py --datasets raccoon bccd --seeds 2 \\
-      --variant 'warm:' --variant 'warm, half the steps:budget.warm_fraction=0.5'
+      --variant 'warm, views made afresh:views.carry_over=false' --variant 'warm:'
 
 Results: benchmarks/results/warm_start.{json,md}.
 """
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -43,15 +45,22 @@ def iteration(dataset: Dataset, labeled: set, previous, overrides: dict, seed: i
   seconds = time.monotonic() - started
   metrics = json.loads(run.metrics.read_text())
   return run, {'map50': round(evaluate_run(run.root, *dataset.test, 'float')['map50'], 4),
-               'seconds': round(seconds, 1), 'steps': metrics['steps']}
+               'seconds': round(seconds, 1), 'steps': metrics['steps'],
+               'stages': {k.removesuffix('_s'): v for k, v in metrics['wall_time_s'].items()
+                          if k in STAGES}}
+
+
+STAGES = ('make_views_s', 'train_s', 'export_s')
 
 
 def one_subset(dataset: Dataset, variants, seed: int, work: Path) -> dict:
   ten = random.Random(seed).sample(dataset.pool, 10)
   first, _ = iteration(dataset, set(ten[:5]), None, {}, seed, work)
   rows = {'fresh': iteration(dataset, set(ten), None, {}, seed, work)[1]}
-  for name, overrides in variants:
-    rows[name] = iteration(dataset, set(ten), first.root, overrides, seed, work)[1]
+  for name, overrides in variants:  # each from its own copy: the next run takes A's views
+    previous = Path(tempfile.mkdtemp(dir=work)) / 'previous'
+    shutil.copytree(first.root, previous)
+    rows[name] = iteration(dataset, set(ten), previous, overrides, seed, work)[1]
   log.info('seed %d: %s', seed, rows)
   return rows
 
@@ -85,14 +94,17 @@ def write(results: dict) -> None:
   lines = ['# Warm starts: 10 images from the base vs from an iteration on 5 of them', '',
            f'{os.cpu_count()} cores; whole iterations, both .tflite files. Mean over subsets; '
            'mAP@0.5 of the float .tflite on the test split. `benchmarks/warm_start.py` writes this.',
-           '', '| data set | start | subsets | steps | mAP@0.5 | seconds | time vs fresh |',
-           '|---|---|---|---|---|---|---|']
+           '', '| data set | start | subsets | steps | mAP@0.5 | seconds | time vs fresh | '
+           'views s | train s | export s |', '|---|---|---|---|---|---|---|---|---|---|']
   for name, subsets in results['datasets'].items():
     fresh = statistics.mean(s['fresh']['seconds'] for s in subsets)
     for start in subsets[0]:
       mean = {k: statistics.mean(s[start][k] for s in subsets) for k in ('map50', 'seconds', 'steps')}
+      stages = [statistics.mean(s[start].get('stages', {}).get(k.removesuffix('_s'), 0)
+                                for s in subsets) for k in STAGES]
       lines.append(f'| {name} | {start} | {len(subsets)} | {mean["steps"]:.0f} | '
-                   f'{mean["map50"]:.3f} | {mean["seconds"]:.0f} | {mean["seconds"] / fresh:.2f} |')
+                   f'{mean["map50"]:.3f} | {mean["seconds"]:.0f} | {mean["seconds"] / fresh:.2f} | '
+                   + ' | '.join(f'{v:.1f}' for v in stages) + ' |')
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / 'warm_start.json').write_text(json.dumps(results, indent=1) + '\n')
   (RESULTS / 'warm_start.md').write_text('\n'.join(lines) + '\n')

@@ -295,12 +295,17 @@ class ViewsConfig:
   handful of images, few for many), then zoom-outs (the image shrunk onto a
   canvas by a factor drawn from `zoom_out_scale`) as a fraction `zoom_out` of
   the crops (0 turns them off).
+
+  With `carry_over`, a run folder keeps its views (when there are at most
+  `max_cached`, ~0.3 MB each) and the next iteration reuses those of the
+  images it keeps unchanged instead of augmenting them again.
   """
 
   zoom_out: float = 0.5
   zoom_out_scale: tuple[float, float] = (0.4, 0.9)
   max_per_image: int = 16
   max_cached: int = 480
+  carry_over: bool = True
 
   def __post_init__(self):
     if not 0.0 <= self.zoom_out <= 1.0:

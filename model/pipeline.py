@@ -204,6 +204,8 @@ class Views:
     split: how the extractor is cut into a cached frozen part and what trains.
     train_inputs: model inputs of the training views (int8 calibration).
     train, validation: the cached views (validation: originals only, or None).
+    signature, fingerprints: the settings the views were made under and each
+      training image's name (`views.StoredViews`, for the next iteration).
   """
 
   split: object
@@ -211,14 +213,39 @@ class Views:
   train: object
   validation: object | None
   zoom_outs_per_image: int = 0
+  signature: str = ''
+  fingerprints: list[str] = dataclasses.field(default_factory=list)
+
+  def cached_peaks(self, indices: np.ndarray) -> np.ndarray | None:
+    """Peaks of the extractor's unbounded activations on these training views, where
+    caching measured every one of them (none trains), else None."""
+    from model.export import unbounded_outputs
+    if self.train.peaks is None or (self.split.trainable is not None
+                                    and unbounded_outputs(self.split.trainable)):
+      return None
+    return self.train.peaks[indices]
+
+  def stored(self, labels: list[str], max_views: int):
+    """The training views as a run folder keeps them, or None when there are more than `max_views`."""
+    from model.views import StoredViews, to_pixels
+    if len(self.train) > max_views:
+      return None
+    zoom_outs = self.zoom_outs_per_image
+    return StoredViews(self.signature, labels, self.train.per_image - zoom_outs, zoom_outs,
+                       self.fingerprints, to_pixels(self.train_inputs),
+                       self.train.class_targets, self.train.box_targets)
 
 
-def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
-  """Augments each training image, assigns anchor targets, caches the frozen part."""
-  from model import anchors as anchors_lib
+def make_views(model, training: TrainingSet, config: TrainConfig,
+               previous: Path | None = None) -> Views:
+  """Augments each training image, assigns anchor targets, caches the frozen part.
+
+  Images whose views the previous iteration kept (`ViewsConfig.carry_over`)
+  take them from there.
+  """
+  from model import anchors as anchors_lib, views as views_lib
   from model.targets import TargetAssigner
   from model.train import ExtractorSplit
-  from model.views import make_cached_views
   assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
                             model.config.box_scale_factors, config.matching.positive_iou,
                             config.matching.negative_iou,
@@ -228,18 +255,26 @@ def make_views(model, training: TrainingSet, config: TrainConfig) -> Views:
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   views_each = config.views.per_image(len(training.fit))
   zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
+  signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale)
+  fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
+  reuse = None
+  if config.views.carry_over and previous is not None:
+    reuse = views_lib.StoredViews.load(RunPaths(previous).views)
+    reuse = reuse if reuse is not None and reuse.signature == signature else None
 
-  def cached(indices, each, zoom):
-    return make_cached_views(*training.part(indices), label_ids, assigner, split.frozen,
-                             views_each=each, zoom_outs=zoom, input_size=config.input.size,
-                             zoom_out_scale=tuple(config.views.zoom_out_scale))
+  def cached(indices, each, zoom, **stored):
+    return views_lib.make_cached_views(
+        *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
+        zoom_outs=zoom, input_size=config.input.size,
+        zoom_out_scale=tuple(config.views.zoom_out_scale), **stored)
 
-  train_inputs, train = cached(training.fit, views_each, zoom_outs)
+  train_inputs, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
+                               fingerprints=fingerprints)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
   log.info('Cached %s of %d views (%d per image, %d of them zoomed out)',
            'feature maps' if split.trainable is None else 'frozen-part outputs', len(train),
            views_each + zoom_outs, zoom_outs)
-  return Views(split, train_inputs, train, validation, zoom_outs)
+  return Views(split, train_inputs, train, validation, zoom_outs, signature, fingerprints)
 
 
 def start_class_head(model, labels: list[str], sources: Sources, views: Views,
@@ -346,8 +381,10 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
     count = export_config.calibration_images
     order = (views.train.originals_first() if export_config.calibration_views == 'all'
              else np.arange(len(views.train))[views.train.originals])
-    calibration = export.calibration_inputs(model, views.train_inputs[order[:2 * count]], count,
-                                            export_config.calibration_outlier_ratio)
+    candidates = order[:2 * count]
+    calibration = export.calibration_inputs(model, views.train_inputs[candidates], count,
+                                            export_config.calibration_outlier_ratio,
+                                            views.cached_peaks(candidates))
   files = {}
   for kind in kinds:
     data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,
@@ -395,7 +432,7 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     sources = load_sources(model_dir, config, previous)
     model = build_model(training.labels, sources, config)
   with clock.stage('make_views'):
-    views = make_views(model, training, config)
+    views = make_views(model, training, config, previous)
   with clock.stage('start_class_head'):
     columns = start_class_head(model, training.labels, sources, views, config)
   schedule = plan_schedule(len(training.fit), columns, config)
@@ -442,6 +479,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     publish(out_dir, record, clock, previous=previous, export_config=export_config,
             pending=export_later)
   log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
+  if previous is not None:  # its views moved on to this iteration: keep one copy per chain
+    RunPaths(previous).views.unlink(missing_ok=True)
   if on_published is not None:
     on_published(RunPaths(out_dir))
   if export_later:
@@ -476,13 +515,17 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
     staged = RunPaths(staging)
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
     run_folder.write_labels_file(staged.labels, training.labels)
+    stored = config.views.carry_over and views.stored(training.labels, config.views.max_cached)
+    if stored:
+      stored.save(staged.views)
     for kind, data in files.items():
       staged.tflite(kind).write_bytes(data)
     names = {staged.tflite(kind).name: data for kind, data in files.items()}
     run_folder.write_json(staged.metrics, {
         'labels': training.labels,
         'images': {'train': len(training.fit), 'validation': len(training.validation),
-                   'views': len(views.train), 'zoom_outs': views.zoom_outs_per_image * len(training.fit)},
+                   'views': len(views.train), 'zoom_outs': views.zoom_outs_per_image * len(training.fit),
+                   'reused_views': views.train.reused},
         'steps': report.steps, 'planned_steps': report.planned_steps,
         'best_step': report.best_step, 'stopped_early': report.stopped_early,
         'loss_per_step': [round(v, 5) for v in report.losses],

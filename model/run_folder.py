@@ -7,6 +7,8 @@
   report.png          loss curve, mAP per iteration, a few detections
   run.json            labels, input size, anchors, where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
+  views.npz           the training views, for the next iteration (`model.views`);
+                      only the newest iteration of a chain keeps them
 
 Folders (runs, the converted base) are written into a staging folder
 `.<name>.<random>` beside their target and renamed into place by
@@ -35,6 +37,7 @@ METRICS_FILE = 'metrics.json'
 REPORT_FILE = 'report.png'
 RUN_INFO_FILE = 'run.json'
 CHECKPOINT_PREFIX = 'ckpt'
+VIEWS_FILE = 'views.npz'
 # Names the .tflite files a published run has yet to get (`add_file`) and the process
 # writing them; gone when none are left.
 PENDING_FILE = 'pending.json'
@@ -74,6 +77,10 @@ class RunPaths:
   @property
   def run_info(self) -> Path:
     return self.root / RUN_INFO_FILE
+
+  @property
+  def views(self) -> Path:
+    return self.root / VIEWS_FILE
 
   def tflite(self, kind: str) -> Path:
     """The .tflite of `kind` (FLOAT or INT8)."""

@@ -36,6 +36,7 @@ class TargetAssigner:
                negative_iou=0.4, adaptive_top_k=0, adaptive_views='all'):
     self.anchors = tf.constant(anchors_yxyx, tf.float32)
     self.positive_iou = positive_iou
+    self.negative_iou = negative_iou
     self.adaptive_top_k = adaptive_top_k
     self.adaptive_views = adaptive_views
     self.scale_factors = list(scale_factors)
@@ -45,6 +46,11 @@ class TargetAssigner:
         indicators=[_NEGATIVE, _IGNORED, _POSITIVE],
         force_match_for_each_col=True)
     self.gather = target_gather.TargetGather()
+
+  def settings(self) -> tuple:
+    """Everything but the anchors that decides the targets."""
+    return (self.positive_iou, self.negative_iou, self.adaptive_top_k, self.adaptive_views,
+            tuple(self.scale_factors))
 
   def assign(self, boxes: np.ndarray, class_ids: np.ndarray,
              zoomed_out: bool = False) -> tuple[np.ndarray, np.ndarray]:

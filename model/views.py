@@ -5,11 +5,19 @@ Each training image becomes several views (`augment.make_views`); each view's
 boxes become anchor targets (`targets.TargetAssigner`); each view goes once
 through the frozen part of the extractor and is kept as float16. Training then
 runs only what trains, on that cache (`model.train`).
+
+Making views is the slow part (augmentation, targets), and the next iteration
+mostly sees the same images: `StoredViews` keeps an iteration's views in its run
+folder, and the next one reuses those of every image whose pixels, boxes and
+labels are unchanged (`fingerprint`), made under the same settings (`signature`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +26,8 @@ from PIL import Image
 from model import augment
 from model.targets import TargetAssigner
 from model.tasks import Example
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -31,12 +41,17 @@ class CachedViews:
     box_targets: float32 [V, N, 4] encoded boxes (zeros off positives).
     per_image: views per image; the views of image i are
       [i * per_image, (i + 1) * per_image), the first of them the image as it is.
+    reused: images whose views came from an earlier iteration (`StoredViews`).
+    peaks: [V, T] `export.peaks_of` the unbounded activations inside the frozen
+      part, measured while caching (int8 calibration leaves out outliers by them).
   """
 
   features: list[np.ndarray]
   class_targets: np.ndarray
   box_targets: np.ndarray
   per_image: int = 1
+  reused: int = 0
+  peaks: np.ndarray | None = None
 
   def __len__(self):
     return len(self.class_targets)
@@ -51,28 +66,122 @@ class CachedViews:
     return np.argsort(np.arange(len(self)) % self.per_image, kind='stable')
 
 
-def cache_features(frozen, inputs: np.ndarray, batch_size: int = 16) -> list[np.ndarray]:
-  """Runs a frozen model over inputs [V, S, S, 3]; returns its outputs as float16 arrays.
+def cache_features(frozen, inputs: np.ndarray, batch_size: int = 16
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
+  """Runs a frozen model over inputs [V, S, S, 3].
 
-  float16 halves the cache (about 0.7 MB per view for the six maps at
-  300x300); training runs in float32 on it.
+  Returns:
+    (its outputs as float16 arrays, [V, T] peaks of its T unbounded activations).
+    float16 halves the cache (about 0.7 MB per view for the six maps at
+    300x300); training runs in float32 on it.
   """
+  import tf_keras
+  from model.export import peaks_of, unbounded_outputs
   size = inputs.shape[1]
+  unbounded = unbounded_outputs(frozen)
+  probe = tf_keras.Model(frozen.input, [*frozen.outputs, *unbounded])
+
+  def extract(x):
+    outputs = tf.nest.flatten(probe(x, training=False))
+    maps, inner = outputs[:len(frozen.outputs)], outputs[len(frozen.outputs):]
+    return maps, peaks_of(inner) if inner else tf.zeros([tf.shape(x)[0], 0])
   # Traced once: about 8 ms per view at 2 threads, five times faster than eager.
-  extract = tf.function(lambda x: tf.nest.flatten(frozen(x, training=False)),
-                        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-  chunks = [[] for _ in frozen.outputs]
+  extract = tf.function(extract, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+  chunks, peaks = [[] for _ in frozen.outputs], []
   for start in range(0, len(inputs), batch_size):
-    maps = extract(tf.constant(inputs[start:start + batch_size], tf.float32))
+    maps, inner = extract(tf.constant(inputs[start:start + batch_size], tf.float32))
     for store, fmap in zip(chunks, maps):
       store.append(fmap.numpy().astype(np.float16))
-  return [np.concatenate(store) for store in chunks]
+    peaks.append(inner.numpy())
+  return [np.concatenate(store) for store in chunks], np.concatenate(peaks)
+
+
+def fingerprint(example: Example, image: Image.Image) -> str:
+  """Names an image with its boxes and labels: its views hold while this does."""
+  pixels = np.asarray(image, np.uint8)
+  digest = hashlib.sha256(repr(pixels.shape).encode())
+  digest.update(pixels.tobytes())
+  digest.update(np.asarray(example.boxes, np.float32).tobytes())
+  digest.update('\n'.join(example.labels).encode())
+  return digest.hexdigest()
+
+
+def signature(assigner: TargetAssigner, input_size: int,
+              zoom_out_scale: tuple[float, float]) -> str:
+  """Names the settings views are made under: input size, anchors, matching, zoom-outs."""
+  digest = hashlib.sha256(np.asarray(assigner.anchors, np.float32).tobytes())
+  digest.update(repr((input_size, tuple(zoom_out_scale), assigner.settings())).encode())
+  return digest.hexdigest()
+
+
+def to_pixels(inputs: np.ndarray) -> np.ndarray:
+  """Model inputs in [-1, 1] back to the uint8 pixels they were made from (exactly)."""
+  return np.rint((inputs + 1.0) * 127.5).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class StoredViews:
+  """An iteration's views as its run folder keeps them (`views.npz`): per image, its
+  views' pixels and anchor targets, found by the image's `fingerprint`.
+
+  Attributes:
+    signature: the settings they were made under (`signature`).
+    labels: class id - 1 -> label, for the class targets.
+    views_each, zoom_outs: views per image: `views_each` first, then the zoom-outs.
+    fingerprints: one per image, in view order.
+    pixels: uint8 [V, S, S, 3]; class_targets, box_targets: as in `CachedViews`.
+  """
+
+  signature: str
+  labels: list[str]
+  views_each: int
+  zoom_outs: int
+  fingerprints: list[str]
+  pixels: np.ndarray
+  class_targets: np.ndarray
+  box_targets: np.ndarray
+
+  def save(self, path: Path) -> None:
+    with open(path, 'wb') as file:  # uncompressed: pixels hardly compress, and fast matters
+      np.savez(file, signature=self.signature, labels=np.array(self.labels, str),
+               views_each=self.views_each, zoom_outs=self.zoom_outs,
+               fingerprints=np.array(self.fingerprints, str), pixels=self.pixels,
+               class_targets=self.class_targets, box_targets=self.box_targets)
+
+  @classmethod
+  def load(cls, path: Path) -> 'StoredViews | None':
+    """The views at `path`, or None where there are none or they cannot be read."""
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        return cls(str(data['signature']), data['labels'].tolist(), int(data['views_each']),
+                   int(data['zoom_outs']), data['fingerprints'].tolist(), data['pixels'],
+                   data['class_targets'], data['box_targets'])
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError, KeyError) as error:
+      log.warning('Ignoring the stored views at %s: %s', path, error)
+      return None
+
+  def find(self, key: str, label_ids: dict[str, int], views_each: int, zoom_outs: int):
+    """(model inputs, class targets, box targets) of image `key`'s first `views_each`
+    views and first `zoom_outs` zoom-outs, class ids as in `label_ids`; or None."""
+    if key not in self.fingerprints or views_each > self.views_each or zoom_outs > self.zoom_outs:
+      return None
+    first = self.fingerprints.index(key) * (self.views_each + self.zoom_outs)
+    rows = [*range(first, first + views_each),
+            *range(first + self.views_each, first + self.views_each + zoom_outs)]
+    # old id -> new id; -1 (ignored anchors) maps to itself through the last entry. A
+    # label gone from the project is in no unchanged image, so its 0 is never used.
+    new_ids = np.array([0, *(label_ids.get(label, 0) for label in self.labels), -1], np.int32)
+    return (self.pixels[rows].astype(np.float32) / 127.5 - 1.0,
+            new_ids[self.class_targets[rows]], self.box_targets[rows])
 
 
 def make_cached_views(examples: list[Example], images: list[Image.Image],
                       label_ids: dict[str, int], assigner: TargetAssigner, frozen, *,
                       views_each: int, zoom_outs: int, input_size: int,
-                      zoom_out_scale: tuple[float, float]
+                      zoom_out_scale: tuple[float, float],
+                      reuse: StoredViews | None = None, fingerprints: list[str] | None = None,
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
 
@@ -81,21 +190,36 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     label_ids: label -> class id (1-based).
     frozen: the model whose outputs are cached (`ExtractorSplit.frozen`).
     views_each, zoom_outs, zoom_out_scale: per image (`augment.make_views`).
+    reuse, fingerprints: an earlier iteration's views (made under the same
+      settings) and each image's `fingerprint`: images found there are not
+      augmented again.
 
   Returns:
     (model inputs float32 [V, S, S, 3] in [-1, 1], the cached views).
   """
   inputs, class_targets, box_targets = [], [], []
   augmenter = augment.Augmenter()
-  for example, image in zip(examples, images):
+  reused = 0
+  for index, (example, image) in enumerate(zip(examples, images)):
+    found = reuse and fingerprints and reuse.find(fingerprints[index], label_ids, views_each,
+                                                  zoom_outs)
+    if found:
+      reused += 1
+      inputs.extend(found[0])
+      class_targets.extend(found[1])
+      box_targets.extend(found[2])
+      continue
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     views = augment.make_views(image, example.boxes, ids, views_each, input_size, zoom_outs,
                                zoom_out_scale, augmenter=augmenter)
-    for index, (x, boxes, view_ids) in enumerate(views):
-      cls, box = assigner.assign(boxes, view_ids, zoomed_out=index >= views_each)
+    for number, (x, boxes, view_ids) in enumerate(views):
+      cls, box = assigner.assign(boxes, view_ids, zoomed_out=number >= views_each)
       inputs.append(x)
       class_targets.append(cls)
       box_targets.append(box)
+  if reused:
+    log.info('Reused the earlier iteration\'s views of %d of %d images', reused, len(examples))
   inputs = np.stack(inputs)
-  return inputs, CachedViews(cache_features(frozen, inputs), np.stack(class_targets),
-                             np.stack(box_targets), per_image=views_each + zoom_outs)
+  features, peaks = cache_features(frozen, inputs)
+  return inputs, CachedViews(features, np.stack(class_targets), np.stack(box_targets),
+                             per_image=views_each + zoom_outs, reused=reused, peaks=peaks)

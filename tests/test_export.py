@@ -102,3 +102,21 @@ def test_int8_box_encodings_keep_their_precision_beside_an_outlying_weight():
   errors = {ratio: np.abs(_int8_box_encodings(head, features, ratio) - exact)[..., 2:].mean()
             for ratio in (0.0, 4.0)}
   assert errors[4.0] < 0.3 * errors[0.0], errors
+
+
+def test_caching_the_frozen_part_measures_the_peaks_calibration_would(base_model):
+  """With the top training, every unbounded activation lies in the cached trunk: the peaks
+  caching measured are those int8 calibration measures on the whole extractor."""
+  import tf_keras
+  from model.train import ExtractorSplit
+  from model.views import cache_features
+  from tests.synthetic import textured_background
+  extractor = base_model[0].feature_extractor
+  split = ExtractorSplit.for_training(extractor, 'top')
+  assert not export.unbounded_outputs(split.trainable)
+  inputs = np.stack([textured_background(300, 300, seed=i).astype(np.float32) / 127.5 - 1.0
+                     for i in range(3)])
+  _, peaks = cache_features(split.frozen, inputs, batch_size=2)
+  probe = tf_keras.Model(extractor.input, export.unbounded_outputs(extractor))
+  np.testing.assert_allclose(peaks, export.peaks_of(probe(inputs)).numpy(), rtol=1e-5)
+  assert peaks.shape == (3, len(export.unbounded_outputs(extractor))) and peaks.shape[1] > 20

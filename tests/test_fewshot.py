@@ -229,6 +229,10 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
                                      previous=first.root, config=config, export_kinds=())
   metrics = json.loads(second.metrics.read_text())
   assert (metrics['images']['train'], metrics['images']['validation']) == (18, 2)
+  # Same images, same boxes: the second iteration took every view the first kept,
+  # and only the newest iteration keeps them.
+  assert metrics['images']['reused_views'] == 18
+  assert second.views.is_file() and not first.views.exists()
   held_out = metrics['evaluation']['validation']
   assert 0.5 <= held_out['map50'] <= 1.0 and set(held_out['per_class']) == {'disc'}
   first_map = json.loads(first.metrics.read_text())['evaluation']['validation']['map50']

@@ -1,0 +1,99 @@
+"""Training views carry over to the next iteration for the images it keeps unchanged."""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from PIL import Image
+
+from model import views as views_lib
+from model.images import to_model_input
+from model.targets import TargetAssigner
+
+SIZE = 64
+
+
+def grid_anchors(cells: int = 4) -> np.ndarray:
+  step = 1.0 / cells
+  return np.array([[y * step, x * step, (y + 1) * step, (x + 1) * step]
+                   for y in range(cells) for x in range(cells)], np.float32)
+
+
+def tiny_frozen():
+  """Stands in for the extractor's frozen part: 64x64 inputs -> an 8x8 map."""
+  images = tf_keras.Input((SIZE, SIZE, 3))
+  return tf_keras.Model(images, [tf_keras.layers.AveragePooling2D(8)(images)])
+
+
+def made_images():
+  """Two 80x60 images with a box each, and their examples."""
+  from model.tasks import Example
+  rng = np.random.default_rng(0)
+  images, examples = [], []
+  for index, label in enumerate(('cat', 'dog')):
+    pixels = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    images.append(Image.fromarray(pixels))
+    examples.append(Example(task_id=index, image=f'{index}.png', split='train',
+                            boxes=np.array([[0.1, 0.2, 0.6, 0.7]], np.float32), labels=[label],
+                            labeled=True))
+  return examples, images
+
+
+def make(examples, images, label_ids, views_each=4, zoom_outs=2, **reuse):
+  tf.random.set_seed(1)
+  assigner = TargetAssigner(grid_anchors(), (10.0, 10.0, 5.0, 5.0))
+  return views_lib.make_cached_views(examples, images, label_ids, assigner, tiny_frozen(),
+                                     views_each=views_each, zoom_outs=zoom_outs,
+                                     input_size=SIZE, zoom_out_scale=(0.4, 0.9), **reuse)
+
+
+def stored_from(examples, images, labels, tmp_path):
+  """A first iteration's views, saved and read back as the next iteration finds them."""
+  inputs, cached = make(examples, images, {label: i + 1 for i, label in enumerate(labels)})
+  views_lib.StoredViews(
+      'same settings', labels, 4, 2, [views_lib.fingerprint(*p) for p in zip(examples, images)],
+      views_lib.to_pixels(inputs), cached.class_targets, cached.box_targets,
+  ).save(tmp_path / 'views.npz')
+  return inputs, cached, views_lib.StoredViews.load(tmp_path / 'views.npz')
+
+
+def test_model_inputs_go_back_to_their_pixels_exactly():
+  pixels = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+  inputs = to_model_input(Image.fromarray(pixels), SIZE)
+  np.testing.assert_array_equal(views_lib.to_pixels(inputs), pixels)
+
+
+def test_unchanged_images_take_their_stored_views_with_class_ids_renumbered(tmp_path):
+  examples, images = made_images()
+  inputs, cached, stored = stored_from(examples, images, ['cat', 'dog'], tmp_path)
+  assert stored.signature == 'same settings' and stored.pixels.dtype == np.uint8
+  # The next iteration numbers the labels the other way round and wants fewer views.
+  fingerprints = [views_lib.fingerprint(*p) for p in zip(examples, images)]
+  again, reused = make(examples, images, {'dog': 1, 'cat': 2}, views_each=3, zoom_outs=1,
+                       reuse=stored, fingerprints=fingerprints)
+  assert reused.reused == 2 and reused.per_image == 4 and len(reused) == 8
+  rows = [0, 1, 2, 4, 6, 7, 8, 10]  # per image: its first 3 views, then its first zoom-out
+  np.testing.assert_allclose(again, inputs[rows], atol=1e-6)
+  np.testing.assert_array_equal(reused.box_targets, cached.box_targets[rows])
+  swapped = np.array([0, 2, 1, -1])[cached.class_targets[rows]]
+  np.testing.assert_array_equal(reused.class_targets, swapped)
+  assert set(np.unique(reused.class_targets[:4])) >= {2} and 1 not in reused.class_targets[:4]
+
+
+def test_a_moved_box_or_more_views_than_stored_makes_views_afresh(tmp_path):
+  examples, images = made_images()
+  _, _, stored = stored_from(examples, images, ['cat', 'dog'], tmp_path)
+  ids = {'cat': 1, 'dog': 2}
+  examples[1] = dataclasses.replace(examples[1], boxes=np.array([[0.3, 0.2, 0.9, 0.7]], np.float32))
+  fingerprints = [views_lib.fingerprint(*p) for p in zip(examples, images)]
+  assert make(examples, images, ids, reuse=stored, fingerprints=fingerprints)[1].reused == 1
+  assert make(examples, images, ids, views_each=5, reuse=stored,
+              fingerprints=fingerprints)[1].reused == 0
+
+
+def test_a_missing_or_damaged_views_file_is_no_views(tmp_path, caplog):
+  assert views_lib.StoredViews.load(tmp_path / 'views.npz') is None
+  (tmp_path / 'views.npz').write_bytes(b'not a zip')
+  assert views_lib.StoredViews.load(tmp_path / 'views.npz') is None
+  assert 'Ignoring the stored views' in caplog.text

@@ -19,7 +19,7 @@ from official.vision.ops import box_ops, preprocess_ops
 from PIL import Image
 
 from model.config import ViewsConfig
-from model.images import to_model_input
+from model.images import resize_for_model
 
 
 _PIXELS = tf.TensorSpec([None, None, 3], tf.uint8)
@@ -71,7 +71,8 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     augmenter: the run's traced ops (a new one when None).
 
   Returns:
-    (model input float32 [S, S, 3] in [-1, 1], boxes [K', 4], class ids [K']) per view.
+    (uint8 pixels [S, S, 3] as the model sees them (`images.pixels_to_input`),
+    boxes [K', 4], class ids [K']) per view.
     Randomness comes from TensorFlow's global seed (set once per training).
   """
   augmenter = augmenter or Augmenter()
@@ -79,7 +80,7 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
   class_ids = np.asarray(class_ids, np.int32).reshape(-1)
   pixels = tf.constant(np.asarray(image, np.uint8))
   ids = tf.constant(class_ids)
-  views = [(to_model_input(image, input_size), boxes, class_ids)]
+  views = [(resize_for_model(image, input_size), boxes, class_ids)]
   if count > 1:
     views.append(_view(tf.image.flip_left_right(pixels),
                        box_ops.horizontal_flip_boxes(boxes), class_ids, input_size))
@@ -108,6 +109,6 @@ def _shrink_onto_canvas(pixels, boxes, scale_range):
 
 def _view(pixels, boxes, class_ids, input_size):
   image = Image.fromarray(np.asarray(pixels, np.uint8))
-  return (to_model_input(image, input_size),
+  return (resize_for_model(image, input_size),
           np.asarray(boxes, np.float32).reshape(-1, 4),
           np.asarray(class_ids, np.int32).reshape(-1))

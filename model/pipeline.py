@@ -202,14 +202,14 @@ class Views:
 
   Attributes:
     split: how the extractor is cut into a cached frozen part and what trains.
-    train_inputs: model inputs of the training views (int8 calibration).
+    train_pixels: uint8 pixels of the training views (int8 calibration, the next iteration).
     train, validation: the cached views (validation: originals only, or None).
     signature, fingerprints: the settings the views were made under and each
       training image's name (`views.StoredViews`, for the next iteration).
   """
 
   split: object
-  train_inputs: np.ndarray
+  train_pixels: np.ndarray
   train: object
   validation: object | None
   zoom_outs_per_image: int = 0
@@ -227,12 +227,12 @@ class Views:
 
   def stored(self, labels: list[str], max_views: int):
     """The training views as a run folder keeps them, or None when there are more than `max_views`."""
-    from model.views import StoredViews, to_pixels
+    from model.views import StoredViews
     if len(self.train) > max_views:
       return None
     zoom_outs = self.zoom_outs_per_image
     return StoredViews(self.signature, labels, self.train.per_image - zoom_outs, zoom_outs,
-                       self.fingerprints, to_pixels(self.train_inputs),
+                       self.fingerprints, self.train_pixels,
                        self.train.class_targets, self.train.box_targets)
 
 
@@ -268,13 +268,13 @@ def make_views(model, training: TrainingSet, config: TrainConfig,
         zoom_outs=zoom, input_size=config.input.size,
         zoom_out_scale=tuple(config.views.zoom_out_scale), **stored)
 
-  train_inputs, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
+  train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
   log.info('Cached %s of %d views (%d per image, %d of them zoomed out)',
            'feature maps' if split.trainable is None else 'frozen-part outputs', len(train),
            views_each + zoom_outs, zoom_outs)
-  return Views(split, train_inputs, train, validation, zoom_outs, signature, fingerprints)
+  return Views(split, train_pixels, train, validation, zoom_outs, signature, fingerprints)
 
 
 def start_class_head(model, labels: list[str], sources: Sources, views: Views,
@@ -367,6 +367,7 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
                  kinds: tuple[str, ...]) -> dict[str, bytes]:
   """The .tflite files (kind -> bytes), with TFLite metadata where MediaPipe's writer is set up."""
   from model import export, ssd as ssd_lib
+  from model.images import pixels_to_input
   metadata_python = export.metadata_python()
   if kinds and metadata_python is None:
     log.warning('No .venv-mediapipe: the .tflite files get no TFLite metadata, which '
@@ -382,9 +383,9 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
     order = (views.train.originals_first() if export_config.calibration_views == 'all'
              else np.arange(len(views.train))[views.train.originals])
     candidates = order[:2 * count]
-    calibration = export.calibration_inputs(model, views.train_inputs[candidates], count,
-                                            export_config.calibration_outlier_ratio,
-                                            views.cached_peaks(candidates))
+    calibration = export.calibration_inputs(
+        model, pixels_to_input(views.train_pixels[candidates]), count,
+        export_config.calibration_outlier_ratio, views.cached_peaks(candidates))
   files = {}
   for kind in kinds:
     data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,

@@ -6,6 +6,7 @@ from PIL import Image
 
 from model.augment import make_views
 from model.config import TrainConfig
+from model.images import pixels_to_input
 
 SIZE = 96
 
@@ -25,10 +26,17 @@ def redness_inside(view, box):
   return float(np.mean(inside[..., 0] - inside[..., 1]))
 
 
+def input_views(*args, **kwargs):
+  """`make_views`, each view's pixels as the model input (they come as uint8)."""
+  views = make_views(*args, **kwargs)
+  assert all(pixels.dtype == np.uint8 for pixels, _, _ in views)
+  return [(pixels_to_input(pixels), boxes, ids) for pixels, boxes, ids in views]
+
+
 def test_every_view_has_its_box_on_the_object():
   tf.random.set_seed(3)
   image, box = red_square_image()
-  views = make_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5)
+  views = input_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5)
   assert len(views) == 17
   for index, (view, boxes, ids) in enumerate(views):
     assert view.shape == (SIZE, SIZE, 3) and -1.0 <= view.min() and view.max() <= 1.0
@@ -48,7 +56,7 @@ def test_zoom_outs_come_after_the_crops_and_make_the_object_smaller():
   tf.random.set_seed(5)
   image, box = red_square_image()
   original_area = (box[0, 2] - box[0, 0]) * (box[0, 3] - box[0, 1])
-  views = make_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4)
+  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4)
   assert not any(is_on_canvas(view) for view, _, _ in views[:8])
   for view, boxes, _ in views[8:]:
     assert is_on_canvas(view)
@@ -59,7 +67,7 @@ def test_zoom_outs_come_after_the_crops_and_make_the_object_smaller():
 def test_no_zoom_out_unless_asked():
   tf.random.set_seed(5)
   image, box = red_square_image()
-  for view, _, _ in make_views(image, box, np.array([1], np.int32), 8, SIZE):
+  for view, _, _ in input_views(image, box, np.array([1], np.int32), 8, SIZE):
     assert not np.any(np.all(view < -0.8, axis=-1))  # grey and red only: no black canvas
 
 

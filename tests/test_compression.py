@@ -17,10 +17,11 @@ from model.evaluate import coco_map
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
 from model.tasks import evaluation_examples, load_tasks_file, parse_tasks, resolve_image
-from tests.conftest import run_model_cli
+from tests.conftest import SMALL_INPUT, run_model_cli
 from tests.test_trainable import top_layer_names
 
 SHORT = TrainConfig().with_overrides({'budget.base': 120, 'budget.per_first_image': 0,
+                                      'input.size': SMALL_INPUT,
                                       'budget.max': 120, 'views.max_per_image': 6})
 
 
@@ -137,7 +138,8 @@ def test_qat_of_the_whole_extractor_trains_and_exports(base_paths, shapes_datase
   run = pipeline.train_iteration(
       tasks, shapes_dataset, tmp_path / 'run', base_paths.model_dir, max_images=3,
       config=TrainConfig(trainable='all').with_overrides({
-          'compression.quantization_aware': True, 'budget.base': 6, 'budget.per_first_image': 0,
+          'compression.quantization_aware': True, 'input.size': SMALL_INPUT,
+          'budget.base': 6, 'budget.per_first_image': 0,
           'budget.max': 6, 'views.max_per_image': 2}),
       export_kinds=('int8',))
   assert run.tflite('int8').stat().st_size > 1_000_000

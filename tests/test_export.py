@@ -109,14 +109,15 @@ def test_caching_the_frozen_part_measures_the_peaks_calibration_would(base_model
   caching measured are those int8 calibration measures on the whole extractor."""
   import tf_keras
   from model.train import ExtractorSplit
+  from model.images import pixels_to_input
   from model.views import cache_features
   from tests.synthetic import textured_background
   extractor = base_model[0].feature_extractor
   split = ExtractorSplit.for_training(extractor, 'top')
   assert not export.unbounded_outputs(split.trainable)
-  inputs = np.stack([textured_background(300, 300, seed=i).astype(np.float32) / 127.5 - 1.0
-                     for i in range(3)])
-  _, peaks = cache_features(split.frozen, inputs, batch_size=2)
+  pixels = np.stack([textured_background(300, 300, seed=i) for i in range(3)]).astype(np.uint8)
+  _, peaks = cache_features(split.frozen, pixels, batch_size=2)
   probe = tf_keras.Model(extractor.input, export.unbounded_outputs(extractor))
+  inputs = pixels_to_input(pixels)
   np.testing.assert_allclose(peaks, export.peaks_of(probe(inputs)).numpy(), rtol=1e-5)
   assert peaks.shape == (3, len(export.unbounded_outputs(extractor))) and peaks.shape[1] > 20

@@ -12,7 +12,7 @@ from model import pipeline, run_folder
 from model.boxes import iou_xyxy
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
-from tests.conftest import REPO, run_model_cli
+from tests.conftest import REPO, SMALL_INPUT, run_model_cli
 
 RUN_FILES = {'model.tflite', 'model_int8.tflite', 'labels.txt', 'metrics.json', 'run.json',
              'report.png',
@@ -132,7 +132,7 @@ def test_exported_files_have_the_standard_ssd_outputs(trained_run):
     data = (trained_run / name).read_bytes()
     assert 'TFLite_Detection_PostProcess' in op_names(data)
     detector = TFLiteDetector(trained_run / name, ['disc', 'square'])
-    assert detector.input['dtype'] == dtype and detector.input_size == 300
+    assert detector.input['dtype'] == dtype and detector.input_size == SMALL_INPUT
     shapes = [tuple(detector.interpreter.get_tensor(i).shape) for i in detector.outputs]
     assert shapes == [(1, 100, 4), (1, 100), (1, 100), (1,)]
   assert (trained_run / 'model_int8.tflite').stat().st_size < 0.4 * (trained_run / 'model.tflite').stat().st_size
@@ -222,6 +222,7 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   # Two views per image (no crops, no zoom-outs): this is about the split, and caching
   # 23 views of 18 images twice took three minutes.
   config = TrainConfig(trainable='heads').with_overrides({'budget.max': 60,
+                                                         'input.size': SMALL_INPUT,
                                                          'views.max_per_image': 2})
   first = pipeline.train_iteration(tasks, tmp_path, tmp_path / 'v1', base_paths.model_dir,
                                     config=config, export_kinds=())

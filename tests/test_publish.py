@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from backend.store import ModelStore
-from tests.conftest import REPO, poll
+from tests.conftest import REPO, SMALL_INPUT, poll
 
 
 def test_kill_during_export_leaves_the_published_version_serving(base_paths, trained_run,
@@ -25,7 +25,8 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
     process = subprocess.Popen(
         [sys.executable, '-m', 'model', 'train', '--tasks', str(shapes_dataset / 'tasks.json'),
          '--out', str(out), '--from', str(store.versions_dir(7) / 'v1'),
-         '--max-images', '2', '--max-steps', '10'],  # short: the export is what gets killed
+         '--max-images', '2', '--max-steps', '10',  # short: the export is what gets killed
+         '--input-size', str(SMALL_INPUT)],
         cwd=REPO, env=dict(os.environ, MODEL_DIR=str(model_dir)), stderr=stderr,
         stdout=subprocess.DEVNULL)
     # Until the float file is exported (the int8 conversion is under way) or the process ends.
@@ -59,7 +60,8 @@ def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shape
     seen['serving'] = store.current(7).tflite.name
   tasks = tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json')
   short = TrainConfig().with_overrides({'budget.base': 20, 'budget.per_first_image': 0,
-                                       'budget.max': 20, 'views.max_per_image': 2})
+                                       'budget.max': 20, 'views.max_per_image': 2,
+                                       'input.size': SMALL_INPUT})
   pipeline.train_iteration(tasks, shapes_dataset, out, model_dir, config=short, max_images=2,
                            export_kinds=('int8',), export_later=('float',), on_published=published)
   assert seen == {'files': ['model_int8.tflite'], 'pending': ['model.tflite'],

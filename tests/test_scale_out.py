@@ -18,7 +18,7 @@ from backend.store import ARTIFACTS
 from model.run_folder import read_labels_file
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
-from tests.conftest import Backend, poll
+from tests.conftest import SMALL_INPUT, Backend, poll
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
 from tests.redis_servers import TrainingWorker
 
@@ -56,7 +56,8 @@ def test_two_backends_and_two_workers_on_redis_survive_a_killed_worker(
   env = {'MODEL_DIR': str(model_dir), 'LABEL_STUDIO_URL': label_studio.url,
          'LABEL_STUDIO_API_KEY': label_studio.token, 'TRAINING_QUEUE': 'redis',
          'REDIS_URL': redis_url, 'TRAINING_LOCK_TTL_S': '4', 'TRAIN_EVERY_N_ANNOTATIONS': '0',
-         'TRAIN_MAX_STEPS': '120'}  # a third of the budget: discs are easy, the queue is the test
+         # a third of the budget, at a small input: discs are easy, the queue is the test
+         'TRAIN_MAX_STEPS': '120', 'TRAIN_INPUT_SIZE': str(SMALL_INPUT)}
   backends = [Backend(model_dir, WORKERS='2', **env) for _ in range(2)]
   workers = [TrainingWorker(tmp_path / f'worker-{i}.log', env) for i in range(2)]
   unlabeled = project.tasks[LABELED]

@@ -12,8 +12,9 @@ import pytest
 from model import pipeline, run_folder, ssd as ssd_lib
 from model.config import TrainConfig
 from model.tasks import load_tasks_file
+from tests.conftest import SMALL_INPUT
 
-SHORT = {'budget.base': 20, 'budget.per_first_image': 0, 'budget.max': 20,
+SHORT = {'budget.base': 20, 'budget.per_first_image': 0, 'budget.max': 20, 'input.size': SMALL_INPUT,
          'views.max_per_image': 4}
 
 

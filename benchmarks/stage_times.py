@@ -31,9 +31,13 @@ STAGES = ('load_examples', 'build_model', 'make_views', 'start_class_head', 'tra
 
 
 def worktree(ref: str, folder: Path) -> Path:
-  """A checkout of `ref` sharing this one's virtual environment and base weights."""
+  """A checkout of `ref` sharing this one's virtual environments and base weights."""
   subprocess.run(['git', 'worktree', 'add', '--detach', str(folder), ref], cwd=REPO, check=True,
                  capture_output=True)
+  # The export finds MediaPipe's metadata writer beside the code: without it the
+  # older checkout would skip writing metadata and look 3 s faster than it is.
+  if (REPO / '.venv-mediapipe').is_dir():
+    (folder / '.venv-mediapipe').symlink_to(REPO / '.venv-mediapipe')
   return folder
 
 
@@ -79,13 +83,27 @@ def main():
           for name, rows in runs.items()}
   head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
                         text=True).stdout.strip()
-  results = {'before': args.before, 'after': head, 'dataset': args.dataset,
-             'images': args.images, 'runs': runs, 'mean': mean}
+  results = {}  # data set -> its latest comparison; the others keep theirs
+  if (RESULTS / 'stage_times.json').is_file():
+    results = json.loads((RESULTS / 'stage_times.json').read_text())
+    results = results if 'before' not in results else {results['dataset']: results}
+  results[args.dataset] = {'before': args.before, 'after': head, 'dataset': args.dataset,
+                           'images': args.images, 'repeats': args.repeats, 'runs': runs,
+                           'mean': mean}
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / 'stage_times.json').write_text(json.dumps(results, indent=1) + '\n')
-  lines = [f'# Stage times: `python -m model train` on {args.images} {args.dataset} images', '',
-           f'{os.cpu_count()} cores, {args.repeats} runs each, alternating. Before: {args.before}; '
-           f'after: {head} (with its uncommitted changes). Seconds; `benchmarks/stage_times.py`.',
+  lines = [line for result in results.values() for line in table(result)]
+  (RESULTS / 'stage_times.md').write_text('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+def table(result: dict) -> list[str]:
+  """One comparison as markdown: stage seconds before and after, and their ratio."""
+  mean = result['mean']
+  lines = [f'# Stage times: `python -m model train` on {result["images"]} {result["dataset"]} images',
+           '', f'{os.cpu_count()} cores, {result.get("repeats", 2)} runs each, alternating. '
+           f'Before: {result["before"]}; after: {result["after"]} (with its uncommitted changes). '
+           'Seconds; `benchmarks/stage_times.py`.',
            '', '| | ' + ' | '.join(STAGES) + ' | whole command | mAP@0.5 (float) |',
            '|---|' + '---|' * (len(STAGES) + 2)]
   for name in ('before', 'after'):
@@ -96,8 +114,7 @@ def main():
            for s in (*STAGES, 'command_s')}
   lines.append('| after / before | ' + ' | '.join(f'{ratio[s]:.2f}' for s in STAGES) +
                f' | {ratio["command_s"]:.2f} | |')
-  (RESULTS / 'stage_times.md').write_text('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  return [*lines, '']
 
 
 if __name__ == '__main__':

@@ -239,7 +239,7 @@ def run(args, work: Path) -> dict:
   images = ImageServer(make_images(args.images))
   (work / 'ls').mkdir()
   started = time.monotonic()
-  ls = LabelStudio(work / 'ls')
+  ls = LabelStudio(work / 'ls').ready()
   result: dict = {'tasks': args.tasks, 'images': args.images,
                   'label_studio_start_s': round(time.monotonic() - started, 1)}
   backend = sampler = None

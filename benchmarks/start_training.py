@@ -99,7 +99,7 @@ def main():
     tmp = Path(tmp)
     (tmp / 'ls').mkdir()
     (tmp / 'redis').mkdir()
-    ls = LabelStudio(tmp / 'ls')
+    ls = LabelStudio(tmp / 'ls').ready()
     redis_server = RedisServer(tmp / 'redis') if 'redis' in args.queue else None
     try:
       for labeled in args.labeled:

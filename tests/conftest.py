@@ -23,8 +23,9 @@ RACCOON = SHARED / 'datasets' / 'raccoon'
 # `pytest -m "not slow"` is the fast loop.
 SLOW_FIXTURES = {'base_paths', 'label_studio', 'redis_url'}
 
-# Trainings whose subject is not the input size run at this one: the shapes still
-# span 30 px or more, and a step costs about a third of one at 300.
+# Trainings whose subject is neither the input size nor how well the model finds the
+# shapes run at this one: a step costs about a third of one at 300. (The shared
+# trained run stays at 300: at 160 it found too few shapes for the serving tests.)
 SMALL_INPUT = 160
 
 
@@ -89,7 +90,6 @@ def trained_run(base_paths, shapes_dataset, tmp_path_factory):
   """One iteration trained and exported through the command line, shared by the tests."""
   out = tmp_path_factory.mktemp('runs') / 'iteration-1'
   result = run_model_cli('train', '--tasks', shapes_dataset / 'tasks.json', '--out', out,
-                         '--input-size', SMALL_INPUT,
                          model_dir=base_paths.model_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   return out
@@ -175,6 +175,24 @@ class Backend:
 
 
 
+# Label Studio launched as soon as the tests are collected, when one of them needs it:
+# it starts (~40 s, mostly one core) while the tests before those run.
+_launched = {}
+
+
+def pytest_collection_finish(session):
+  from tests.label_studio import LABEL_STUDIO, LabelStudio
+  if LABEL_STUDIO.exists() and any('label_studio' in getattr(item, 'fixturenames', ())
+                                   for item in session.items):
+    temp = session.config._tmp_path_factory  # what the tmp_path_factory fixture hands out
+    _launched['label_studio'] = LabelStudio(temp.mktemp('label-studio'))
+
+
+def pytest_sessionfinish():
+  for server in _launched.values():  # launched, but no test came to use it
+    server.stop()
+
+
 @pytest.fixture(scope='session')
 def label_studio(tmp_path_factory):
   """A real Label Studio 1.23.2 (its own venv from set-up), shared by the tests that need one."""
@@ -183,8 +201,8 @@ def label_studio(tmp_path_factory):
     if os.environ.get('CI') == 'true':
       pytest.fail('.venv-labelstudio is missing: scripts/setup.sh --test must install Label Studio')
     pytest.skip('Label Studio is not installed here (bash scripts/setup.sh --test installs it)')
-  server = LabelStudio(tmp_path_factory.mktemp('label-studio'))
-  yield server
+  server = _launched.pop('label_studio', None) or LabelStudio(tmp_path_factory.mktemp('label-studio'))
+  yield server.ready()
   server.stop()
 
 

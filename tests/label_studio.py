@@ -21,7 +21,11 @@ USER, PASSWORD = 'tester@example.com', 'a-long-test-password-42'
 
 
 class LabelStudio:
-  """A Label Studio server on 127.0.0.1 with an empty data directory."""
+  """A Label Studio server on 127.0.0.1 with an empty data directory.
+
+  It takes ~40 s to start (database migrations): made, it is launching;
+  `ready()` waits for it and logs in.
+  """
 
   def __init__(self, data_dir: Path):
     self.port = free_port()
@@ -42,6 +46,13 @@ class LabelStudio:
     self.process = subprocess.Popen(
         [str(LABEL_STUDIO), 'start', '--no-browser', '--internal-host', '127.0.0.1',
          '--port', str(self.port)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+    self.token = None
+    self.api = requests.Session()
+
+  def ready(self) -> 'LabelStudio':
+    """Waits until it serves, then creates the personal access token the tests use."""
+    if self.token is not None:
+      return self
     def answers():
       try:
         return requests.get(self.url + '/health', timeout=2).status_code == 200
@@ -50,7 +61,7 @@ class LabelStudio:
     wait_until_serving(self.process, answers, 240, 'Label Studio',
                        lambda: self.log_path.read_text()[-3000:])
     self.token = self._personal_access_token()
-    self.api = requests.Session()
+    return self
 
   def _personal_access_token(self) -> str:
     """Log in as a person does, then create a personal access token."""

@@ -26,7 +26,7 @@ from backend.label_studio_api import UNANNOTATED_TASKS
 from model.boxes import iou_xyxy
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
-from tests.conftest import SMALL_INPUT, Backend, poll
+from tests.conftest import Backend, poll
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
 
 LABELED, UNLABELED = 8, 4
@@ -172,7 +172,7 @@ def test_a_backend_killed_mid_training_restarts_serving_its_last_version(label_s
   versions = model_dir / 'projects' / str(project.id) / 'versions'
   shutil.copytree(trained_run, versions / 'v1')
   env = {'LABEL_STUDIO_URL': ls.url, 'LABEL_STUDIO_API_KEY': ls.token,
-         'TRAIN_EVERY_N_ANNOTATIONS': '0', 'TRAIN_INPUT_SIZE': str(SMALL_INPUT)}
+         'TRAIN_EVERY_N_ANNOTATIONS': '0'}
   backend = Backend(model_dir, **env)
   try:
     requests.post(backend.url + '/webhook', json={'action': 'START_TRAINING',
@@ -230,7 +230,7 @@ def test_the_next_iteration_starts_from_the_last_with_a_legacy_token(label_studi
   shutil.copytree(base_paths.base_dir, model_dir / 'base')
   shutil.copytree(trained_run, model_dir / 'projects' / str(project.id) / 'versions' / 'v1')
   backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=legacy_token,
-                    TRAIN_EVERY_N_ANNOTATIONS='0', TRAIN_INPUT_SIZE=str(SMALL_INPUT))
+                    TRAIN_EVERY_N_ANNOTATIONS='0')
   try:
     ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': project.id,
                                             'title': 'fewshot-ssd', 'is_interactive': False})

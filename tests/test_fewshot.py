@@ -132,7 +132,7 @@ def test_exported_files_have_the_standard_ssd_outputs(trained_run):
     data = (trained_run / name).read_bytes()
     assert 'TFLite_Detection_PostProcess' in op_names(data)
     detector = TFLiteDetector(trained_run / name, ['disc', 'square'])
-    assert detector.input['dtype'] == dtype and detector.input_size == SMALL_INPUT
+    assert detector.input['dtype'] == dtype and detector.input_size == 300
     shapes = [tuple(detector.interpreter.get_tensor(i).shape) for i in detector.outputs]
     assert shapes == [(1, 100, 4), (1, 100), (1, 100), (1,)]
   assert (trained_run / 'model_int8.tflite').stat().st_size < 0.4 * (trained_run / 'model.tflite').stat().st_size

@@ -6,7 +6,6 @@ import numpy as np
 
 from model import anchors as anchors_lib, pipeline, run_folder, ssd as ssd_lib, warm_start
 from model.config import AnchorConfig, SSDConfig, TrainConfig
-from tests.conftest import SMALL_INPUT
 from tests.synthetic import make_task_set
 
 # Training kept tiny: these tests check what restores and what carries over, not quality.
@@ -137,7 +136,7 @@ def test_next_iteration_can_change_the_input_size(trained_run, tmp_path, base_pa
   # TRAIN_INPUT_SIZE changed between iterations: the network is fully
   # convolutional, so every restored weight still fits the new size.
   previous, previous_labels = run_folder.load_run_model(trained_run)
-  assert previous.config.input_size == SMALL_INPUT
+  assert previous.config.input_size == 300
   tasks = make_task_set(tmp_path, 4, ('disc', 'square'), 'train', seed=6)
   out = tmp_path / 'iteration-2'
   pipeline.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,

@@ -222,7 +222,10 @@ def convert(model: ssd_lib.SSD, kind: str, config: ExportConfig = ExportConfig()
 def op_names(data: bytes) -> list[str]:
   """Operator names of a .tflite, in execution order."""
   from ai_edge_litert.interpreter import Interpreter
-  interpreter = Interpreter(model_content=data)
+  return _op_names(Interpreter(model_content=data))
+
+
+def _op_names(interpreter) -> list[str]:
   return [op['op_name'] for op in tflite_ops(interpreter)]
 
 
@@ -235,7 +238,7 @@ def check_tflite(data: bytes) -> None:
     interpreter.allocate_tensors()
   except (RuntimeError, ValueError) as error:
     raise ExportError(f'the file does not load in TFLite: {error}') from error
-  names = [op['op_name'] for op in tflite_ops(interpreter)]
+  names = _op_names(interpreter)
   if POSTPROCESS_OP not in names:
     raise ExportError(f'{POSTPROCESS_OP} is missing from the exported graph')
   variables = sorted({n for n in names if n in ('VAR_HANDLE', 'READ_VARIABLE', 'ASSIGN_VARIABLE')})

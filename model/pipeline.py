@@ -256,8 +256,9 @@ def make_views(model, training: TrainingSet, config: TrainConfig,
   views_each = config.views.per_image(len(training.fit))
   zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale)
-  fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
-  reuse = None
+  fingerprints, reuse = [], None  # hashing every image is for carrying views over only
+  if config.views.carry_over:
+    fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
   if config.views.carry_over and previous is not None:
     reuse = views_lib.StoredViews.load(RunPaths(previous).views)
     reuse = reuse if reuse is not None and reuse.signature == signature else None

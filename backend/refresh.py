@@ -179,7 +179,7 @@ class Refresher:
       status.already_current += len(page) - len(todo)
       self._predict_and_push(api, project, todo, target, status)
       file.write(status)
-    if status.pushed:
+    if status.pushed and tasks is None:  # late tasks leave the version a person chose alone
       api.show_version(project, status.model_version)
       status.shown_version = status.model_version
     status.state = 'done'

@@ -398,6 +398,8 @@ def test_retrieve_predictions_on_two_thousand_tasks_answers_in_time_and_complete
   try:
     ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': pid, 'title': 'fewshot-ssd',
                                       'is_interactive': False})
+    # A person chose what the project shows ("live": the backend's title); late tasks keep it.
+    ls.call('PATCH', f'/api/projects/{pid}', json={'model_version': 'fewshot-ssd'})
     started = time.monotonic()
     ls.call('POST', f'/api/dm/actions?id=retrieve_tasks_predictions&project={pid}',
             json={'selectedItems': {'all': True, 'excluded': []}})
@@ -421,6 +423,7 @@ def test_retrieve_predictions_on_two_thousand_tasks_answers_in_time_and_complete
     assert len(per_task) == count and all(len(p) == 1 for p in per_task.values())
     assert {p['model_version'] for p in stored} == {'fewshot-ssd-base'}
     assert all(isinstance(p['result'], list) and p['score'] is not None for p in stored)
+    assert ls.call('GET', f'/api/projects/{pid}')['model_version'] == 'fewshot-ssd'
   finally:
     backend.stop()
     httpd.shutdown()

@@ -253,22 +253,27 @@ def metadata_python() -> Path | None:
   return python if python.is_file() else None
 
 
-def add_metadata(data: bytes, labels: list[str], python: Path) -> bytes:
-  """Adds TFLite metadata (labels, normalization) with MediaPipe's writer, in its own environment.
+def add_metadata(files: dict[str, bytes], labels: list[str], python: Path) -> dict[str, bytes]:
+  """Adds TFLite metadata (labels, normalization) to each file (kind -> bytes) with
+  MediaPipe's writer, in its own environment, all in one call.
 
   Raises:
     ExportError: when the writer fails.
   """
   with tempfile.TemporaryDirectory() as work:
-    source, target, labels_file = (Path(work) / n for n in ('in.tflite', 'out.tflite', 'labels.txt'))
-    source.write_bytes(data)
+    labels_file = Path(work) / 'labels.txt'
     write_labels_file(labels_file, labels)
+    paths = {kind: (Path(work) / f'{kind}.in.tflite', Path(work) / f'{kind}.tflite')
+             for kind in files}
+    for kind, (source, _) in paths.items():
+      source.write_bytes(files[kind])
     result = subprocess.run(
-        [str(python), '-m', 'model.tflite_metadata', str(source), str(target),
-         '--labels', str(labels_file)],
+        [str(python), '-m', 'model.tflite_metadata',
+         *(str(path) for pair in paths.values() for path in pair), '--labels', str(labels_file)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not target.is_file():
+    if result.returncode != 0 or not all(target.is_file() for _, target in paths.values()):
       raise ExportError(f'writing TFLite metadata failed: {result.stderr.strip()[-800:]}')
-    with_metadata = target.read_bytes()
-  check_tflite(with_metadata)
+    with_metadata = {kind: target.read_bytes() for kind, (_, target) in paths.items()}
+  for data in with_metadata.values():
+    check_tflite(data)
   return with_metadata

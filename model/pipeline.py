@@ -387,13 +387,10 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
     calibration = export.calibration_inputs(
         model, pixels_to_input(views.train_pixels[candidates]), count,
         export_config.calibration_outlier_ratio, views.cached_peaks(candidates))
-  files = {}
-  for kind in kinds:
-    data = export.convert(int8_model if kind == export.INT8 else model, kind, export_config,
-                          calibration=calibration)
-    if metadata_python is not None:
-      data = export.add_metadata(data, labels, metadata_python)
-    files[kind] = data
+  files = {kind: export.convert(int8_model if kind == export.INT8 else model, kind,
+                                export_config, calibration=calibration) for kind in kinds}
+  if files and metadata_python is not None:
+    files = export.add_metadata(files, labels, metadata_python)
   return files
 
 

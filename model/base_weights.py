@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 PACKAGE = BasePackage()
 # Largest |TF - TFLite| accepted on the raw outputs when converting.
 MAX_ABS_DIFF = 1e-4
+# The modules whose code decides what a conversion writes (`converter_fingerprint`).
+CONVERTER_MODULES = ('base_weights.py', 'ssd.py', 'anchors.py', 'export.py', 'config.py')
 
 
 class BaseWeightsError(RuntimeError):
@@ -351,10 +353,18 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
         'input_size': 300,
         'max_abs_difference': difference,
         'conversion_seconds': round(time.monotonic() - started, 2),
+        'converter': converter_fingerprint(),
     }
     staged.manifest.write_text(json.dumps(manifest, indent=2) + '\n')
   log.info('Base SSD ready in %s (%.1f s)', paths.base_dir, time.monotonic() - started)
   return paths
+
+
+def converter_fingerprint() -> str:
+  """A hash of the code that converts: a base whose manifest records the same one
+  is what converting again would write (the tests reuse set-up's base by it)."""
+  folder = Path(__file__).resolve().parent
+  return sha256_of(b''.join((folder / name).read_bytes() for name in CONVERTER_MODULES))
 
 
 def read_labels(paths: BasePaths) -> list[str]:

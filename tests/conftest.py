@@ -42,21 +42,39 @@ def _setup_model_dir() -> Path:
 
 @pytest.fixture(scope='session')
 def base_paths(tmp_path_factory):
-  """A base converted from scratch into a fresh model directory for this session.
+  """The base in a fresh model directory for this session.
 
-  Uses the tarball set-up downloaded, else npm. Where neither can be had the
+  A copy of the one set-up converted when the code that converts is unchanged
+  since (its manifest's `converter` fingerprint), else converted from scratch
+  from the tarball set-up downloaded, else npm. Where neither can be had the
   tests that need it skip with the reason, except under CI=true, where npm is
   reachable and they must run.
   """
+  import shutil
   from model import base_weights
-  tarball = _setup_model_dir() / 'downloads' / base_weights.PACKAGE.tarball_name
+  from model.config import BasePaths
+  setup_base = BasePaths(_setup_model_dir())
+  tarball = setup_base.downloads_dir / base_weights.PACKAGE.tarball_name
   model_dir = tmp_path_factory.mktemp('models')
+  if _converted_by_this_code(setup_base):
+    shutil.copytree(setup_base.base_dir, BasePaths(model_dir).base_dir)
   try:
     return base_weights.ensure_base(model_dir, tarball if tarball.is_file() else None)
   except base_weights.BaseWeightsError as error:
     if os.environ.get('CI') == 'true':
       raise
     pytest.skip(f'base weights unavailable on this machine: {error}')
+
+
+def _converted_by_this_code(paths) -> bool:
+  import json
+  from model import base_weights
+  try:
+    manifest = json.loads(paths.manifest.read_text())
+  except (OSError, ValueError):
+    return False
+  return (manifest.get('converter') == base_weights.converter_fingerprint()
+          and paths.detector_tflite.is_file() and paths.labels.is_file())
 
 
 @pytest.fixture(scope='session')
@@ -87,10 +105,11 @@ def shapes_dataset(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def trained_run(base_paths, shapes_dataset, tmp_path_factory):
-  """One iteration trained and exported through the command line, shared by the tests."""
+  """One iteration trained and exported through the command line, shared by the tests
+  (200 steps of the 345 the budget gives 12 images: the shapes are found either way)."""
   out = tmp_path_factory.mktemp('runs') / 'iteration-1'
   result = run_model_cli('train', '--tasks', shapes_dataset / 'tasks.json', '--out', out,
-                         model_dir=base_paths.model_dir)
+                         '--max-steps', 200, model_dir=base_paths.model_dir)
   assert result.returncode == 0, result.stderr[-3000:]
   return out
 

@@ -68,10 +68,22 @@ def test_rebuild_matches_the_tflite_on_a_real_photo(base_model, base_paths):
   assert_matches_tflite(model, base_paths.tflite, photo[None])
 
 
-def test_manifest_records_the_measured_difference(base_paths):
+def test_manifest_records_the_measured_difference_and_the_code_that_converted(base_paths):
   manifest = json.loads(base_paths.manifest.read_text())
   assert manifest['num_classes'] == 23
   assert 0 < max(manifest['max_abs_difference'].values()) <= TOLERANCE
+  assert manifest['converter'] == base_weights.converter_fingerprint()
+
+
+def test_the_converter_fingerprint_changes_with_the_converting_code(tmp_path, monkeypatch):
+  package = tmp_path / 'model'
+  package.mkdir()
+  for name in base_weights.CONVERTER_MODULES:
+    (package / name).write_text(f'# {name}\n')
+  monkeypatch.setattr(base_weights, '__file__', str(package / 'base_weights.py'))
+  before = base_weights.converter_fingerprint()
+  (package / 'ssd.py').write_text('# ssd.py, changed\n')
+  assert base_weights.converter_fingerprint() != before
 
 
 def test_each_part_restores_on_its_own(base_model, base_paths):

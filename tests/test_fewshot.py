@@ -34,6 +34,9 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
   assert 'lowest anchor' in metrics['choices']['adaptive_matching']['why']
+  assert metrics['choices']['trainable']['value'] == 'top'  # 12 images
+  run_info = json.loads((trained_run / 'run.json').read_text())
+  assert run_info['train_config']['trainable'] == 'top'  # the choice made, not None
   from PIL import Image
   with Image.open(trained_run / 'report.png') as report:
     assert report.width > 500 and report.height > 400
@@ -48,7 +51,9 @@ def test_training_measurably_learns(trained_run):
 
 def test_eval_prints_one_json_object_and_finds_the_planted_shapes(trained_run, shapes_dataset,
                                                                   base_paths):
-  for extra in ([], ['--tflite', 'float'], ['--tflite', 'int8']):
+  # The checkpoint and a .tflite file (the float one scores what the checkpoint
+  # does: test_float_tflite_scores_what_the_checkpoint_scores).
+  for extra in ([], ['--tflite', 'int8']):
     result = run_model_cli('eval', '--run', trained_run, '--tasks', shapes_dataset / 'tasks.json',
                            '--split', 'test', *extra, model_dir=base_paths.model_dir)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,20 +1,19 @@
 """What trains: heads only, heads + top of the extractor, + its upper blocks, or everything.
 
-Each mode trains a few steps on the shapes set, then the trained extractor is
-compared layer by layer with the base it was restored from.
+Each mode trains a few steps on the shapes set (the stages up to training,
+`pipeline.fit`), then the trained extractor is compared layer by layer with
+the base it was restored from.
 """
-
-import json
 
 import numpy as np
 import pytest
 
-from model import pipeline, run_folder, ssd as ssd_lib
+from model import pipeline, ssd as ssd_lib
 from model.config import TrainConfig
 from model.tasks import load_tasks_file
 from tests.conftest import SMALL_INPUT
 
-SHORT = {'budget.base': 20, 'budget.per_first_image': 0, 'budget.max': 20, 'input.size': SMALL_INPUT,
+SHORT = {'budget.base': 10, 'budget.per_first_image': 0, 'budget.max': 10, 'input.size': SMALL_INPUT,
          'views.max_per_image': 4}
 
 
@@ -38,29 +37,23 @@ def changed_layers(trained: ssd_lib.SSD, base: ssd_lib.SSD) -> set[str]:
 
 
 @pytest.fixture(scope='module')
-def trained_by_mode(base_paths, shapes_dataset, tmp_path_factory):
+def trained_by_mode(base_paths, shapes_dataset):
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
-  runs = {}
-  for mode in ('heads', 'top', 'upper', 'all'):
-    out = tmp_path_factory.mktemp('trainable') / mode
-    pipeline.train_iteration(tasks, shapes_dataset, out, base_paths.model_dir, max_images=4,
-                              config=TrainConfig(trainable=mode).with_overrides(SHORT), export_kinds=())
-    runs[mode] = out
-  return runs
+  return {mode: pipeline.fit(tasks, shapes_dataset, base_paths.model_dir, pipeline.Stopwatch(),
+                             max_images=4, config=TrainConfig(trainable=mode).with_overrides(SHORT))
+          for mode in ('heads', 'top', 'upper', 'all')}
 
 
 def test_heads_mode_leaves_the_extractor_as_restored(trained_by_mode, base_model):
-  trained, _ = run_folder.load_run_model(trained_by_mode['heads'])
-  assert changed_layers(trained, base_model[0]) == set()
+  assert changed_layers(trained_by_mode['heads'].model, base_model[0]) == set()
 
 
 def test_top_mode_trains_conv_1_and_the_extra_layers_only(trained_by_mode, base_model):
-  trained, _ = run_folder.load_run_model(trained_by_mode['top'])
-  assert changed_layers(trained, base_model[0]) == top_layer_names()
+  assert changed_layers(trained_by_mode['top'].model, base_model[0]) == top_layer_names()
 
 
 def test_upper_mode_trains_the_stride_16_blocks_and_the_top(trained_by_mode, base_model):
-  trained, _ = run_folder.load_run_model(trained_by_mode['upper'])
+  trained = trained_by_mode['upper'].model
   blocks = tuple(f'expanded_conv_{index}_' for index in range(ssd_lib.FIRST_MAP_BLOCK, 17))
   upper = {layer.name for layer in trained.feature_extractor.layers
            if layer.name.startswith(blocks) and layer.get_weights()}
@@ -69,17 +62,16 @@ def test_upper_mode_trains_the_stride_16_blocks_and_the_top(trained_by_mode, bas
 
 
 def test_all_mode_trains_the_backbone_too(trained_by_mode, base_model):
-  trained, _ = run_folder.load_run_model(trained_by_mode['all'])
-  changed = changed_layers(trained, base_model[0])
+  changed = changed_layers(trained_by_mode['all'].model, base_model[0])
   assert top_layer_names() <= changed
   assert {'Conv', 'expanded_conv_project'} <= changed  # the first layers
 
 
-def test_the_mode_is_recorded_and_every_mode_lowers_the_loss(trained_by_mode):
-  for mode, run in trained_by_mode.items():
-    info = json.loads((run / 'run.json').read_text())
-    assert info['train_config']['trainable'] == mode
-    losses = json.loads((run / 'metrics.json').read_text())['loss_per_step']
+def test_the_mode_is_chosen_and_every_mode_lowers_the_loss(trained_by_mode):
+  for mode, fitted in trained_by_mode.items():
+    assert fitted.config.trainable == mode
+    assert fitted.all_choices()['trainable'] == {'value': mode, 'why': 'set'}
+    losses = fitted.report.losses
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), (mode, losses)
 
 

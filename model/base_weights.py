@@ -324,8 +324,7 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
     BaseWeightsError: when the weights can't be had or the rebuild isn't exact.
   """
   paths = BasePaths(Path(model_dir))
-  complete = all(p.is_file() for p in (paths.manifest, paths.detector_tflite, paths.labels))
-  if complete and not force:
+  if _complete(paths) and not force:
     return paths
   started = time.monotonic()
   files, origin = obtain(source, paths.downloads_dir)
@@ -360,11 +359,24 @@ def ensure_base(model_dir: Path, source: Path | None = None, *,
   return paths
 
 
+def _complete(paths: BasePaths) -> bool:
+  return all(p.is_file() for p in (paths.manifest, paths.detector_tflite, paths.labels))
+
+
 def converter_fingerprint() -> str:
   """A hash of the code that converts: a base whose manifest records the same one
   is what converting again would write (the tests reuse set-up's base by it)."""
   folder = Path(__file__).resolve().parent
   return sha256_of(b''.join((folder / name).read_bytes() for name in CONVERTER_MODULES))
+
+
+def converted_by_this_code(paths: BasePaths) -> bool:
+  """Whether the base at `paths` is complete and its manifest records this code's fingerprint."""
+  try:
+    manifest = json.loads(paths.manifest.read_text())
+  except (OSError, ValueError):
+    return False
+  return _complete(paths) and manifest.get('converter') == converter_fingerprint()
 
 
 def read_labels(paths: BasePaths) -> list[str]:

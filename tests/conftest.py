@@ -56,7 +56,7 @@ def base_paths(tmp_path_factory):
   setup_base = BasePaths(_setup_model_dir())
   tarball = setup_base.downloads_dir / base_weights.PACKAGE.tarball_name
   model_dir = tmp_path_factory.mktemp('models')
-  if _converted_by_this_code(setup_base):
+  if base_weights.converted_by_this_code(setup_base):
     shutil.copytree(setup_base.base_dir, BasePaths(model_dir).base_dir)
   try:
     return base_weights.ensure_base(model_dir, tarball if tarball.is_file() else None)
@@ -64,17 +64,6 @@ def base_paths(tmp_path_factory):
     if os.environ.get('CI') == 'true':
       raise
     pytest.skip(f'base weights unavailable on this machine: {error}')
-
-
-def _converted_by_this_code(paths) -> bool:
-  import json
-  from model import base_weights
-  try:
-    manifest = json.loads(paths.manifest.read_text())
-  except (OSError, ValueError):
-    return False
-  return (manifest.get('converter') == base_weights.converter_fingerprint()
-          and paths.detector_tflite.is_file() and paths.labels.is_file())
 
 
 @pytest.fixture(scope='session')

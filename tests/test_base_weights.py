@@ -73,6 +73,7 @@ def test_manifest_records_the_measured_difference_and_the_code_that_converted(ba
   assert manifest['num_classes'] == 23
   assert 0 < max(manifest['max_abs_difference'].values()) <= TOLERANCE
   assert manifest['converter'] == base_weights.converter_fingerprint()
+  assert base_weights.converted_by_this_code(base_paths)
 
 
 def test_the_converter_fingerprint_changes_with_the_converting_code(tmp_path, monkeypatch):

@@ -207,7 +207,7 @@ def duck_reference_box(image):
   return (cols.start, rows.start, cols.stop, rows.stop)
 
 
-def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None):
+def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None, seed=0):
   """The notebook's task: train on its 5 labeled frames, find the duck in the 49 unlabeled ones.
 
   Against colour-derived reference boxes (`duck_reference_box`): frames where
@@ -217,7 +217,7 @@ def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None):
   from PIL import Image, ImageDraw
   from model.boxes import iou_xyxy
   tasks = tasks_lib.load_tasks_file(ducky_dir / 'tasks.json')
-  run, metrics = train_once(tasks, ducky_dir, model_dir, work, None, 0, export_kinds=('float',),
+  run, metrics = train_once(tasks, ducky_dir, model_dir, work, None, seed, export_kinds=('float',),
                             overrides=overrides)
   _, labels, _ = run_folder.read_run(run.root)
   detector = TFLiteDetector(run.tflite('float'), labels)

@@ -8,6 +8,9 @@ mAP@0.5 of the float .tflite on the test split.
 
   .venv/bin/python benchmarks/stage_times.py --before 0b3210a --images 10 --repeats 2
 
+With `--enlarge SIDE` the training images are copies enlarged to SIDE pixels
+on their longer side (JPEG), as a phone's photos are; the test images stay.
+
 Results: benchmarks/results/stage_times.{json,md}.
 """
 
@@ -41,6 +44,27 @@ def worktree(ref: str, folder: Path) -> Path:
   return folder
 
 
+def enlarged_copy(root: Path, images: int, side: int, folder: Path) -> Path:
+  """A task set of `root`'s first `images` training tasks, their images enlarged to
+  `side` pixels on the longer side, and its test tasks as they are."""
+  from PIL import Image
+  tasks = json.loads((root / 'tasks.json').read_text())
+  train = [t for t in tasks if (t.get('meta') or {}).get('split') == 'train'][:images]
+  test = [t for t in tasks if (t.get('meta') or {}).get('split') == 'test']
+  for task in train + test:
+    source, target = root / task['data']['image'], folder / task['data']['image']
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if task in test:
+      target.symlink_to(source)
+      continue
+    with Image.open(source) as image:
+      scale = side / max(image.size)
+      image.convert('RGB').resize((round(image.width * scale), round(image.height * scale)),
+                                  Image.Resampling.BICUBIC).save(target, quality=90)
+  (folder / 'tasks.json').write_text(json.dumps(train + test))
+  return folder / 'tasks.json'
+
+
 def train_once(checkout: Path, tasks: Path, images: int, work: Path) -> dict:
   out = Path(tempfile.mkdtemp(dir=work)) / 'run'
   env = dict(os.environ, MODEL_DIR=str(REPO / 'models'), PYTHONPATH=str(checkout))
@@ -65,10 +89,14 @@ def main():
   parser.add_argument('--dataset', default='raccoon')
   parser.add_argument('--images', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--enlarge', type=int, metavar='SIDE',
+                      help='train on copies of the images enlarged to SIDE px (longer side)')
   args = parser.parse_args()
   tasks = SHARED / args.dataset / 'tasks.json'
   with tempfile.TemporaryDirectory() as temp:
     work = Path(temp)
+    if args.enlarge:
+      tasks = enlarged_copy(SHARED / args.dataset, args.images, args.enlarge, work / 'enlarged')
     checkouts = {'before': worktree(args.before, work / 'before'), 'after': REPO}
     runs = {name: [] for name in checkouts}
     try:
@@ -87,9 +115,9 @@ def main():
   if (RESULTS / 'stage_times.json').is_file():
     results = json.loads((RESULTS / 'stage_times.json').read_text())
     results = results if 'before' not in results else {results['dataset']: results}
-  results[args.dataset] = {'before': args.before, 'after': head, 'dataset': args.dataset,
-                           'images': args.images, 'repeats': args.repeats, 'runs': runs,
-                           'mean': mean}
+  key = args.dataset + (f', enlarged to {args.enlarge} px' if args.enlarge else '')
+  results[key] = {'before': args.before, 'after': head, 'dataset': key,
+                  'images': args.images, 'repeats': args.repeats, 'runs': runs, 'mean': mean}
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / 'stage_times.json').write_text(json.dumps(results, indent=1) + '\n')
   lines = [line for result in results.values() for line in table(result)]
@@ -100,7 +128,8 @@ def main():
 def table(result: dict) -> list[str]:
   """One comparison as markdown: stage seconds before and after, and their ratio."""
   mean = result['mean']
-  lines = [f'# Stage times: `python -m model train` on {result["images"]} {result["dataset"]} images',
+  lines = [f'# Stage times: `python -m model train` on {result["images"]} images of '
+           f'{result["dataset"]}',
            '', f'{os.cpu_count()} cores, {result.get("repeats", 2)} runs each, alternating. '
            f'Before: {result["before"]}; after: {result["after"]} (with its uncommitted changes). '
            'Seconds; `benchmarks/stage_times.py`.',

@@ -13,6 +13,8 @@ per training run, made after the run's seed is set, keeps runs reproducible.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 from official.vision.ops import box_ops, preprocess_ops
@@ -36,10 +38,10 @@ def _flip_and_jitter(pixels, boxes, class_ids):
   return pixels, boxes, class_ids
 
 
-def _crop_flip_and_jitter(pixels, boxes, class_ids):
+def _crop_flip_and_jitter(pixels, boxes, class_ids, min_scale):
   """A random crop keeping the boxes whose centres it holds, then `_flip_and_jitter`."""
   crop, boxes, class_ids = preprocess_ops.random_crop_image_with_boxes_and_labels(
-      pixels, boxes, class_ids, min_scale=0.3, aspect_ratio_range=(0.5, 2.0),
+      pixels, boxes, class_ids, min_scale=min_scale, aspect_ratio_range=(0.5, 2.0),
       min_overlap_params=(0.0, 1.4, 0.2, 0.1), max_retry=50)
   return _flip_and_jitter(crop, boxes, class_ids)
 
@@ -47,9 +49,10 @@ def _crop_flip_and_jitter(pixels, boxes, class_ids):
 class Augmenter:
   """The random parts of a view, traced once (any image size, any number of boxes)."""
 
-  def __init__(self):
+  def __init__(self, crop_min_scale: float = ViewsConfig.crop_min_scale):
     signature = [_PIXELS, _BOXES, _IDS]
-    self.crop = tf.function(_crop_flip_and_jitter, input_signature=signature)
+    self.crop = tf.function(functools.partial(_crop_flip_and_jitter, min_scale=crop_min_scale),
+                            input_signature=signature)
     self.jitter = tf.function(_flip_and_jitter, input_signature=signature)
 
 

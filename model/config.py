@@ -303,6 +303,7 @@ class ViewsConfig:
 
   zoom_out: float = 0.5
   zoom_out_scale: tuple[float, float] = (0.4, 0.9)
+  crop_min_scale: float = 0.3  # a random crop's height and width, as fractions of the image's
   max_per_image: int = 16
   max_cached: int = 480
   carry_over: bool = True
@@ -463,6 +464,13 @@ class TrainConfig:
       else:
         config = _replace(config, stage, _replace(getattr(config, stage), field, value))
     return config
+
+  def max_image_side(self) -> int:
+    """Training images larger than this on their longer side are shrunk to it: the
+    smallest random crop still fills the largest input with the image's own
+    pixels, while a 12-megapixel photo no longer costs them all in every view."""
+    largest = max(size for size in (self.input.size, *self.input.sizes) if size is not None)
+    return math.ceil(largest / self.views.crop_min_scale)
 
   def choose_trainable(self, num_images: int) -> tuple[str, str]:
     """What trains, and why: more of the extractor once images are many enough to

@@ -106,7 +106,8 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   if max_images is not None and max_images < len(train_examples):
     order = rng.permutation(len(train_examples))[:max_images]
     train_examples = [train_examples[i] for i in sorted(order)]
-  train_examples, images = tasks_lib.load_example_images(train_examples, images_root)
+  train_examples, images = tasks_lib.load_example_images(
+      train_examples, images_root, max_side=config.max_image_side())
   if not train_examples:
     raise RunError('no readable labeled training images (split "train" or none)')
   labels = ordered_labels(train_examples, previous_labels)
@@ -255,7 +256,8 @@ def make_views(model, training: TrainingSet, config: TrainConfig,
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   views_each = config.views.per_image(len(training.fit))
   zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
-  signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale)
+  signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
+                                  config.views.crop_min_scale)
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only
   if config.views.carry_over:
     fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
@@ -267,7 +269,8 @@ def make_views(model, training: TrainingSet, config: TrainConfig,
     return views_lib.make_cached_views(
         *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
         zoom_outs=zoom, input_size=config.input.size,
-        zoom_out_scale=tuple(config.views.zoom_out_scale), **stored)
+        zoom_out_scale=tuple(config.views.zoom_out_scale),
+        crop_min_scale=config.views.crop_min_scale, **stored)
 
   train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)

@@ -218,8 +218,12 @@ def resolve_image(example: Example, images_root: Path) -> Path:
   return path if path.is_absolute() else images_root / path
 
 
-def load_example_images(examples: list[Example], images_root: Path):
+def load_example_images(examples: list[Example], images_root: Path,
+                        max_side: int | None = None):
   """Decodes each example's image; unreadable ones are logged and left out.
+
+  Args:
+    max_side: larger images are shrunk to this on their longer side (`images.load_image`).
 
   Returns:
     (the examples kept, their upright RGB images), aligned.
@@ -228,7 +232,7 @@ def load_example_images(examples: list[Example], images_root: Path):
   kept, images = [], []
   for example in examples:
     try:
-      images.append(load_image(resolve_image(example, images_root)))
+      images.append(load_image(resolve_image(example, images_root), max_side=max_side))
       kept.append(example)
     except ImageError as error:
       log.warning('Task %s left out: %s', example.task_id, error)

@@ -109,11 +109,12 @@ def fingerprint(example: Example, image: Image.Image) -> str:
   return digest.hexdigest()
 
 
-def signature(assigner: TargetAssigner, input_size: int,
-              zoom_out_scale: tuple[float, float]) -> str:
-  """Names the settings views are made under: input size, anchors, matching, zoom-outs."""
+def signature(assigner: TargetAssigner, input_size: int, zoom_out_scale: tuple[float, float],
+              crop_min_scale: float) -> str:
+  """Names the settings views are made under: input size, anchors, matching, crops, zoom-outs."""
   digest = hashlib.sha256(np.asarray(assigner.anchors, np.float32).tobytes())
-  digest.update(repr((input_size, tuple(zoom_out_scale), assigner.settings())).encode())
+  digest.update(repr((input_size, tuple(zoom_out_scale), crop_min_scale,
+                      assigner.settings())).encode())
   return digest.hexdigest()
 
 
@@ -177,7 +178,7 @@ class StoredViews:
 def make_cached_views(examples: list[Example], images: list[Image.Image],
                       label_ids: dict[str, int], assigner: TargetAssigner, frozen, *,
                       views_each: int, zoom_outs: int, input_size: int,
-                      zoom_out_scale: tuple[float, float],
+                      zoom_out_scale: tuple[float, float], crop_min_scale: float,
                       reuse: StoredViews | None = None, fingerprints: list[str] | None = None,
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
@@ -187,6 +188,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     label_ids: label -> class id (1-based).
     frozen: the model whose outputs are cached (`ExtractorSplit.frozen`).
     views_each, zoom_outs, zoom_out_scale: per image (`augment.make_views`).
+    crop_min_scale: the smallest random crop's sides (`augment.Augmenter`).
     reuse, fingerprints: an earlier iteration's views (made under the same
       settings) and each image's `fingerprint`: images found there are not
       augmented again.
@@ -195,7 +197,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     (the views' uint8 pixels [V, S, S, 3] (`images.pixels_to_input`), the cached views).
   """
   pixels, class_targets, box_targets = [], [], []
-  augmenter = augment.Augmenter()
+  augmenter = augment.Augmenter(crop_min_scale)
   reused = 0
   for index, (example, image) in enumerate(zip(examples, images)):
     found = reuse and fingerprints and reuse.find(fingerprints[index], label_ids, views_each,

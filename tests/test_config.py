@@ -27,6 +27,11 @@ def test_input_size_grows_until_the_smallest_label_spans_30_pixels():
     config.with_overrides({'input.size': 301})
 
 
+def test_training_images_keep_the_pixels_their_smallest_crop_needs():
+  assert TrainConfig().max_image_side() == 1494  # 448 / 0.3
+  assert TrainConfig().with_overrides({'input.size': 640}).max_image_side() == 2134
+
+
 def test_step_budget_per_first_and_further_images():
   config = TrainConfig()
   assert [config.budget.steps(n) for n in (1, 5, 10, 160)] == [75, 275, 325, 1000]

@@ -26,7 +26,7 @@ from backend.label_studio_api import UNANNOTATED_TASKS
 from model.boxes import iou_xyxy
 from model.tflite_detector import TFLiteDetector
 from model.images import load_image
-from tests.conftest import Backend, poll
+from tests.conftest import SMALL_INPUT, Backend, poll
 from tests.label_studio import DISC_CONFIG, annotate, make_disc_project
 
 LABELED, UNLABELED = 8, 4
@@ -46,9 +46,10 @@ def test_label_train_and_retrieve_predictions_through_label_studio(label_studio,
   # Our backend, pointed at this Label Studio with the personal access token.
   model_dir = tmp_path / 'models'
   shutil.copytree(base_paths.base_dir, model_dir / 'base')
+  # Discs are easy: 120 steps at a small input find them all.
   backend = Backend(model_dir, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.token,
-                    TRAIN_EVERY_N_ANNOTATIONS='0',
-                    TRAIN_MAX_STEPS='120')  # discs are easy: 120 steps find them all
+                    TRAIN_EVERY_N_ANNOTATIONS='0', TRAIN_MAX_STEPS='120',
+                    TRAIN_INPUT_SIZE=str(SMALL_INPUT))
   try:
     ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': pid,
                                             'title': 'fewshot-ssd', 'is_interactive': False})

@@ -19,6 +19,23 @@ def test_exif_orientation_is_applied(tmp_path):
   assert upright[:, -5:].mean() > 230 > upright[:, :5].mean()
 
 
+@pytest.mark.parametrize('suffix', ['jpg', 'png'])
+def test_large_images_shrink_to_max_side_upright_and_like_a_full_decode(tmp_path, suffix):
+  pixels = textured_background(2000, 1200, seed=3)  # stored 2000 wide, 1200 high
+  pixels[:100, :] = 255  # the stored top edge: the upright right edge (orientation 6)
+  path = save_jpeg(pixels, tmp_path / 'big.jpg', orientation=6)
+  if suffix == 'png':  # no draft decoding for PNG: the resize alone
+    path = tmp_path / 'big.png'
+    Image.fromarray(pixels).save(path)
+  small = load_image(path, max_side=500)
+  full = load_image(path)
+  expected = (300, 500) if suffix == 'jpg' else (500, 300)
+  assert small.size == expected and small.mode == 'RGB'
+  reference = np.asarray(full.resize(small.size, Image.Resampling.BICUBIC), np.float32)
+  assert np.abs(np.asarray(small, np.float32) - reference).mean() < 4.0
+  assert load_image(path, max_side=5000).size == full.size  # never enlarged
+
+
 def test_model_input_is_square_and_scaled(tmp_path):
   image = load_image(save_jpeg(textured_background(90, 60), tmp_path / 'a.jpg'))
   x = to_model_input(image, 300)

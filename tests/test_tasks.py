@@ -121,3 +121,15 @@ def test_labels_keep_first_appearance_order():
   examples, _ = tasks_lib.parse_tasks([task(rect(0, 0, 5, 5, 'b'), rect(5, 5, 5, 5, 'a')),
                                        task(rect(0, 0, 5, 5, 'c'), rect(1, 1, 5, 5, 'b'))])
   assert tasks_lib.label_set(examples) == ['b', 'a', 'c']
+
+
+def test_training_images_larger_than_the_config_allows_are_shrunk(tmp_path):
+  from PIL import Image
+  from model import pipeline
+  from model.config import TrainConfig
+  config = TrainConfig()
+  side = config.max_image_side()
+  Image.new('RGB', (side + 500, 600), 'white').save(tmp_path / 'a.jpg')
+  training = pipeline.load_examples([task(rect(10, 10, 20, 20), split='train')], tmp_path, config)
+  assert training.images[0].size == (side, round(600 * side / (side + 500)))
+  np.testing.assert_allclose(training.examples[0].boxes, [[0.1, 0.1, 0.3, 0.3]], atol=1e-6)

@@ -44,7 +44,8 @@ def make(examples, images, label_ids, views_each=4, zoom_outs=2, **reuse):
   assigner = TargetAssigner(grid_anchors(), (10.0, 10.0, 5.0, 5.0))
   return views_lib.make_cached_views(examples, images, label_ids, assigner, tiny_frozen(),
                                      views_each=views_each, zoom_outs=zoom_outs,
-                                     input_size=SIZE, zoom_out_scale=(0.4, 0.9), **reuse)
+                                     input_size=SIZE, zoom_out_scale=(0.4, 0.9), crop_min_scale=0.3,
+                                     **reuse)
 
 
 def stored_from(examples, images, labels, tmp_path):

@@ -260,7 +260,6 @@ def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None, seed
                   'contact_sheet': str(sheet_path.relative_to(REPO))}
   log.info('%s: %s', key, results[key])
   shutil.rmtree(run.root.parent)
-  write(results)
 
 
 def write(results):

@@ -376,9 +376,11 @@ class ScheduleConfig:
   `learning_rate` (the class head's peak) and `box_scale` (the box head's,
   relative to it) None: chosen from the data (`class_learning_rate`,
   `box_learning_rate_scale`); `extractor_scale`: the extractor's, relative.
+  `batch_size` 8: as good as 16 at about 0.65x the training time
+  (benchmarks/results/choices.md).
   """
 
-  batch_size: int = 16
+  batch_size: int = 8
   learning_rate: float | None = None
   box_scale: float | None = None
   extractor_scale: float = 0.1

@@ -1,0 +1,67 @@
+"""Ducky (the notebook's task) under TrainConfig variants, several seeds each.
+
+The duck found (a detection at IoU >= 0.5 with its colour-derived box, as in
+`fewshot.ducky`) in how many of the 49 unlabeled frames, per variant and seed:
+
+  .venv/bin/python benchmarks/ducky_variants.py --seeds 2 \\
+      --variant 'batch 16:schedule.batch_size=16' --variant 'batch 8:schedule.batch_size=8'
+
+Results: benchmarks/results/ducky_variants.{json,md}; variants not re-run keep theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from fewshot import REPO, ducky
+from generalization import parse_variant
+
+RESULTS = REPO / 'benchmarks' / 'results'
+KEPT = ('found_at_0.3', 'found_at_0.5', 'false_at_0.3', 'map50', 'iteration_s')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--ducky', type=Path, default=REPO.parent / 'shared/datasets/ducky')
+  parser.add_argument('--model-dir', type=Path, default=REPO / 'models')
+  parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--variant', action='append', required=True,
+                      help='name:key=value,... (TrainConfig overrides)')
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('model', 'tensorflow', 'absl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  path = RESULTS / 'ducky_variants.json'
+  results = json.loads(path.read_text()) if path.is_file() else {}
+  for spec in args.variant:
+    name, overrides = parse_variant(spec)
+    rows = []
+    for seed in range(args.seeds):
+      found = {}
+      with tempfile.TemporaryDirectory() as work:
+        ducky(args.ducky, args.model_dir, work, found, key='ducky_variant', overrides=overrides,
+              seed=seed)
+      (RESULTS / 'ducky_variant_contact_sheet.png').unlink(missing_ok=True)
+      rows.append({'seed': seed, **{k: found['ducky_variant'][k] for k in KEPT}})
+    results[name] = {'overrides': overrides, 'runs': rows}
+  path.write_text(json.dumps(results, indent=1) + '\n')
+  lines = ['# Ducky under training variants', '',
+           'Frames (of 49) where the duck is found at score >= 0.3 / 0.5, frames with a false '
+           'detection >= 0.3, mAP@0.5; one row per seed. `benchmarks/ducky_variants.py` writes this.',
+           '', '| variant | seed | found >= 0.3 | found >= 0.5 | false >= 0.3 | mAP@0.5 | s |',
+           '|---|---|---|---|---|---|---|']
+  for name, result in results.items():
+    for r in result['runs']:
+      lines.append(f'| {name} | {r["seed"]} | {r["found_at_0.3"]} | {r["found_at_0.5"]} | '
+                   f'{r["false_at_0.3"]} | {r["map50"]:.3f} | {r["iteration_s"]:.0f} |')
+  (RESULTS / 'ducky_variants.md').write_text('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()

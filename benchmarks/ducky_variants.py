@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 
 from fewshot import REPO, ducky
-from generalization import parse_variant
+from generalization import RESULTS, parse_variant
 
-RESULTS = REPO / 'benchmarks' / 'results'
 KEPT = ('found_at_0.3', 'found_at_0.5', 'false_at_0.3', 'map50', 'iteration_s')
 
 

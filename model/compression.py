@@ -146,6 +146,7 @@ def kernel_sparsity(model: tf_keras.Model) -> float:
 
 
 def gzipped_size(data: bytes) -> int:
-  """Bytes of `data` after gzip at its default level (as web servers send it): what a
-  download of a pruned file costs. Level 9 took 3.4 s for a float file, 0.4 % smaller."""
-  return len(gzip.compress(data, compresslevel=6))
+  """Bytes of `data` after gzip at its fastest level: what a download of a pruned
+  file costs. The default level 6 took 1.9 s for a float file instead of 0.6 s,
+  for a file 2 % smaller; zeros compress at any level."""
+  return len(gzip.compress(data, compresslevel=1))

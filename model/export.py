@@ -13,6 +13,7 @@ as column 0, so the op skips that column and never reports the background.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import tempfile
@@ -172,31 +173,52 @@ def calibration_inputs(model: ssd_lib.SSD, candidates: np.ndarray, count: int,
 
 def convert(model: ssd_lib.SSD, kind: str, config: ExportConfig = ExportConfig(),
             calibration: Iterable[np.ndarray] = ()) -> bytes:
-  """Converts `model` to .tflite bytes.
+  """Converts `model` to .tflite bytes (`convert_saved` on a SavedModel of its own).
+
+  Raises:
+    ExportError: when conversion fails or the file lacks the post-processing op or weights.
+  """
+  with tempfile.TemporaryDirectory() as work:
+    return convert_saved(save_serving(model, config, Path(work) / 'saved'), kind,
+                         model.config.input_size, calibration)
+
+
+def save_serving(model: ssd_lib.SSD, config: ExportConfig, directory: Path) -> Path:
+  """Saves `model`'s serving function (`serving_function`) as a SavedModel at `directory`.
+
+  The converter reads a SavedModel. Handed the Keras model, saving traced
+  every layer for Keras' own format (10 of 13 s here); a bare module holding
+  the weights gives the same file, byte for byte, in 3 s. Saving once for
+  both kinds of file saves one of those.
+  """
+  serve = serving_function(model, config)
+  holder = tf.Module()
+  holder.serve, holder.held_variables = serve, list(model.variables)
+  tf.saved_model.save(holder, str(directory), signatures={'serving_default': serve})
+  return directory
+
+
+def convert_saved(saved: Path, kind: str, input_size: int,
+                  calibration: Iterable[np.ndarray] = ()) -> bytes:
+  """Converts a `save_serving` SavedModel to .tflite bytes.
 
   Args:
     kind: FLOAT (float32 weights and input) or INT8 (full-integer weights and
       activations, uint8 input, float outputs).
+    input_size: the model's input side.
     calibration: model inputs [S, S, 3] in [-1, 1] from the project's images (INT8 only).
 
   Raises:
     ExportError: when conversion fails or the file lacks the post-processing op or weights.
   """
   started = time.monotonic()
-  serve = serving_function(model, config)
-  # The converter saves what it is handed as a SavedModel first; handed the Keras
-  # model, it traces every layer for Keras' own format (10 of 13 s here). A bare
-  # module holding the weights gives the same file, byte for byte, in 3 s.
-  holder = tf.Module()
-  holder.serve, holder.held_variables = serve, list(model.variables)
-  converter = tf.lite.TFLiteConverter.from_concrete_functions(
-      [serve.get_concrete_function()], holder)
+  converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
   converter.allow_custom_ops = True
   if kind == INT8:
     samples = [np.asarray(x, np.float32)[None] for x in calibration]
     if not samples:
       raise ExportError('int8 export needs calibration images')
-    samples.append(full_range_image(model.config.input_size))
+    samples.append(full_range_image(input_size))
 
     def representative_dataset():
       for sample in samples:
@@ -253,27 +275,80 @@ def metadata_python() -> Path | None:
   return python if python.is_file() else None
 
 
-def add_metadata(files: dict[str, bytes], labels: list[str], python: Path) -> dict[str, bytes]:
-  """Adds TFLite metadata (labels, normalization) to each file (kind -> bytes) with
-  MediaPipe's writer, in its own environment, all in one call.
+class MetadataWriter:
+  """Adds TFLite metadata (labels, normalization) with MediaPipe's writer, which
+  runs in its own environment (`model.tflite_metadata` reading stdin).
+
+  Started before the conversions, its start-up and each file's metadata run
+  while the next file converts; `results` waits for the last one.
 
   Raises:
-    ExportError: when the writer fails.
+    ExportError: from `results`, when the writer fails.
   """
-  with tempfile.TemporaryDirectory() as work:
-    labels_file = Path(work) / 'labels.txt'
-    write_labels_file(labels_file, labels)
-    paths = {kind: (Path(work) / f'{kind}.in.tflite', Path(work) / f'{kind}.tflite')
-             for kind in files}
-    for kind, (source, _) in paths.items():
-      source.write_bytes(files[kind])
-    result = subprocess.run(
-        [str(python), '-m', 'model.tflite_metadata',
-         *(str(path) for pair in paths.values() for path in pair), '--labels', str(labels_file)],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not all(target.is_file() for _, target in paths.values()):
-      raise ExportError(f'writing TFLite metadata failed: {result.stderr.strip()[-800:]}')
-    with_metadata = {kind: target.read_bytes() for kind, (_, target) in paths.items()}
-  for data in with_metadata.values():
-    check_tflite(data)
-  return with_metadata
+
+  def __init__(self, labels: list[str], python: Path):
+    self._work = tempfile.TemporaryDirectory()
+    self.folder = Path(self._work.name)
+    write_labels_file(self.folder / 'labels.txt', labels)
+    self.targets: dict[str, Path] = {}
+    self.process = subprocess.Popen(
+        [str(python), '-m', 'model.tflite_metadata', '--labels', str(self.folder / 'labels.txt')],
+        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+  def submit(self, kind: str, data: bytes) -> None:
+    source, target = self.folder / f'{kind}.in.tflite', self.folder / f'{kind}.tflite'
+    source.write_bytes(data)
+    self.targets[kind] = target
+    try:
+      self.process.stdin.write(f'{source}\t{target}\n')
+      self.process.stdin.flush()
+    except BrokenPipeError:
+      pass  # the writer died; `results` reports why
+
+  def results(self) -> dict[str, bytes]:
+    """kind -> the submitted file with metadata, checked."""
+    _, errors = self.process.communicate()
+    if self.process.returncode != 0 or not all(t.is_file() for t in self.targets.values()):
+      raise ExportError(f'writing TFLite metadata failed: {errors.strip()[-800:]}')
+    files = {kind: target.read_bytes() for kind, target in self.targets.items()}
+    for data in files.values():
+      check_tflite(data)
+    return files
+
+  def __enter__(self) -> 'MetadataWriter':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.communicate()
+    self._work.cleanup()
+
+
+def export_files(models: dict[str, ssd_lib.SSD], labels: list[str],
+                 config: ExportConfig = ExportConfig(), calibration: Iterable[np.ndarray] = (),
+                 metadata_python: Path | None = None) -> dict[str, bytes]:
+  """kind -> .tflite bytes of each kind's model, with TFLite metadata when
+  `metadata_python` (the MediaPipe environment's interpreter) is given.
+
+  A model several kinds share is saved once; each file's metadata is written
+  while the next one converts.
+
+  Raises:
+    ExportError: when a conversion or the metadata fails.
+  """
+  calibration = list(calibration)
+  with contextlib.ExitStack() as stack:
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    writer = (stack.enter_context(MetadataWriter(labels, metadata_python))
+              if metadata_python is not None and models else None)
+    saved, files = {}, {}
+    for kind, model in models.items():
+      if id(model) not in saved:
+        saved[id(model)] = save_serving(model, config, work / f'saved_{len(saved)}')
+      files[kind] = convert_saved(saved[id(model)], kind, model.config.input_size,
+                                  calibration if kind == INT8 else ())
+      if writer is not None:
+        writer.submit(kind, files[kind])
+    return writer.results() if writer is not None else files

@@ -381,7 +381,7 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
   int8_model = model if qat_extractor is None else ssd_lib.build_ssd(
       model.config, feature_extractor=qat_extractor, box_head=model.box_head,
       class_head=model.class_head)
-  calibration = None
+  calibration = ()
   if export.INT8 in kinds:
     count = export_config.calibration_images
     order = (views.train.originals_first() if export_config.calibration_views == 'all'
@@ -390,11 +390,8 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
     calibration = export.calibration_inputs(
         model, pixels_to_input(views.train_pixels[candidates]), count,
         export_config.calibration_outlier_ratio, views.cached_peaks(candidates))
-  files = {kind: export.convert(int8_model if kind == export.INT8 else model, kind,
-                                export_config, calibration=calibration) for kind in kinds}
-  if files and metadata_python is not None:
-    files = export.add_metadata(files, labels, metadata_python)
-  return files
+  models = {kind: int8_model if kind == export.INT8 else model for kind in kinds}
+  return export.export_files(models, labels, export_config, calibration, metadata_python)
 
 
 @dataclasses.dataclass

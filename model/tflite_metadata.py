@@ -9,12 +9,15 @@ TensorFlow nor the rest of `model/`, and is called as:
   .venv-mediapipe/bin/python -m model.tflite_metadata IN.tflite OUT.tflite [IN OUT ...] \
       --labels labels.txt
 
-Several files go in one call: starting MediaPipe costs about a second.
+Several files go in one call: starting MediaPipe costs about a second. Without
+files it reads "IN<tab>OUT" lines from stdin, so that an export can start it
+before its first conversion and hand each file over as it is converted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import types
 
@@ -59,21 +62,36 @@ def with_metadata(model: bytes, labels: list[str]) -> bytes:
   return bytes(model_with_metadata)
 
 
+def _load_writer() -> None:
+  """Imports MediaPipe's writer (about a second)."""
+  _supply_version_helper()
+  importlib.import_module('mediapipe.tasks.python.metadata.metadata_writers.object_detector')
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('files', nargs='+', metavar='IN OUT', help='pairs of input and output paths')
+  parser.add_argument('files', nargs='*', metavar='IN OUT',
+                      help='pairs of input and output paths; none: read "IN<tab>OUT" lines '
+                           'from stdin, answering each with OUT once it is written')
   parser.add_argument('--labels', required=True, help='labels.txt, one real label per line')
   args = parser.parse_args(argv)
   if len(args.files) % 2:
     parser.error('give the files as pairs: IN OUT [IN OUT ...]')
   with open(args.labels) as file:
     labels = [line.rstrip('\n') for line in file if line.strip()]
-  for source, target in zip(args.files[::2], args.files[1::2]):
+  if args.files:
+    pairs = zip(args.files[::2], args.files[1::2])
+  else:
+    _load_writer()  # while the caller is still converting its first file
+    pairs = (line.rstrip('\n').split('\t') for line in sys.stdin if line.strip())
+  for source, target in pairs:
     with open(source, 'rb') as file:
       model = file.read()
     with open(target, 'wb') as file:
       file.write(with_metadata(model, labels))
+    if not args.files:
+      print(target, flush=True)
   return 0
 
 

@@ -121,3 +121,29 @@ def test_caching_the_frozen_part_measures_the_peaks_calibration_would(base_model
   inputs = pixels_to_input(pixels)
   np.testing.assert_allclose(peaks, export.peaks_of(probe(inputs)).numpy(), rtol=1e-5)
   assert peaks.shape == (3, len(export.unbounded_outputs(extractor))) and peaks.shape[1] > 20
+
+
+def test_metadata_writer_adds_labels_to_each_file_handed_over(three_class_tflite):
+  python = export.metadata_python()
+  if python is None:
+    pytest.skip('no .venv-mediapipe (bash scripts/setup.sh creates it)')
+  data = three_class_tflite.read_bytes()
+  with export.MetadataWriter(['apple', 'orange', 'pear'], python) as writer:
+    writer.submit('first', data)
+    writer.submit('second', data)
+    files = writer.results()
+  assert sorted(files) == ['first', 'second']
+  for with_metadata in files.values():
+    assert b'TFLITE_METADATA' in with_metadata and b'TFLITE_METADATA' not in data
+    assert b'apple\norange\npear' in with_metadata  # labels.txt, packed into the file
+    assert export.op_names(with_metadata) == export.op_names(data)
+
+
+def test_metadata_writer_failure_is_an_export_error(tmp_path):
+  python = export.metadata_python()
+  if python is None:
+    pytest.skip('no .venv-mediapipe (bash scripts/setup.sh creates it)')
+  with export.MetadataWriter(['a'], python) as writer:
+    writer.submit('float', b'not a tflite file')
+    with pytest.raises(export.ExportError, match='metadata'):
+      writer.results()

@@ -65,3 +65,25 @@ def test_adaptive_matching_on_zoom_outs_only_leaves_other_views_as_they_were():
   assigner = TargetAssigner(GRID, SCALES, adaptive_top_k=9, adaptive_views='zoom-outs')
   assert positives(assigner.assign(small, np.array([1]))[0]) == 1
   assert positives(assigner.assign(small, np.array([1]), zoomed_out=True)[0]) >= 2
+
+
+def test_traced_targets_equal_eager_ones_on_random_boxes():
+  """The traced assignment (no AutoGraph) computes what the same ops do eagerly."""
+  import tensorflow as tf
+  from model import anchors as anchors_lib
+  from model.config import SSDConfig
+  assigner = TargetAssigner(anchors_lib.anchors_yxyx(SSDConfig(num_classes=3)), SCALES, 0.5,
+                            0.4, adaptive_top_k=9, adaptive_views='zoom-outs')
+  rng = np.random.default_rng(0)
+  for case in range(12):
+    count = int(rng.integers(1, 15))
+    corner = rng.uniform(0, 0.9, (count, 2))
+    side = rng.uniform(0.01, 0.5, (count, 2))  # tiny to large
+    boxes = np.concatenate([corner, np.minimum(corner + side, 1.0)], axis=1).astype(np.float32)
+    ids = rng.integers(1, 4, count).astype(np.int32)
+    zoomed_out = bool(case % 2)
+    classes, encoded = assigner.assign(boxes, ids, zoomed_out=zoomed_out)
+    eager = assigner._targets(tf.constant(boxes), tf.constant(ids), lift=zoomed_out)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(classes, eager[0].numpy())
+    np.testing.assert_allclose(encoded, eager[1].numpy(), atol=1e-5)
+    assert (classes > 0).any()

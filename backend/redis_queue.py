@@ -39,7 +39,7 @@ import time
 import uuid
 
 import redis
-from rq import Queue, Worker
+from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -300,8 +300,16 @@ def run_refresh_job(project: int) -> str:
 
 
 def run_worker(settings: Settings) -> None:
-  """`python -m backend worker`: runs training jobs (and delayed triggers) until stopped."""
+  """`python -m backend worker`: runs training jobs (and delayed triggers) until stopped.
+
+  The jobs run in this process (RQ's SimpleWorker), not in a child forked per
+  job: TensorFlow and the training code are imported, and the augmentation
+  converted, once before the first job (`pipeline.warm_up`) instead of in
+  every job. A killed worker is a killed job either way; its project lock runs out.
+  """
+  from model import pipeline
   connection = redis.Redis.from_url(settings.redis_url)
   connection.ping()
-  worker = Worker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
+  pipeline.warm_up()
+  worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
   worker.work(with_scheduler=True, logging_level=settings.log_level)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,15 +40,8 @@ class RedisServer:
     self.log.close()
 
 
-def _parent_of(pid: int) -> int | None:
-  try:
-    return int(Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1])
-  except (FileNotFoundError, ProcessLookupError):
-    return None
-
-
 class TrainingWorker:
-  """`python -m backend worker`; RQ runs each job in a forked child (its work horse)."""
+  """`python -m backend worker`, which runs its jobs in its own process."""
 
   def __init__(self, log_path: Path, env: dict):
     self.log_path = log_path
@@ -57,26 +49,16 @@ class TrainingWorker:
     self.process = subprocess.Popen([sys.executable, '-m', 'backend', 'worker'], cwd=REPO,
                                     env={**os.environ, **env}, stdout=self.log,
                                     stderr=subprocess.STDOUT)
-    self.horses: set[int] = set()
 
   def runs(self, pid: int) -> bool:
-    """Whether `pid` is this worker's work horse."""
-    if _parent_of(pid) == self.process.pid:
-      self.horses.add(pid)
-      return True
-    return False
+    """Whether `pid` (a job's worker in /train/status) is this worker."""
+    return pid == self.process.pid
 
   def kill(self):
-    """SIGKILL to the worker and its work horse, as when their machine goes down."""
-    for pid in [self.process.pid, *self.horses]:
-      try:
-        os.kill(pid, signal.SIGKILL)
-      except ProcessLookupError:
-        pass
+    """SIGKILL, as when its machine goes down."""
+    self.process.kill()
     self.process.wait(10)
 
   def stop(self):
-    self.horses.update(pid for pid in map(int, filter(str.isdigit, os.listdir('/proc')))
-                       if _parent_of(pid) == self.process.pid)
     self.kill()
     self.log.close()

@@ -40,6 +40,7 @@ import uuid
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.worker import BaseWorker, WorkerStatus
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -299,17 +300,46 @@ def run_refresh_job(project: int) -> str:
   return Refresher(settings, store, predictor).run(project).state
 
 
-def run_worker(settings: Settings) -> None:
-  """`python -m backend worker`: runs training jobs (and delayed triggers) until stopped.
+class WarmWorker(SimpleWorker):
+  """Runs each job in this process, not in a child forked per job (RQ's
+  SimpleWorker), so TensorFlow and the training code stay loaded between jobs
+  (forking after TensorFlow is imported is unsafe: it has threads by then).
 
-  The jobs run in this process (RQ's SimpleWorker), not in a child forked per
-  job: TensorFlow and the training code are imported, and the augmentation
-  converted, once before the first job (`pipeline.warm_up`) instead of in
-  every job. A killed worker is a killed job either way; its project lock runs out.
+  As RQ's forking worker does from its parent, a thread renews the worker's and
+  the job's heartbeats every `job_monitoring_interval` while a job runs: a
+  killed worker's job is known dead within ~90 s, not after its whole timeout.
   """
+
+  def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+    return BaseWorker.get_heartbeat_ttl(self, job, working_time)  # the forking worker's
+
+  def execute_job(self, job: Job, queue: Queue):
+    execution = self.prepare_execution(job)
+    done = threading.Event()
+
+    def beat():
+      while not done.wait(self.job_monitoring_interval):
+        try:
+          self.maintain_heartbeats(job, execution)
+        except redis.exceptions.RedisError as error:  # try again at the next beat
+          log.warning('Job %s: heartbeat failed: %s', job.id, error)
+
+    beating = threading.Thread(target=beat, name='job-heartbeat', daemon=True)
+    beating.start()
+    try:
+      self.perform_job(job, queue, execution)
+    finally:
+      done.set()
+      beating.join()
+    self.set_state(WorkerStatus.IDLE)
+
+
+def run_worker(settings: Settings) -> None:
+  """`python -m backend worker`: runs training jobs (and delayed triggers) until stopped,
+  warmed up (`pipeline.warm_up`) before the first one."""
   from model import pipeline
   connection = redis.Redis.from_url(settings.redis_url)
   connection.ping()
   pipeline.warm_up()
-  worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
+  worker = WarmWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
   worker.work(with_scheduler=True, logging_level=settings.log_level)

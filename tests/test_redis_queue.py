@@ -148,3 +148,32 @@ def test_a_project_label_studio_does_not_know_leaves_only_its_error_for_an_hour(
   assert connection.keys('fewshot:99:*') == [b'fewshot:99:status']
   assert 0 < connection.ttl('fewshot:99:status') <= 3600
   assert 'HTTP 404 for project 99' in _queue(redis_url).status_of(99)['last_error']
+
+
+def _started_registry_expiries(seconds: float) -> list[float]:
+  """An RQ job: how far ahead the started-job registry's expiry of this job lies, at
+  its start and after `seconds`."""
+  from rq import get_current_job
+  from rq.registry import StartedJobRegistry
+  job = get_current_job()
+  key = StartedJobRegistry(QUEUE_NAME, connection=job.connection).key
+
+  def expiry():
+    return max(score for member, score in job.connection.zrange(key, 0, -1, withscores=True)
+               if member.decode().startswith(job.id))
+  first = expiry()
+  time.sleep(seconds)
+  return [first - time.time(), expiry() - time.time(), expiry() - first]
+
+
+def test_a_warm_worker_keeps_its_job_alive_with_short_heartbeats(redis_url, connection):
+  """Jobs run in the worker's own process, yet a killed worker's job expires as soon as
+  under RQ's forking worker: within a heartbeat's TTL, renewed while the job runs."""
+  from backend.redis_queue import WarmWorker
+  queue = Queue(QUEUE_NAME, connection=connection)
+  job = queue.enqueue(_started_registry_expiries, 2.5, job_timeout=3600)
+  worker = WarmWorker([queue], connection=connection, job_monitoring_interval=1)
+  worker.work(burst=True)
+  ahead_at_start, ahead_later, moved = Job.fetch(job.id, connection=connection).return_value()
+  assert ahead_at_start < 90 and ahead_later < 90  # not the job's timeout (3600 s) + 60
+  assert moved >= 1.5  # renewed while the job ran

@@ -45,6 +45,22 @@ def test_every_view_has_its_box_on_the_object():
     assert redness_inside(view, boxes[0]) > 1.0, index
 
 
+def test_an_image_without_boxes_gives_every_view_jittered_whole():
+  tf.random.set_seed(4)
+  image, _ = red_square_image()
+  views = input_views(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int32), 6, SIZE,
+                      zoom_outs=2)
+  assert len(views) == 8
+  for view, boxes, ids in views:
+    assert view.shape == (SIZE, SIZE, 3) and boxes.shape == (0, 4) and ids.shape == (0,)
+  # The random views are the whole image (no crop without boxes): the square stays in the
+  # top right, or the top left when mirrored.
+  for view, _, _ in views[2:6]:
+    top_right, top_left = view[20:44, 62:82], view[20:44, 14:34]
+    red = max(float(np.mean(part[..., 0] - part[..., 1])) for part in (top_right, top_left))
+    assert red > 1.0
+
+
 def is_on_canvas(view):
   """A shrunk image sits in a top corner: the bottom rows are canvas, black (-1 at the model
   input) but for the colour jitter, and even."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -120,9 +119,6 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   """
   from model import pipeline
   started = time.monotonic()
-  # TensorFlow loads while Label Studio answers and the images download.
-  warming = threading.Thread(target=pipeline.warm_up, name='warm-up', daemon=True)
-  warming.start()
   report = _logged(project, on_progress)
   store.remove_staging(project)
   report('fetching')
@@ -139,7 +135,6 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   # Image paths are absolute (the cache), so the images root is never used.
   later = tuple(kind for kind in TFLITE_FILES if kind != settings.model_variant)
 
-  warming.join()
 
   def published(run):
     version = store.find(project, 'latest').name

@@ -49,6 +49,18 @@ def webhook_latencies(url: str, project: int, count: int = 20) -> list[float]:
     return list(pool.map(one, range(count)))
 
 
+def wait_for_rq_worker(redis_url: str, seconds: float = 120) -> None:
+  """Until an RQ worker has registered in Redis, which it does when it starts taking jobs."""
+  import redis
+  from rq import Worker
+  connection = redis.Redis.from_url(redis_url)
+  deadline = time.monotonic() + seconds
+  while not Worker.all(connection=connection):
+    if time.monotonic() > deadline:
+      raise TimeoutError(f'no RQ worker registered in {seconds:.0f} s')
+    time.sleep(0.2)
+
+
 def run(ls: LabelStudio, model_dir: Path, work: Path, labeled: int, queue: str,
         redis_url: str | None) -> dict:
   project = make_disc_project(ls, work, labeled, seed=labeled, title=f'bench {labeled} {queue}')
@@ -61,6 +73,8 @@ def run(ls: LabelStudio, model_dir: Path, work: Path, labeled: int, queue: str,
   worker = (TrainingWorker(work / 'worker.log', {**env, 'MODEL_DIR': str(model_dir)})
             if queue == 'redis' else None)
   try:
+    if worker:  # as deployed: the worker has started (and warmed up) before anyone trains
+      wait_for_rq_worker(redis_url)
     ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': project.id,
                                             'title': 'bench', 'is_interactive': False})
     started = time.monotonic()

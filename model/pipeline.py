@@ -445,10 +445,9 @@ _warmed_up = False
 
 def warm_up() -> None:
   """Imports what an iteration uses and lets AutoGraph convert the augmentation's
-  code, once per process: a training worker does it before its first job, the
-  backend while it fetches a job's tasks (about 6 s of imports and 3 s of
-  conversion, which AutoGraph caches per process). Random state is untouched:
-  every iteration sets its seed first."""
+  code, once per process: an RQ training worker does it before its first job
+  (about 6 s of imports and 3 s of conversion, which AutoGraph caches per
+  process). Random state is untouched: every iteration sets its seed first."""
   global _warmed_up  # pylint: disable=global-statement
   if _warmed_up:
     return

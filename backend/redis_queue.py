@@ -40,7 +40,7 @@ import uuid
 
 import redis
 from rq import Queue, SimpleWorker
-from rq.worker import BaseWorker, WorkerStatus
+from rq.worker import BaseWorker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -313,8 +313,7 @@ class WarmWorker(SimpleWorker):
   def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
     return BaseWorker.get_heartbeat_ttl(self, job, working_time)  # the forking worker's
 
-  def execute_job(self, job: Job, queue: Queue):
-    execution = self.prepare_execution(job)
+  def perform_job(self, job: Job, queue: Queue, execution) -> bool:
     done = threading.Event()
 
     def beat():
@@ -327,11 +326,10 @@ class WarmWorker(SimpleWorker):
     beating = threading.Thread(target=beat, name='job-heartbeat', daemon=True)
     beating.start()
     try:
-      self.perform_job(job, queue, execution)
+      return super().perform_job(job, queue, execution)
     finally:
       done.set()
       beating.join()
-    self.set_state(WorkerStatus.IDLE)
 
 
 def run_worker(settings: Settings) -> None:

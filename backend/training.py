@@ -135,7 +135,6 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   # Image paths are absolute (the cache), so the images root is never used.
   later = tuple(kind for kind in TFLITE_FILES if kind != settings.model_variant)
 
-
   def published(run):
     version = store.find(project, 'latest').name
     log.info('Project %s: published %s in %.0f s (%s to follow)', project, version,

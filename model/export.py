@@ -293,8 +293,8 @@ class MetadataWriter:
     self.targets: dict[str, Path] = {}
     self.process = subprocess.Popen(
         [str(python), '-m', 'model.tflite_metadata', '--labels', str(self.folder / 'labels.txt')],
-        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+        cwd=Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
   def submit(self, kind: str, data: bytes) -> None:
     source, target = self.folder / f'{kind}.in.tflite', self.folder / f'{kind}.tflite'

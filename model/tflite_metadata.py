@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('files', nargs='*', metavar='IN OUT',
                       help='pairs of input and output paths; none: read "IN<tab>OUT" lines '
-                           'from stdin, answering each with OUT once it is written')
+                           'from stdin')
   parser.add_argument('--labels', required=True, help='labels.txt, one real label per line')
   args = parser.parse_args(argv)
   if len(args.files) % 2:
@@ -90,8 +90,6 @@ def main(argv=None) -> int:
       model = file.read()
     with open(target, 'wb') as file:
       file.write(with_metadata(model, labels))
-    if not args.files:
-      print(target, flush=True)
   return 0
 
 

@@ -3,8 +3,11 @@
 View 0 is the image as it is, view 1 its mirror; then random crops that keep
 the boxes whose centres they contain (clipped), and last the zoom-outs: the
 image shrunk onto a black canvas, so that objects also appear smaller than in
-any photo given. Random views are mirrored at random and colour-jittered. Every
-view is stretched to the model input, as at inference time.
+any photo given. Every view is stretched to the model input, as at inference
+time; random views are then mirrored at random and colour-jittered at the
+input's size (on a phone's photo, jittering before the resize cost several
+times more). Zoom-outs are shrunk with Pillow's antialiasing: TensorFlow's
+bilinear resize skips pixels when it shrinks, and small objects alias.
 
 The random ops run as traced TensorFlow functions (`Augmenter`): eagerly, the
 crop's retry loop alone cost ~100 ms a view in op dispatch. One `Augmenter`
@@ -38,12 +41,11 @@ def _flip_and_jitter(pixels, boxes, class_ids):
   return pixels, boxes, class_ids
 
 
-def _crop_flip_and_jitter(pixels, boxes, class_ids, min_scale):
-  """A random crop keeping the boxes whose centres it holds, then `_flip_and_jitter`."""
-  crop, boxes, class_ids = preprocess_ops.random_crop_image_with_boxes_and_labels(
+def _crop(pixels, boxes, class_ids, min_scale):
+  """A random crop keeping the boxes whose centres it holds (clipped to it)."""
+  return preprocess_ops.random_crop_image_with_boxes_and_labels(
       pixels, boxes, class_ids, min_scale=min_scale, aspect_ratio_range=(0.5, 2.0),
       min_overlap_params=(0.0, 1.4, 0.2, 0.1), max_retry=50)
-  return _flip_and_jitter(crop, boxes, class_ids)
 
 
 class Augmenter:
@@ -51,7 +53,7 @@ class Augmenter:
 
   def __init__(self, crop_min_scale: float = ViewsConfig.crop_min_scale):
     signature = [_PIXELS, _BOXES, _IDS]
-    self.crop = tf.function(functools.partial(_crop_flip_and_jitter, min_scale=crop_min_scale),
+    self.crop = tf.function(functools.partial(_crop, min_scale=crop_min_scale),
                             input_signature=signature)
     self.jitter = tf.function(_flip_and_jitter, input_signature=signature)
 
@@ -81,37 +83,37 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
   augmenter = augmenter or Augmenter()
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
   class_ids = np.asarray(class_ids, np.int32).reshape(-1)
-  pixels = tf.constant(np.asarray(image, np.uint8))
   ids = tf.constant(class_ids)
-  views = [(resize_for_model(image, input_size), boxes, class_ids)]
+  original = resize_for_model(image, input_size)
+  views = [(original, boxes, class_ids)]
   if count > 1:
-    views.append(_view(tf.image.flip_left_right(pixels),
-                       box_ops.horizontal_flip_boxes(boxes), class_ids, input_size))
-  random_view = augmenter.crop if len(boxes) else augmenter.jitter
-  for _ in range(count - 2):
-    views.append(_view(*random_view(pixels, tf.constant(boxes), ids), input_size))
+    views.append((np.ascontiguousarray(original[:, ::-1]),
+                  np.asarray(box_ops.horizontal_flip_boxes(boxes), np.float32), class_ids))
+  pixels = tf.constant(np.asarray(image, np.uint8)) if count > 2 and len(boxes) else None
+  for _ in range(count - 2):  # crops of the full-resolution image, stretched to the input
+    crop, crop_boxes, crop_ids = (augmenter.crop(pixels, tf.constant(boxes), ids)
+                                  if pixels is not None else (original, boxes, ids))
+    resized = resize_for_model(Image.fromarray(np.asarray(crop, np.uint8)), input_size)
+    views.append(_jittered(augmenter, resized, crop_boxes, crop_ids))
   for _ in range(zoom_outs):
-    shrunk, shrunk_boxes = _shrink_onto_canvas(pixels, boxes, zoom_out_scale)
-    views.append(_view(*augmenter.jitter(shrunk, tf.cast(shrunk_boxes, tf.float32), ids),
-                       input_size))
+    shrunk, scale = _shrink_onto_canvas(image, input_size, float(tf.random.uniform(
+        [], *zoom_out_scale)))
+    views.append(_jittered(augmenter, shrunk, boxes * scale, ids))
   return views
 
 
-def _shrink_onto_canvas(pixels, boxes, scale_range):
-  """The image scaled by a random factor in `scale_range` into the top-left of a black
-  canvas of its own size (official.vision's scale jitter), and its boxes."""
-  height, width = pixels.shape[0], pixels.shape[1]
-  image, info = preprocess_ops.resize_and_crop_image(
-      pixels, [height, width], [height, width], aug_scale_min=scale_range[0],
-      aug_scale_max=scale_range[1])
-  size = tf.constant([height, width, height, width], tf.float32)
-  moved = preprocess_ops.resize_and_crop_boxes(tf.constant(boxes) * size, info[2, :], info[1, :],
-                                               info[3, :])
-  return tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), moved / size
-
-
-def _view(pixels, boxes, class_ids, input_size):
-  image = Image.fromarray(np.asarray(pixels, np.uint8))
-  return (resize_for_model(image, input_size),
-          np.asarray(boxes, np.float32).reshape(-1, 4),
+def _jittered(augmenter: Augmenter, pixels, boxes, class_ids):
+  """A view mirrored at random and colour-jittered, as numpy arrays."""
+  pixels, boxes, class_ids = augmenter.jitter(pixels, tf.constant(boxes, tf.float32), class_ids)
+  return (np.asarray(pixels, np.uint8), np.asarray(boxes, np.float32).reshape(-1, 4),
           np.asarray(class_ids, np.int32).reshape(-1))
+
+
+def _shrink_onto_canvas(image: Image.Image, input_size: int, scale: float):
+  """The image stretched to the input and shrunk by ~`scale` into the top-left of a
+  black input-sized canvas (as official.vision's scale jitter places it), and the
+  factor its boxes scale by."""
+  side = max(1, round(input_size * scale))
+  canvas = np.zeros((input_size, input_size, 3), np.uint8)
+  canvas[:side, :side] = resize_for_model(image, side)
+  return canvas, side / input_size

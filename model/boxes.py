@@ -51,3 +51,24 @@ def iou_xyxy(a, b) -> float:
   union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
   return inter / union if union > 0 else 0.0
 
+
+
+def overlap_free(boxes: np.ndarray, iou_threshold: float) -> list[int]:
+  """Indices of the boxes (x1, y1, x2, y2), best first, that overlap no better kept
+  one by more than `iou_threshold`: greedy suppression, class-agnostic.
+
+  For boxes clipped to the image after TFLite's post-processing op: its NMS
+  saw them unclipped, so two boxes past an edge can overlap more once clipped.
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  low = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+  high = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+  inter = np.prod(np.clip(high - low, 0, None), axis=-1)
+  area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=-1)
+  union = area[:, None] + area[None, :] - inter
+  iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+  keep = []
+  for i in range(len(boxes)):
+    if not keep or iou[i, keep].max() <= iou_threshold:
+      keep.append(i)
+  return keep

@@ -124,12 +124,17 @@ class SSDConfig:
                                          self.anchors.anchors_per_location()))
 
 
+# One object, one box: detections overlapping a better one by more than this
+# are suppressed, across classes, in the .tflite files and the checkpoint alike.
+NMS_IOU_THRESHOLD = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class PostprocessConfig:
   """Turning raw outputs into detections: scores, NMS and how many to keep."""
 
   min_score: float = 0.25
-  nms_iou_threshold: float = 0.5
+  nms_iou_threshold: float = NMS_IOU_THRESHOLD
   max_detections: int = 100
 
 
@@ -517,7 +522,7 @@ class ExportConfig:
   max_detections: int = 100
   # Candidates below this score never reach NMS (low, so evaluation sees the tail).
   nms_score_threshold: float = 0.01
-  nms_iou_threshold: float = 0.5
+  nms_iou_threshold: float = NMS_IOU_THRESHOLD
   # A box conv's weights beyond this x their output channel's 99th percentile
   # get a conv of their own (0: never), so int8 keeps the others' precision
   # (`export.split_box_head`; why: benchmarks/results/choices.md).

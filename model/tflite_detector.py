@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.boxes import Detection, normalized_yxyx_to_pixel_xyxy
+from model.boxes import Detection, normalized_yxyx_to_pixel_xyxy, overlap_free
+from model.config import ExportConfig
 from model.images import to_model_input
 
 POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
@@ -34,11 +35,14 @@ class TFLiteDetector:
     model_path: the .tflite file.
     labels: real labels in class-id order (labels.txt).
     num_threads: interpreter threads (XNNPACK).
+    nms_iou_threshold: the exported op's, applied again once boxes are clipped.
   """
 
-  def __init__(self, model_path: str | Path, labels: list[str], num_threads: int = 2):
+  def __init__(self, model_path: str | Path, labels: list[str], num_threads: int = 2,
+               nms_iou_threshold: float = ExportConfig.nms_iou_threshold):
     from ai_edge_litert.interpreter import Interpreter
     self.labels = list(labels)
+    self.nms_iou_threshold = nms_iou_threshold
     self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
     self.interpreter.allocate_tensors()
     (self.input,) = self.interpreter.get_input_details()
@@ -71,11 +75,16 @@ class TFLiteDetector:
             'scores': scores[0, :n], 'count': n}
 
   def detect(self, image: Image.Image, min_score: float = 0.25) -> list[Detection]:
-    """Detections in `image`'s pixels, best first, scores >= min_score."""
+    """Detections in `image`'s pixels, best first, scores >= min_score.
+
+    Boxes are clipped to the image and suppressed once more, as the checkpoint's
+    detector suppresses them clipped: one object, one box.
+    """
     out = self.raw(image)
-    keep = out['scores'] >= min_score
-    pixels = normalized_yxyx_to_pixel_xyxy(out['boxes'][keep], image.width, image.height)
-    found = [Detection(self.labels[c], float(s), tuple(map(float, b)))
-             for b, c, s in zip(pixels, out['classes'][keep], out['scores'][keep])
-             if 0 <= c < len(self.labels)]
-    return sorted(found, key=lambda d: -d.score)
+    order = np.argsort(-out['scores'], kind='stable')
+    classes, scores = out['classes'][order], out['scores'][order]
+    valid = (scores >= min_score) & (classes >= 0) & (classes < len(self.labels))
+    classes, scores = classes[valid], scores[valid]
+    pixels = normalized_yxyx_to_pixel_xyxy(out['boxes'][order][valid], image.width, image.height)
+    return [Detection(self.labels[classes[i]], float(scores[i]), tuple(map(float, pixels[i])))
+            for i in overlap_free(pixels, self.nms_iou_threshold)]

@@ -82,12 +82,15 @@ def run_model_cli(*args, model_dir, timeout=600):
 
 @pytest.fixture(scope='session')
 def shapes_dataset(tmp_path_factory):
-  """A small task set made here: discs and squares on textured noise, train and test splits."""
+  """A small task set made here: discs and squares on textured noise, train and test splits.
+
+  18 test images: with 6, one shape more or less found moved a short run's mAP@0.5
+  by ~0.2, and the same code scored 0.42-0.96 across seeds (0.74-0.89 on 30)."""
   import json
   from tests.synthetic import make_task_set
   folder = tmp_path_factory.mktemp('shapes')
   tasks = (make_task_set(folder, 12, ('disc', 'square'), 'train', seed=1)
-           + make_task_set(folder, 6, ('disc', 'square'), 'test', seed=2, start_id=100))
+           + make_task_set(folder, 18, ('disc', 'square'), 'test', seed=2, start_id=100))
   (folder / 'tasks.json').write_text(json.dumps(tasks))
   return folder
 

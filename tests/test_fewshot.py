@@ -59,7 +59,7 @@ def test_eval_prints_one_json_object_and_finds_the_planted_shapes(trained_run, s
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert set(report) == {'map50', 'map', 'per_class', 'images', 'boxes'}
-    assert (report['images'], report['boxes']) == (6, 6)
+    assert (report['images'], report['boxes']) == (18, 18)
     assert set(report['per_class']) == {'disc', 'square'}
     assert report['map50'] >= 0.6, (extra, report)
 

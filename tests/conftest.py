@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,17 +24,57 @@ RACCOON = SHARED / 'datasets' / 'raccoon'
 # that uses one, directly or through another fixture, is marked slow:
 # `pytest -m "not slow"` is the fast loop.
 SLOW_FIXTURES = {'base_paths', 'label_studio', 'redis_url'}
+SERVER_FIXTURES = {'label_studio', 'redis_url'}
 
 # Trainings whose subject is neither the input size nor how well the model finds the
 # shapes run at this one: a step costs about a third of one at 300. (The shared
 # trained run stays at 300: at 160 it found too few shapes for the serving tests.)
 SMALL_INPUT = 160
 
+# scripts/test.sh runs the suite on two pytest-xdist workers: alone it keeps about
+# half of two cores busy, waiting on servers and subprocesses. A worker takes whole
+# modules (a module's fixtures are made once); these modules, the ones whose tests
+# use Label Studio or Redis, go to one worker together, so one Label Studio starts.
+SERVER_MODULES = {'test_diagnostics', 'test_e2e_label_studio', 'test_redis_queue', 'test_scale_out'}
+XDIST_WORKER = os.environ.get('PYTEST_XDIST_WORKER')
+
 
 def pytest_collection_modifyitems(items):
   for item in items:
-    if SLOW_FIXTURES & set(getattr(item, 'fixturenames', ())):
+    fixtures = set(getattr(item, 'fixturenames', ()))
+    if SLOW_FIXTURES & fixtures:
       item.add_marker(pytest.mark.slow)
+    if SERVER_FIXTURES & fixtures:
+      assert item.module.__name__.rsplit('.', 1)[-1] in SERVER_MODULES, (
+          f'{item.nodeid} uses a server: add its module to SERVER_MODULES (tests/conftest.py)')
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent without it
+def pytest_xdist_make_scheduler(config, log):
+  from xdist.scheduler import LoadScopeScheduling
+
+  class ModulesAndServers(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split('::', 1)[0]
+      return 'servers' if Path(module).stem in SERVER_MODULES else module
+  return ModulesAndServers(config, log)
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+  """The folder `make(folder)` fills, made once per test session however many
+  xdist workers ask for it (the first makes it, the others wait and share it)."""
+  root = tmp_path_factory.getbasetemp()
+  if XDIST_WORKER:  # each worker's base is a folder of the session's
+    root = root.parent
+  folder, done = root / name, root / f'{name}.done'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      make(folder)
+      done.touch()
+  return folder
 
 
 def _setup_model_dir() -> Path:
@@ -50,7 +92,6 @@ def base_paths(tmp_path_factory):
   tests that need it skip with the reason, except under CI=true, where npm is
   reachable and they must run.
   """
-  import shutil
   from model import base_weights
   from model.config import BasePaths
   setup_base = BasePaths(_setup_model_dir())
@@ -88,22 +129,24 @@ def shapes_dataset(tmp_path_factory):
   by ~0.2, and the same code scored 0.42-0.96 across seeds (0.74-0.89 on 30)."""
   import json
   from tests.synthetic import make_task_set
-  folder = tmp_path_factory.mktemp('shapes')
-  tasks = (make_task_set(folder, 12, ('disc', 'square'), 'train', seed=1)
-           + make_task_set(folder, 18, ('disc', 'square'), 'test', seed=2, start_id=100))
-  (folder / 'tasks.json').write_text(json.dumps(tasks))
-  return folder
+
+  def make(folder):
+    tasks = (make_task_set(folder, 12, ('disc', 'square'), 'train', seed=1)
+             + make_task_set(folder, 18, ('disc', 'square'), 'test', seed=2, start_id=100))
+    (folder / 'tasks.json').write_text(json.dumps(tasks))
+  return made_once(tmp_path_factory, 'shapes', make)
 
 
 @pytest.fixture(scope='session')
 def trained_run(base_paths, shapes_dataset, tmp_path_factory):
   """One iteration trained and exported through the command line, shared by the tests
   (200 steps of the 345 the budget gives 12 images: the shapes are found either way)."""
-  out = tmp_path_factory.mktemp('runs') / 'iteration-1'
-  result = run_model_cli('train', '--tasks', shapes_dataset / 'tasks.json', '--out', out,
-                         '--max-steps', 200, model_dir=base_paths.model_dir)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return out
+  def make(folder):
+    result = run_model_cli('train', '--tasks', shapes_dataset / 'tasks.json',
+                           '--out', folder / 'iteration-1', '--max-steps', 200,
+                           model_dir=base_paths.model_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+  return made_once(tmp_path_factory, 'runs', make) / 'iteration-1'
 
 
 def poll(read, until, seconds: float, every: float = 0.3):
@@ -193,7 +236,8 @@ _launched = {}
 
 def pytest_collection_finish(session):
   from tests.label_studio import LABEL_STUDIO, LabelStudio
-  if LABEL_STUDIO.exists() and any('label_studio' in getattr(item, 'fixturenames', ())
+  # (Under xdist every worker collects every test: the one the servers' tests go to starts it.)
+  if not XDIST_WORKER and LABEL_STUDIO.exists() and any('label_studio' in getattr(item, 'fixturenames', ())
                                    for item in session.items):
     temp = session.config._tmp_path_factory  # what the tmp_path_factory fixture hands out
     _launched['label_studio'] = LabelStudio(temp.mktemp('label-studio'))
@@ -220,7 +264,6 @@ def label_studio(tmp_path_factory):
 @pytest.fixture(scope='session')
 def redis_url(tmp_path_factory):
   """A real redis-server (Debian's package; set-up installs it) on a free port."""
-  import shutil
   from tests.redis_servers import RedisServer
   if shutil.which('redis-server') is None:
     if os.environ.get('CI') == 'true':

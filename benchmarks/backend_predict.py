@@ -34,6 +34,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from model import run_folder  # noqa: E402
 from tests.conftest import Backend  # noqa: E402  (the same launcher the tests use)
 
 CONFIG = ('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -119,7 +120,7 @@ def main():
                       choices=['variants', 'workers'])
   args = parser.parse_args()
 
-  labels = (args.run / 'labels.txt').read_text().split()
+  labels = run_folder.read_labels_file(run_folder.RunPaths(args.run).labels)
   config = CONFIG.format(labels=''.join(f'<Label value="{l}"/>' for l in labels))
   images = sorted(p.name for p in args.images.glob('*.jpg'))[:64]
   server, base_url = serve_folder(args.images)

@@ -527,6 +527,11 @@ class ExportConfig:
   # get a conv of their own (0: never), so int8 keeps the others' precision
   # (`export.split_box_head`; why: benchmarks/results/choices.md).
   box_weight_outlier_ratio: float = 4.0
+  # Box size codes are bounded below where every box is under this many pixels,
+  # centre codes a whole anchor off (0: unbounded), so that empty anchors'
+  # degenerate codes do not coarsen int8's step for the real ones
+  # (`export.code_floors`; why: benchmarks/results/choices.md).
+  box_floor_px: float = 1.0
   # Inputs that calibrate the int8 model: the project's training views, each
   # image as it is first, then its augmented views while there are fewer images
   # than twice `calibration_images` ('originals': the images as they are only).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import subprocess
 import tempfile
 import time
@@ -37,8 +38,8 @@ class ExportError(RuntimeError):
   """The converter produced something we would not ship."""
 
 
-def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig):
-  y, x, h, w = model.config.box_scale_factors
+def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig, scale_factors):
+  y, x, h, w = scale_factors
   signature = detection_generator._generate_detections_tflite_implements_signature({  # pylint: disable=protected-access
       'max_detections': config.max_detections,
       'max_classes_per_detection': 1,
@@ -68,9 +69,13 @@ def _postprocess_fn(model: ssd_lib.SSD, config: ExportConfig):
 def serving_function(model: ssd_lib.SSD, config: ExportConfig):
   """tf.function: image [1, S, S, 3] float32 in [-1, 1] -> the four detection outputs."""
   size = model.config.input_size
-  anchors = tf.constant(anchors_lib.generate_anchors_cycxhw(model.config))
-  postprocess = _postprocess_fn(model, config)
-  box_encodings = split_box_head(model.box_head, config.box_weight_outlier_ratio)
+  anchors, scales = anchors_lib.generate_anchors_cycxhw(model.config), model.config.box_scale_factors
+  floors = code_floors(model.config, config.box_floor_px) if config.box_floor_px else None
+  if floors is not None:
+    anchors, scales = floored_decoding(anchors, floors, scales)
+  anchors = tf.constant(anchors)
+  postprocess = _postprocess_fn(model, config, scales)
+  box_encodings = split_box_head(model.box_head, config.box_weight_outlier_ratio, floors)
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='image')])
   def serve(image):
@@ -80,22 +85,59 @@ def serving_function(model: ssd_lib.SSD, config: ExportConfig):
   return serve
 
 
-def split_box_head(box_head: ssd_lib.PredictionHead, outlier_ratio: float):
+def code_floors(config: ssd_lib.SSDConfig, pixels: float) -> np.ndarray:
+  """Lower bounds on the box codes (ty, tx, th, tw) below which boxes are all alike:
+  a centre a whole anchor off (a matched box's lies within half of one), a size
+  where even the largest anchor's box is under `pixels` pixels."""
+  y_scale, x_scale, h_scale, w_scale = config.box_scale_factors
+  largest = float(anchors_lib.generate_anchors_cycxhw(config)[:, 2:].max()) * config.input_size
+  size = min(h_scale, w_scale) * math.log(pixels / largest)
+  return np.array([-y_scale, -x_scale, size, size], np.float32)
+
+
+def floored_decoding(anchors: np.ndarray, floors: np.ndarray, scale_factors
+                     ) -> tuple[np.ndarray, tuple[float, ...]]:
+  """Anchors [N, (cy, cx, h, w)] and scale factors under which TFLite's decoding
+  (cy + ty / y_scale * h, h * exp(th / h_scale)) of the codes less `floors`
+  gives the boxes the given ones give the codes."""
+  cy, cx, h, w = anchors.T
+  (y_scale, x_scale, h_scale, w_scale), (fy, fx, fh, fw) = scale_factors, floors
+  # Sizes: the anchor shrinks by what the floor took. Centres: the anchor moves
+  # by the floor, and its scale grows as the anchor shrank (the op scales the
+  # centre code by the anchor's size too).
+  kh, kw = math.exp(fh / h_scale), math.exp(fw / w_scale)
+  shifted = np.stack([cy + fy / y_scale * h, cx + fx / x_scale * w, h * kh, w * kw], axis=1)
+  return shifted.astype(np.float32), (y_scale * kh, x_scale * kw, h_scale, w_scale)
+
+
+def split_box_head(box_head: ssd_lib.PredictionHead, outlier_ratio: float,
+                   floors: np.ndarray | None = None):
   """features -> the box head's encodings, each conv split in two so that int8
-  keeps every weight's precision.
+  keeps every weight's precision; with `floors`, the codes less `floors`,
+  bounded at 0 (`floored_decoding` decodes them).
 
   int8 weights are scaled per output channel by its largest: the restored
   head's lowest map gives two channels one weight of 5.4 among weights under
   0.8, which alone cost 0.07 mAP@0.5 on the synthetic shapes at one image.
   `split_outlier_weights` moves such weights to a second conv of their own,
-  whose sum with the first is exact (benchmarks/results/choices.md).
+  whose sum with the first is exact.
+
+  The codes reach the post-processing as one int8 tensor, whose range the
+  lowest map's empty anchors stretch (to -83 on the small shapes) with size
+  codes of boxes far under a pixel. Bounded at `code_floors`, the real codes
+  get a finer step. The bound is a ReLU on the codes less the floors (folded
+  into the last conv's or add's bias) that TFLite fuses into that op, so no
+  int8 tensor holds the unbounded codes (benchmarks/results/choices.md).
   """
   convs = [(split_outlier_weights(conv.kernel.numpy(), outlier_ratio), conv.bias.numpy())
            for conv in box_head.convs]  # read here: a tf.function cannot
+  per_anchor = box_head.values_per_anchor
 
   def encode(features):
     outputs = []
     for (kernels, bias), feature in zip(convs, features):
+      if floors is not None:
+        bias = bias - np.tile(floors, len(bias) // per_anchor)
       # The bias goes with the last part: were the outliers' input channels
       # zero on every calibration image, their conv would otherwise have an
       # empty range, which XNNPACK refuses.
@@ -103,7 +145,9 @@ def split_box_head(box_head: ssd_lib.PredictionHead, outlier_ratio: float):
       out = parts[-1] + bias
       for part in parts[:-1]:
         out = part + out  # ADD (add_n has no int8 kernel)
-      outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, box_head.values_per_anchor]))
+      if floors is not None:
+        out = tf.nn.relu(out)
+      outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, per_anchor]))
     return tf.concat(outputs, axis=1)
 
   return encode

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from model import export, ssd as ssd_lib
+from model.anchors import generate_anchors_cycxhw
 from model.config import SSDConfig
 from model.tflite_detector import TFLiteDetector
 
@@ -62,11 +63,12 @@ def test_outlying_weights_go_to_a_conv_of_their_own_and_sum_back_exactly():
   assert export.split_outlier_weights(kernel, 0) == [kernel]
 
 
-def _int8_box_encodings(head, features, ratio: float) -> np.ndarray:
-  """The encodings of `head` (split at `ratio`) run as an int8 .tflite, dequantized."""
+def _int8_box_encodings(head, features, ratio: float, floors=None) -> np.ndarray:
+  """The encodings of `head` (split at `ratio`, bounded at `floors`) run as an int8
+  .tflite, dequantized (and the floors added back)."""
   import tensorflow as tf
   from ai_edge_litert.interpreter import Interpreter
-  encode = export.split_box_head(head, ratio)
+  encode = export.split_box_head(head, ratio, floors)
   signature = tf.TensorSpec([1, *features.shape[1:]], tf.float32)
   function = tf.function(lambda f: encode([f]), input_signature=[signature])
   converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
@@ -82,7 +84,7 @@ def _int8_box_encodings(head, features, ratio: float) -> np.ndarray:
     interpreter.invoke()
     return interpreter.get_tensor(target['index'])
 
-  return np.concatenate([run(f) for f in features])
+  return np.concatenate([run(f) for f in features]) + (0 if floors is None else floors)
 
 
 def test_int8_box_encodings_keep_their_precision_beside_an_outlying_weight():
@@ -102,6 +104,53 @@ def test_int8_box_encodings_keep_their_precision_beside_an_outlying_weight():
   errors = {ratio: np.abs(_int8_box_encodings(head, features, ratio) - exact)[..., 2:].mean()
             for ratio in (0.0, 4.0)}
   assert errors[4.0] < 0.3 * errors[0.0], errors
+
+
+def test_int8_box_encodings_keep_their_precision_beside_degenerate_ones():
+  """Empty anchors' size codes far below any real box's (the restored lowest map's reach
+  -83: a large negative bias that what an object shows makes up for) stretch the one
+  int8 range every code shares; bounded at a degenerate code, the real codes get a finer
+  step, and in float they are untouched."""
+  rng = np.random.default_rng(2)
+  features = rng.uniform(0, 1, (24, 6, 6, 32)).astype(np.float32)
+  empty = rng.random((24, 6, 6)) < 0.5
+  features[..., :16] = ~empty[..., None]  # what an object shows
+  head = ssd_lib.PredictionHead([1], 4, 'box_encoding')
+  head([features])
+  kernel = rng.normal(0, 0.5, (1, 1, 32, 4)).astype(np.float32)
+  kernel[0, 0, :16, 2:] = 5.0
+  head.convs[0].set_weights([kernel, np.array([0.0, 0.0, -80.0, -80.0], np.float32)])
+  exact, real = head([features]).numpy(), ~empty.reshape(24, -1)
+  assert exact[~real][:, 2:].max() < -60 < -10 < exact[real].min()
+  floors = np.array([-10.0, -10.0, -30.0, -30.0], np.float32)
+  shifted = export.split_box_head(head, 4.0, floors)([features]).numpy()
+  np.testing.assert_allclose(shifted[real] + floors, exact[real], atol=1e-4)
+  assert (shifted[~real][:, 2:] == 0).all()  # bounded at the floor
+  errors = {bounded: np.abs(_int8_box_encodings(head, features, 4.0, floors if bounded else None)
+                            - exact)[real].mean() for bounded in (False, True)}
+  assert errors[True] < 0.6 * errors[False], errors
+
+
+def _decode(codes, anchors, scales):
+  """TFLite_Detection_PostProcess's decoding: (cy, cx, h, w) of each box."""
+  return np.stack([anchors[:, 0] + codes[:, 0] / scales[0] * anchors[:, 2],
+                   anchors[:, 1] + codes[:, 1] / scales[1] * anchors[:, 3],
+                   anchors[:, 2] * np.exp(codes[:, 2] / scales[2]),
+                   anchors[:, 3] * np.exp(codes[:, 3] / scales[3])], axis=1)
+
+
+def test_floored_codes_decode_to_the_same_boxes_or_to_under_a_pixel():
+  config = SSDConfig(num_classes=1, input_size=448)
+  anchors, scales = generate_anchors_cycxhw(config), config.box_scale_factors
+  floors = export.code_floors(config, 1.0)
+  assert list(floors[:2]) == [-scales[0], -scales[1]] and floors[2] < -25
+  shifted, shifted_scales = export.floored_decoding(anchors, floors, scales)
+  codes = np.random.default_rng(0).uniform(-6, 6, anchors.shape).astype(np.float32)
+  np.testing.assert_allclose(_decode(codes - floors, shifted, shifted_scales),
+                             _decode(codes, anchors, scales), rtol=1e-4, atol=1e-5)
+  # a size code at the floor: even the largest anchor's box is a pixel
+  at_floor = _decode(np.zeros_like(codes), shifted, shifted_scales)
+  assert at_floor[:, 2:].max() * 448 == pytest.approx(1.0, rel=1e-3)
 
 
 def test_caching_the_frozen_part_measures_the_peaks_calibration_would(base_model):

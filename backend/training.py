@@ -20,7 +20,7 @@ from backend.label_studio_api import ANNOTATED_TASKS, LabelStudioAPI
 from backend.settings import Settings
 from backend.store import ModelStore
 from model.images import ImageError
-from model.run_folder import TFLITE_FILES
+from model.run_folder import TFLITE_FILES, pending_files
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,9 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
 
   def published(run):
     version = store.find(project, 'latest').name
-    log.info('Project %s: published %s in %.0f s (%s to follow)', project, version,
-             time.monotonic() - started, ', '.join(later))
+    following = pending_files(run.root)
+    log.info('Project %s: published %s in %.0f s%s', project, version, time.monotonic() - started,
+             f' ({", ".join(following)} to follow)' if following else '')
     if on_published is not None:
       on_published(version)
   pipeline.train_iteration(training_tasks, fetcher.cache_dir, out, settings.model_dir,

@@ -369,7 +369,10 @@ def evaluate_model(model, training: TrainingSet, history: list[dict]):
 
 def export_model(model, views: Views, labels: list[str], export_config: ExportConfig,
                  kinds: tuple[str, ...]) -> dict[str, bytes]:
-  """The .tflite files (kind -> bytes), with TFLite metadata where MediaPipe's writer is set up."""
+  """The .tflite files (kind -> bytes), with TFLite metadata where MediaPipe's writer is set up.
+
+  int8 comes with the float file it is quantized from (`export.export_files`).
+  """
   from model import export, ssd as ssd_lib
   from model.images import pixels_to_input
   metadata_python = export.metadata_python()
@@ -378,7 +381,7 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
                 "MediaPipe's ObjectDetector needs (bash scripts/setup.sh creates it)")
   # With QAT, the int8 file comes from the quantization-aware copy of what trained.
   qat_extractor = views.split.quantization_aware_extractor()
-  int8_model = model if qat_extractor is None else ssd_lib.build_ssd(
+  int8_model = None if qat_extractor is None else ssd_lib.build_ssd(
       model.config, feature_extractor=qat_extractor, box_head=model.box_head,
       class_head=model.class_head)
   calibration = ()
@@ -390,8 +393,8 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
     calibration = export.calibration_inputs(
         model, pixels_to_input(views.train_pixels[candidates]), count,
         export_config.calibration_outlier_ratio, views.cached_peaks(candidates))
-  models = {kind: int8_model if kind == export.INT8 else model for kind in kinds}
-  return export.export_files(models, labels, export_config, calibration, metadata_python)
+  return export.export_files(model, kinds, labels, export_config, calibration, metadata_python,
+                             int8_model)
 
 
 @dataclasses.dataclass
@@ -477,10 +480,12 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     previous: the run folder this iteration continues from (None: the base).
     progress: called with each `train.Progress` while training.
     on_stage: called with each stage's name as it begins.
-    export_kinds: the .tflite files to write before publishing (benchmarks may skip some).
-    export_later: .tflite files converted after publishing, each added to the
-      published run as it is ready (listed as pending until then), so a
-      backend serves the new version as soon as its own file is there.
+    export_kinds: the .tflite files to write before publishing (benchmarks may
+      skip some); int8 brings the float file it is quantized from.
+    export_later: .tflite files converted after publishing, unless made on the
+      way already, each added to the published run as it is ready (listed as
+      pending until then), so a backend serves the new version as soon as its
+      own file is there.
     on_published: called with the run folder once it is published.
 
   Raises:
@@ -499,20 +504,21 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   with clock.stage('export'):
     files = export_model(model, views, training.labels, export_config, export_kinds)
   record = Record(fitted, evaluation, history, samples, files)
+  later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
   with clock.stage('publish'):
     publish(out_dir, record, clock, previous=previous, export_config=export_config,
-            pending=export_later)
+            pending=later)
   log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
   if previous is not None:  # its views moved on to this iteration: keep one copy per chain
     RunPaths(previous).views.unlink(missing_ok=True)
   if on_published is not None:
     on_published(RunPaths(out_dir))
-  if export_later:
+  if later:
     with clock.stage('export_later'):
       for kind, data in export_model(model, views, training.labels, export_config,
-                                     export_later).items():
+                                     later).items():
         run_folder.add_file(out_dir, RunPaths(out_dir).tflite(kind).name, data)
-    log.info('Added %s to %s', ', '.join(export_later), out_dir)
+    log.info('Added %s to %s', ', '.join(later), out_dir)
   return RunPaths(out_dir)
 
 

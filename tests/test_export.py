@@ -196,3 +196,32 @@ def test_metadata_writer_failure_is_an_export_error(tmp_path):
     writer.submit('float', b'not a tflite file')
     with pytest.raises(export.ExportError, match='metadata'):
       writer.results()
+
+
+def test_int8_quantized_from_the_float_file_equals_the_converters_own(tmp_path):
+  """`quantize_float` repeats the converter's calibrate-and-quantize on the float file
+  (TensorFlow's private calls): the file it makes must answer as the converter's does."""
+  from ai_edge_litert.interpreter import Interpreter
+  from model.images import pixels_to_input
+  from tests.synthetic import textured_background
+  model = ssd_lib.build_ssd(SSDConfig(num_classes=2, input_size=96))
+  pixels = np.stack([textured_background(96, 96, seed=i) for i in range(6)]).astype(np.uint8)
+  calibration = pixels_to_input(pixels[:4])
+  saved = export.save_serving(model, export.ExportConfig(), tmp_path / 'saved')
+  direct = export.convert_saved(saved, export.INT8, 96, calibration)
+  float_file = export.convert_saved(saved, export.FLOAT, 96)
+  quantized = export.quantize_float(float_file, calibration, 96)
+  assert quantized != float_file and len(quantized) < len(float_file) / 2
+
+  def outputs(data, image):
+    interpreter = Interpreter(model_content=data)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]['index'], image[None])
+    interpreter.invoke()
+    return [interpreter.get_tensor(o['index']) for o in interpreter.get_output_details()]
+  assert export.op_names(quantized) == export.op_names(direct)
+  for image in pixels[4:]:  # images calibration never saw
+    for ours, theirs in zip(outputs(quantized, image), outputs(direct, image)):
+      np.testing.assert_array_equal(ours, theirs)
+  with pytest.raises(export.ExportError, match='calibration'):
+    export.quantize_float(float_file, [], 96)

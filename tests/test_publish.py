@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from backend.store import ModelStore
+from model.run_folder import RunPaths
 from tests.conftest import REPO, SMALL_INPUT, poll
 
 
@@ -42,16 +45,23 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
   assert store.next_version_dir(7).name == 'v2'
 
 
+@pytest.mark.parametrize('served, files_at_publish, pending', [
+    # the float file is converted first anyway: int8 is quantized from it
+    ('int8', ['model.tflite', 'model_int8.tflite'], []),
+    ('float', ['model.tflite'], ['model_int8.tflite']),
+])
 def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shapes_dataset,
-                                                               tmp_path):
-  """What the backend does: the version serves as soon as its int8 file is there; the float
-  one is added afterwards and the listing says it is pending until then."""
+                                                               tmp_path, served,
+                                                               files_at_publish, pending):
+  """What the backend does: the version serves as soon as its own file is there; a file
+  not made on the way is added afterwards and the listing says it is pending until then."""
   from model import pipeline, tasks as tasks_lib
   from model.config import TrainConfig
   model_dir = tmp_path / 'models'
   shutil.copytree(base_paths.base_dir, model_dir / 'base')
-  store = ModelStore(model_dir, 'int8')
+  store = ModelStore(model_dir, served)
   out = store.next_version_dir(7)
+  other = 'float' if served == 'int8' else 'int8'
   seen = {}
 
   def published(run):
@@ -63,9 +73,9 @@ def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shape
                                        'budget.max': 20, 'views.max_per_image': 2,
                                        'input.size': SMALL_INPUT})
   pipeline.train_iteration(tasks, shapes_dataset, out, model_dir, config=short, max_images=2,
-                           export_kinds=('int8',), export_later=('float',), on_published=published)
-  assert seen == {'files': ['model_int8.tflite'], 'pending': ['model.tflite'],
-                  'serving': 'model_int8.tflite'}
+                           export_kinds=(served,), export_later=(other,), on_published=published)
+  assert seen == {'files': files_at_publish, 'pending': pending,
+                  'serving': RunPaths(out).tflite(served).name}
   (listed,) = store.listing(7)
   assert listed['pending'] == [] and {'model.tflite', 'model_int8.tflite'} <= {
       f['name'] for f in listed['files']}

@@ -1,8 +1,8 @@
 """Serving-side inference: a .tflite SSD with ai-edge-litert, no TensorFlow.
 
 Takes an image, returns labeled boxes with scores in the original image's
-pixels. Works with both exported files: float32 input in [-1, 1], or uint8
-input quantized with the file's own scale and zero point.
+pixels. Works with both exported files: float32 input in [-1, 1], or the
+pixels themselves as uint8 (the int8 file's input maps them onto [-1, 1]).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.boxes import Detection, normalized_yxyx_to_pixel_xyxy, overlap_free
 from model.config import ExportConfig
-from model.images import to_model_input
+from model.images import pixels_to_input, resize_for_model
 
 POSTPROCESS_OP = 'TFLite_Detection_PostProcess'
 
@@ -57,7 +57,13 @@ class TFLiteDetector:
     raise ValueError(f'no {POSTPROCESS_OP} op in the model: not a detection .tflite')
 
   def _input_tensor(self, image: Image.Image) -> np.ndarray:
-    x = to_model_input(image, self.input_size)
+    pixels = resize_for_model(image, self.input_size)
+    if self.input['dtype'] == np.uint8:
+      # As a camera hands them over. Requantizing p / 127.5 - 1 with the input's
+      # zero point 127 instead gives p - 0.5, rounded to even: odd pixels lose a
+      # level, a pattern that cost small objects 0.04 mAP@0.5 (choices.md).
+      return pixels[None]
+    x = pixels_to_input(pixels)
     if self.input['dtype'] == np.float32:
       return x[None]
     scale, zero_point = self.input['quantization']

@@ -114,6 +114,31 @@ def test_float_tflite_scores_what_the_checkpoint_scores(trained_run, shapes_data
     assert lite['per_class'][label]['map50'] == pytest.approx(scores['map50'], abs=0.02)
 
 
+def test_int8_tflite_takes_the_pixels_as_they_are_and_scores_near_the_float_one(
+    trained_run, shapes_dataset):
+  """uint8 pixels go in as a camera hands them over (requantizing p / 127.5 - 1 with
+  the zero point 127 gives p - 0.5, rounded to even: odd pixels one level off)."""
+  from ai_edge_litert.interpreter import Interpreter
+  from model.evaluate import evaluate_run
+  from model.images import resize_for_model
+  path = run_folder.RunPaths(trained_run).tflite('int8')
+  lite = TFLiteDetector(path, ['disc', 'square'])
+  examples, images = _test_split(shapes_dataset)
+  interpreter = Interpreter(model_path=str(path))
+  interpreter.allocate_tensors()
+  interpreter.set_tensor(interpreter.get_input_details()[0]['index'],
+                         resize_for_model(images[0], 300)[None])
+  interpreter.invoke()
+  outputs = [interpreter.get_tensor(i) for i in lite.outputs]
+  count = int(outputs[3][0])
+  found = lite.raw(images[0])
+  assert count > 0 and found['count'] == count
+  np.testing.assert_array_equal(found['boxes'], outputs[0][0, :count])
+  np.testing.assert_array_equal(found['scores'], outputs[2][0, :count])
+  float_map = evaluate_run(trained_run, examples, images, 'float')['map50']
+  assert evaluate_run(trained_run, examples, images, 'int8')['map50'] >= float_map - 0.03
+
+
 def test_one_object_gets_one_label(trained_run, shapes_dataset):
   """NMS across classes (in the .tflite and the checkpoint's detector alike):
   an object the model is unsure about comes back once, with its likeliest label.

@@ -156,36 +156,34 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
 class Sources:
   """What a new model starts from: the base, and the previous iteration if any."""
 
-  base_model: object
+  base_class_head: object
   base_labels: list[str]
-  checkpoint: Path
+  checkpoint: Path  # the extractor and box head come from here
   anchors: AnchorConfig  # those the checkpoint's box head was trained with
-  previous_model: object = None
+  previous_class_head: object = None
   previous_labels: list[str] | None = None
 
   def head_sources(self):
     from model import warm_start
-    return warm_start.HeadSources(
-        self.base_model.class_head, self.base_labels,
-        self.previous_model.class_head if self.previous_model is not None else None,
-        self.previous_labels)
+    return warm_start.HeadSources(self.base_class_head, self.base_labels,
+                                  self.previous_class_head, self.previous_labels)
 
 
-def load_sources(model_dir: Path, config: TrainConfig, previous: Path | None) -> Sources:
-  """The base SSD (converted once per model directory) and the previous run's model.
+def load_sources(model_dir: Path, previous: Path | None) -> Sources:
+  """The base's class head (the base converted once per model directory), the
+  previous run's, and the checkpoint the rest of the model comes from.
 
   Raises:
     RunError: a previous run folder that cannot be read.
   """
   from model import base_weights
   base_paths = base_weights.ensure_base(model_dir)
-  base_model, base_labels = base_weights.load_base_ssd(model_dir, config.input.size)
+  base_head, base_labels = base_weights.load_base_class_head(model_dir)
   if previous is None:
-    return Sources(base_model, base_labels, base_paths.checkpoint_prefix,
-                   base_model.config.anchors)
-  previous_model, previous_labels = run_folder.load_run_model(previous)
-  return Sources(base_model, base_labels, RunPaths(Path(previous)).checkpoint_prefix,
-                 previous_model.config.anchors, previous_model, previous_labels)
+    return Sources(base_head, base_labels, base_paths.checkpoint_prefix, AnchorConfig())
+  previous_head, previous_labels, previous_config = run_folder.load_run_class_head(previous)
+  return Sources(base_head, base_labels, RunPaths(Path(previous)).checkpoint_prefix,
+                 previous_config.anchors, previous_head, previous_labels)
 
 
 def build_model(labels: list[str], sources: Sources, config: TrainConfig):
@@ -227,14 +225,16 @@ class Views:
     return self.train.peaks[indices]
 
   def stored(self, labels: list[str], max_views: int):
-    """The training views as a run folder keeps them, or None when there are more than `max_views`."""
-    from model.views import StoredViews
+    """The training views and the frozen part's outputs as a run folder keeps them,
+    or None when there are more than `max_views`."""
+    from model.views import StoredViews, frozen_signature
     if len(self.train) > max_views:
       return None
     zoom_outs = self.zoom_outs_per_image
     return StoredViews(self.signature, labels, self.train.per_image - zoom_outs, zoom_outs,
                        self.fingerprints, self.train_pixels,
-                       self.train.class_targets, self.train.box_targets)
+                       self.train.class_targets, self.train.box_targets,
+                       frozen_signature(self.split.frozen), self.train.features, self.train.peaks)
 
 
 def make_views(model, training: TrainingSet, config: TrainConfig,
@@ -290,7 +290,7 @@ def start_class_head(model, labels: list[str], sources: Sources, views: Views,
   def fit_data():  # the base head's logits on each training image as it is
     originals = views.train.originals
     cached = [tf.constant(f[originals], tf.float32) for f in views.train.features]
-    logits = sources.base_model.class_head(views.split.feature_maps(cached)).numpy()
+    logits = sources.base_class_head(views.split.feature_maps(cached)).numpy()
     return logits, views.train.class_targets[originals]
 
   return warm_start.start_class_head(model.class_head, labels, sources.head_sources(),
@@ -431,7 +431,7 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     training = load_examples(tasks, images_root, config, previous_labels, max_images)
     config, choices = choose_settings(config, training)
   with clock.stage('build_model'):
-    sources = load_sources(model_dir, config, previous)
+    sources = load_sources(model_dir, previous)
     model = build_model(training.labels, sources, config)
   with clock.stage('make_views'):
     views = make_views(model, training, config, previous)
@@ -555,7 +555,8 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
         'labels': training.labels,
         'images': {'train': len(training.fit), 'validation': len(training.validation),
                    'views': len(views.train), 'zoom_outs': views.zoom_outs_per_image * len(training.fit),
-                   'reused_views': views.train.reused},
+                   'reused_views': views.train.reused,
+                   'reused_view_outputs': views.train.reused_outputs},
         'steps': report.steps, 'planned_steps': report.planned_steps,
         'best_step': report.best_step, 'stopped_early': report.stopped_early,
         'loss_per_step': [round(v, 5) for v in report.losses],

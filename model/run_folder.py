@@ -7,7 +7,8 @@
   report.png          loss curve, mAP per iteration, a few detections
   run.json            labels, input size, anchors, where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
-  views.npz           the training views, for the next iteration (`model.views`);
+  views.npz           the training views and the frozen part's outputs, for the
+                      next iteration (`model.views`);
                       only the newest iteration of a chain keeps them
 
 Folders (runs, the converted base) are written into a staging folder
@@ -165,6 +166,14 @@ def read_history(run_dir: Path | None) -> list[dict]:
   return json.loads(RunPaths(Path(run_dir)).metrics.read_text()).get('history', [])
 
 
+def _run_ssd_config(info: dict, labels: list[str]):
+  from model.config import AnchorConfig, SSDConfig
+  # Runs before anchors were chosen have the default ones; JSON made the tuples lists.
+  anchors = AnchorConfig(**{name: tuple(value) if isinstance(value, list) else value
+                            for name, value in info.get('anchors', {}).items()})
+  return SSDConfig(num_classes=len(labels), input_size=info['input_size'], anchors=anchors)
+
+
 def load_run_model(run_dir: Path):
   """The run's tf_keras SSD with all three parts restored, and its labels.
 
@@ -172,19 +181,31 @@ def load_run_model(run_dir: Path):
     RunError: not a run folder, or its checkpoint does not load.
   """
   from model import ssd as ssd_lib
-  from model.config import AnchorConfig, SSDConfig
   paths, labels, info = read_run(run_dir)
-  # Runs before anchors were chosen have the default ones; JSON made the tuples lists.
-  anchors = AnchorConfig(**{name: tuple(value) if isinstance(value, list) else value
-                            for name, value in info.get('anchors', {}).items()})
-  model = ssd_lib.build_ssd(SSDConfig(num_classes=len(labels), input_size=info['input_size'],
-                                      anchors=anchors))
+  model = ssd_lib.build_ssd(_run_ssd_config(info, labels))
   try:
     ssd_lib.checkpoint_for(model).read(str(paths.checkpoint_prefix)).assert_consumed()
   except Exception as error:  # TF raises several types for a bad checkpoint
     raise RunError(f'{run_dir}: checkpoint unreadable ({type(error).__name__}: '
                    f'{str(error)[:200]})') from error
   return model, labels
+
+
+def load_run_class_head(run_dir: Path):
+  """(the run's class head, its labels, the SSDConfig it was trained with): what
+  the next iteration starts from, without building the whole model.
+
+  Raises:
+    RunError: not a run folder, or its checkpoint holds no matching class head.
+  """
+  from model import ssd as ssd_lib
+  paths, labels, info = read_run(run_dir)
+  config = _run_ssd_config(info, labels)
+  try:
+    return ssd_lib.load_class_head(config, paths.checkpoint_prefix), labels, config
+  except Exception as error:  # TF raises several types for a bad checkpoint
+    raise RunError(f'{run_dir}: checkpoint unreadable ({type(error).__name__}: '
+                   f'{str(error)[:200]})') from error
 
 
 def staging_pattern(name_pattern: str) -> re.Pattern:

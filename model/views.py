@@ -6,10 +6,13 @@ boxes become anchor targets (`targets.TargetAssigner`); each view goes once
 through the frozen part of the extractor and is kept as float16. Training then
 runs only what trains, on that cache (`model.train`).
 
-Making views is the slow part (augmentation, targets), and the next iteration
-mostly sees the same images: `StoredViews` keeps an iteration's views in its run
-folder, and the next one reuses those of every image whose pixels, boxes and
-labels are unchanged (`fingerprint`), made under the same settings (`signature`).
+Making views is the slow part (augmentation, targets, the frozen part), and the
+next iteration mostly sees the same images: `StoredViews` keeps an iteration's
+views in its run folder, and the next one reuses those of every image whose
+pixels, boxes and labels are unchanged (`fingerprint`), made under the same
+settings (`signature`), and their cached outputs where the frozen part is the
+same (`frozen_signature`: it never trains, so it is the base's in every
+iteration of a project).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class CachedViews:
     per_image: views per image; the views of image i are
       [i * per_image, (i + 1) * per_image), the first of them the image as it is.
     reused: images whose views came from an earlier iteration (`StoredViews`).
+    reused_outputs: views whose frozen-part outputs came from there too.
     peaks: [V, T] `export.peaks_of` the unbounded activations inside the frozen
       part, measured while caching (int8 calibration leaves out outliers by them).
   """
@@ -52,6 +56,7 @@ class CachedViews:
   per_image: int = 1
   reused: int = 0
   peaks: np.ndarray | None = None
+  reused_outputs: int = 0
 
   def __len__(self):
     return len(self.class_targets)
@@ -118,6 +123,16 @@ def signature(assigner: TargetAssigner, input_size: int, zoom_out_scale: tuple[f
   return digest.hexdigest()
 
 
+def frozen_signature(frozen) -> str:
+  """Names the frozen part by its layers, outputs and weights: its cached outputs hold
+  while this does."""
+  digest = hashlib.sha256(repr(([type(layer).__name__ for layer in frozen.layers],
+                                [tuple(output.shape) for output in frozen.outputs])).encode())
+  for weight in frozen.weights:
+    digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+  return digest.hexdigest()
+
+
 @dataclasses.dataclass
 class StoredViews:
   """An iteration's views as its run folder keeps them (`views.npz`): per image, its
@@ -129,6 +144,8 @@ class StoredViews:
     views_each, zoom_outs: views per image: `views_each` first, then the zoom-outs.
     fingerprints: one per image, in view order.
     pixels: uint8 [V, S, S, 3]; class_targets, box_targets: as in `CachedViews`.
+    frozen, features, peaks: the frozen part's `frozen_signature` and its cached
+      outputs and peaks (`CachedViews`), or '' and None.
   """
 
   signature: str
@@ -139,22 +156,34 @@ class StoredViews:
   pixels: np.ndarray
   class_targets: np.ndarray
   box_targets: np.ndarray
+  frozen: str = ''
+  features: list[np.ndarray] | None = None
+  peaks: np.ndarray | None = None
 
   def save(self, path: Path) -> None:
+    cached = {}
+    if self.features is not None:
+      cached = {'frozen': self.frozen, 'peaks': self.peaks,
+                **{f'feature_{i}': f for i, f in enumerate(self.features)}}
     with open(path, 'wb') as file:  # uncompressed: pixels hardly compress, and fast matters
       np.savez(file, signature=self.signature, labels=np.array(self.labels, str),
                views_each=self.views_each, zoom_outs=self.zoom_outs,
                fingerprints=np.array(self.fingerprints, str), pixels=self.pixels,
-               class_targets=self.class_targets, box_targets=self.box_targets)
+               class_targets=self.class_targets, box_targets=self.box_targets, **cached)
 
   @classmethod
   def load(cls, path: Path) -> 'StoredViews | None':
     """The views at `path`, or None where there are none or they cannot be read."""
     try:
       with np.load(path, allow_pickle=False) as data:
+        cached = {}
+        if 'frozen' in data.files:
+          count = sum(name.startswith('feature_') for name in data.files)
+          cached = {'frozen': str(data['frozen']), 'peaks': data['peaks'],
+                    'features': [data[f'feature_{i}'] for i in range(count)]}
         return cls(str(data['signature']), data['labels'].tolist(), int(data['views_each']),
                    int(data['zoom_outs']), data['fingerprints'].tolist(), data['pixels'],
-                   data['class_targets'], data['box_targets'])
+                   data['class_targets'], data['box_targets'], **cached)
     except FileNotFoundError:
       return None
     except (OSError, ValueError, KeyError) as error:
@@ -162,8 +191,8 @@ class StoredViews:
       return None
 
   def find(self, key: str, label_ids: dict[str, int], views_each: int, zoom_outs: int):
-    """(pixels, class targets, box targets) of image `key`'s first `views_each`
-    views and first `zoom_outs` zoom-outs, class ids as in `label_ids`; or None."""
+    """(pixels, class targets, box targets, their rows here) of image `key`'s first
+    `views_each` views and first `zoom_outs` zoom-outs, class ids as in `label_ids`; or None."""
     if key not in self.fingerprints or views_each > self.views_each or zoom_outs > self.zoom_outs:
       return None
     first = self.fingerprints.index(key) * (self.views_each + self.zoom_outs)
@@ -172,7 +201,7 @@ class StoredViews:
     # old id -> new id; -1 (ignored anchors) maps to itself through the last entry. A
     # label gone from the project is in no unchanged image, so its 0 is never used.
     new_ids = np.array([0, *(label_ids.get(label, 0) for label in self.labels), -1], np.int32)
-    return self.pixels[rows], new_ids[self.class_targets[rows]], self.box_targets[rows]
+    return self.pixels[rows], new_ids[self.class_targets[rows]], self.box_targets[rows], rows
 
 
 def make_cached_views(examples: list[Example], images: list[Image.Image],
@@ -191,7 +220,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     crop_min_scale: the smallest random crop's sides (`augment.Augmenter`).
     reuse, fingerprints: an earlier iteration's views (made under the same
       settings) and each image's `fingerprint`: images found there are not
-      augmented again.
+      augmented again, nor run through `frozen` if it is the one that cached them.
 
   Returns:
     (the views' uint8 pixels [V, S, S, 3] (`images.pixels_to_input`), the cached views).
@@ -199,11 +228,16 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
   pixels, class_targets, box_targets = [], [], []
   augmenter = augment.Augmenter(crop_min_scale)
   reused = 0
+  same_frozen = bool(reuse and reuse.features is not None
+                     and reuse.frozen == frozen_signature(frozen))
+  stored_rows = {}  # view -> its row in `reuse`, where its cached outputs can be taken
   for index, (example, image) in enumerate(zip(examples, images)):
     found = reuse and fingerprints and reuse.find(fingerprints[index], label_ids, views_each,
                                                   zoom_outs)
     if found:
       reused += 1
+      if same_frozen:
+        stored_rows.update(zip(range(len(pixels), len(pixels) + len(found[3])), found[3]))
       pixels.extend(found[0])
       class_targets.extend(found[1])
       box_targets.extend(found[2])
@@ -217,8 +251,30 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
       class_targets.append(cls)
       box_targets.append(box)
   if reused:
-    log.info('Reused the earlier iteration\'s views of %d of %d images', reused, len(examples))
+    log.info('Reused the earlier iteration\'s views of %d of %d images%s', reused,
+             len(examples), ' and their cached outputs' if stored_rows else '')
   pixels = np.stack(pixels)
-  features, peaks = cache_features(frozen, pixels)
+  features, peaks = _cached_outputs(frozen, pixels, stored_rows, reuse)
   return pixels, CachedViews(features, np.stack(class_targets), np.stack(box_targets),
-                             per_image=views_each + zoom_outs, reused=reused, peaks=peaks)
+                             per_image=views_each + zoom_outs, reused=reused, peaks=peaks,
+                             reused_outputs=len(stored_rows))
+
+
+def _cached_outputs(frozen, pixels: np.ndarray, stored_rows: dict[int, int],
+                    stored: StoredViews | None) -> tuple[list[np.ndarray], np.ndarray]:
+  """`cache_features` of the views, taken from `stored` for those in `stored_rows`."""
+  if not stored_rows:
+    return cache_features(frozen, pixels)
+  views, rows = list(stored_rows), list(stored_rows.values())
+  features = [np.empty([len(pixels), *f.shape[1:]], f.dtype) for f in stored.features]
+  peaks = np.empty([len(pixels), stored.peaks.shape[1]], np.float32)
+  for store, source in zip(features, stored.features):
+    store[views] = source[rows]
+  peaks[views] = stored.peaks[rows]
+  rest = [i for i in range(len(pixels)) if i not in stored_rows]
+  if rest:
+    computed, computed_peaks = cache_features(frozen, pixels[rest])
+    for store, source in zip(features, computed):
+      store[rest] = source
+    peaks[rest] = computed_peaks
+  return features, peaks

@@ -263,7 +263,11 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   # Same images, same boxes: the second iteration took every view the first kept,
   # and only the newest iteration keeps them.
   assert metrics['images']['reused_views'] == 18
+  assert metrics['images']['reused_view_outputs'] == 36  # and their frozen outputs (2 each)
   assert second.views.is_file() and not first.views.exists()
+  # The second knows every label: it trains half the budget.
+  assert (json.loads(first.metrics.read_text())['planned_steps'], metrics['planned_steps']) == (60, 30)
+  assert 'the previous iteration knows every label' in metrics['choices']['steps']['why']
   held_out = metrics['evaluation']['validation']
   assert 0.5 <= held_out['map50'] <= 1.0 and set(held_out['per_class']) == {'disc'}
   first_map = json.loads(first.metrics.read_text())['evaluation']['validation']['map50']

@@ -19,10 +19,10 @@ def grid_anchors(cells: int = 4) -> np.ndarray:
                    for y in range(cells) for x in range(cells)], np.float32)
 
 
-def tiny_frozen():
+def tiny_frozen(pooling=tf_keras.layers.AveragePooling2D):
   """Stands in for the extractor's frozen part: 64x64 inputs -> an 8x8 map."""
   images = tf_keras.Input((SIZE, SIZE, 3))
-  return tf_keras.Model(images, [tf_keras.layers.AveragePooling2D(8)(images)])
+  return tf_keras.Model(images, [pooling(8)(images)])
 
 
 def made_images():
@@ -39,10 +39,11 @@ def made_images():
   return examples, images
 
 
-def make(examples, images, label_ids, views_each=4, zoom_outs=2, **reuse):
+def make(examples, images, label_ids, views_each=4, zoom_outs=2, frozen=None, **reuse):
   tf.random.set_seed(1)
   assigner = TargetAssigner(grid_anchors(), (10.0, 10.0, 5.0, 5.0))
-  return views_lib.make_cached_views(examples, images, label_ids, assigner, tiny_frozen(),
+  return views_lib.make_cached_views(examples, images, label_ids, assigner,
+                                     frozen or tiny_frozen(),
                                      views_each=views_each, zoom_outs=zoom_outs,
                                      input_size=SIZE, zoom_out_scale=(0.4, 0.9), crop_min_scale=0.3,
                                      **reuse)
@@ -91,3 +92,30 @@ def test_a_missing_or_damaged_views_file_is_no_views(tmp_path, caplog):
   (tmp_path / 'views.npz').write_bytes(b'not a zip')
   assert views_lib.StoredViews.load(tmp_path / 'views.npz') is None
   assert 'Ignoring the stored views' in caplog.text
+
+
+def test_reused_views_take_their_cached_outputs_where_the_frozen_part_is_the_same(tmp_path):
+  examples, images = made_images()
+  ids, frozen = {'cat': 1, 'dog': 2}, tiny_frozen()
+  pixels, cached = make(examples, images, ids, frozen=frozen)
+  fingerprints = [views_lib.fingerprint(*p) for p in zip(examples, images)]
+  marked = [f + 1 for f in cached.features]  # outputs no one computes again
+  views_lib.StoredViews(
+      'same settings', ['cat', 'dog'], 4, 2, fingerprints, pixels, cached.class_targets,
+      cached.box_targets, views_lib.frozen_signature(frozen), marked, cached.peaks + 1,
+  ).save(tmp_path / 'views.npz')
+  stored = views_lib.StoredViews.load(tmp_path / 'views.npz')
+  # The second image's box moved: its views are made and run through `frozen` afresh.
+  examples[1] = dataclasses.replace(examples[1], boxes=np.array([[0.3, 0.2, 0.9, 0.7]], np.float32))
+  fingerprints[1] = views_lib.fingerprint(examples[1], images[1])
+  _, again = make(examples, images, ids, frozen=tiny_frozen(), reuse=stored,
+                  fingerprints=fingerprints)
+  assert again.reused == 1
+  np.testing.assert_array_equal(again.features[0][:6], marked[0][:6])
+  np.testing.assert_array_equal(again.peaks[:6], cached.peaks[:6] + 1)
+  # the second image as it is (view 0) comes out of `frozen`, as it did the first time
+  np.testing.assert_array_equal(again.features[0][6], cached.features[0][6])
+  # Another frozen part: every output is computed again.
+  _, other = make(examples, images, ids, frozen=tiny_frozen(tf_keras.layers.MaxPooling2D),
+                  reuse=stored, fingerprints=fingerprints)
+  assert other.reused == 1 and not np.array_equal(other.features[0][:6], marked[0][:6])

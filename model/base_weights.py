@@ -384,6 +384,25 @@ def read_labels(paths: BasePaths) -> list[str]:
   return [line for line in paths.labels.read_text().splitlines() if line]
 
 
+def load_base_class_head(model_dir: Path):
+  """The converted base's class head alone (`ssd.load_class_head`) and its labels.
+
+  Raises:
+    BaseWeightsError: when the cached base is missing or damaged.
+  """
+  import tensorflow as tf
+  from model import ssd as ssd_lib
+  paths = ensure_base(model_dir)
+  labels = read_labels(paths)
+  try:
+    return ssd_lib.load_class_head(SSDConfig(num_classes=len(labels) - 1),
+                                   paths.checkpoint_prefix), labels
+  except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as error:
+    raise BaseWeightsError(
+        f'The converted base in {paths.base_dir} is damaged ({type(error).__name__}: '
+        f'{str(error)[:300]}). Convert it again: python -m model fetch-base --force') from error
+
+
 def load_base_ssd(model_dir: Path, input_size: int = 300):
   """The converted base as a tf_keras SSD, all three parts restored, plus its labels.
 

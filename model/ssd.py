@@ -33,6 +33,10 @@ FIRST_MAP_BLOCK = 13
 FIRST_MAP_LAYER = f'expanded_conv_{FIRST_MAP_BLOCK}_expand_relu6'
 # Extra layers after Conv_1: (1x1 channels, 3x3 stride-2 channels).
 _EXTRA_LAYERS = ((256, 512), (128, 256), (128, 256), (64, 128))
+# Channels of the six feature maps, at any input size: block 13's expansion,
+# Conv_1, the extra layers.
+FEATURE_CHANNELS = (_INVERTED_RESIDUALS[FIRST_MAP_BLOCK][0] * _INVERTED_RESIDUALS[FIRST_MAP_BLOCK - 1][1],
+                    1280, *(out for _, out in _EXTRA_LAYERS))
 
 
 def _block_name(index: int) -> str:
@@ -221,6 +225,21 @@ def build_box_head(config: SSDConfig) -> PredictionHead:
 def build_class_head(config: SSDConfig) -> PredictionHead:
   return PredictionHead(config.anchors.anchors_per_location(),
                         config.num_classes + 1, 'class_logits', name='class_head')
+
+
+def load_class_head(config: SSDConfig, checkpoint_prefix) -> PredictionHead:
+  """The class head alone, restored from a checkpoint of the three parts (the
+  base's or a run's): what a new model's columns start from, without building
+  and restoring an extractor (a second of each iteration).
+
+  Raises:
+    AssertionError / ValueError / tf.errors.OpError: a checkpoint without a matching class head.
+  """
+  head = build_class_head(config)
+  head([tf.zeros([1, 1, 1, channels]) for channels in FEATURE_CHANNELS])  # 1x1 convs: any size
+  tf.train.Checkpoint(class_head=head).read(str(checkpoint_prefix)).expect_partial(
+  ).assert_existing_objects_matched()
+  return head
 
 
 def build_ssd(config: SSDConfig, *, feature_extractor=None, box_head=None,

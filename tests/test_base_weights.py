@@ -139,3 +139,5 @@ def test_damaged_checkpoint_says_how_to_repair(base_paths, tmp_path):
   data.write_bytes(data.read_bytes()[:1000])
   with pytest.raises(base_weights.BaseWeightsError, match='fetch-base --force'):
     base_weights.load_base_ssd(copy.model_dir)
+  with pytest.raises(base_weights.BaseWeightsError, match='fetch-base --force'):
+    base_weights.load_base_class_head(copy.model_dir)  # what training starts from

@@ -1,8 +1,10 @@
 """Partial restore, class-head initialization and incremental label changes."""
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 
 from model import anchors as anchors_lib, pipeline, run_folder, ssd as ssd_lib, warm_start
 from model.config import AnchorConfig, SSDConfig, TrainConfig
@@ -155,3 +157,28 @@ def test_next_iteration_can_change_the_input_size(trained_run, tmp_path, base_pa
   assert num_anchors > anchors_lib.generate_anchors_cycxhw(previous.config).shape[0]
   assert outputs['class_logits'].shape == (1, num_anchors, 3)
   assert outputs['box_encodings'].shape == (1, num_anchors, 4)
+
+
+def test_a_class_head_loads_alone_as_the_whole_model_has_it(base_model, base_paths, trained_run):
+  """Training starts its columns from the base's and the previous run's class heads,
+  loaded without an extractor: the same weights the whole model restores."""
+  from model import base_weights
+  head, labels = base_weights.load_base_class_head(base_paths.model_dir)
+  assert labels == base_model[1]
+  for ours, whole in zip(head.weights, base_model[0].class_head.weights):
+    np.testing.assert_array_equal(ours.numpy(), whole.numpy())
+  head, labels, config = run_folder.load_run_class_head(trained_run)
+  model, model_labels = run_folder.load_run_model(trained_run)
+  assert (labels, config) == (model_labels, model.config)
+  for ours, whole in zip(head.weights, model.class_head.weights):
+    np.testing.assert_array_equal(ours.numpy(), whole.numpy())
+  assert len(head.weights) == 12
+
+
+def test_a_run_whose_checkpoint_is_cut_short_is_a_run_error(trained_run, tmp_path):
+  copy = tmp_path / 'run'
+  shutil.copytree(trained_run, copy)
+  data = next(copy.glob('ckpt.data-*'))
+  data.write_bytes(data.read_bytes()[:1000])
+  with pytest.raises(run_folder.RunError, match='checkpoint unreadable'):
+    run_folder.load_run_class_head(copy)

@@ -7,6 +7,8 @@ metrics.json: stage times (`wall_time_s`), the whole command's wall time, and
 mAP@0.5 of the float .tflite on the test split.
 
   .venv/bin/python benchmarks/stage_times.py --before 0b3210a --images 10 --repeats 2
+  .venv/bin/python benchmarks/stage_times.py --before 82f41a1 --repeats 1 \
+      --note 'against 82f41a1, main when issue 17 was filed'
 
 With `--enlarge SIDE` the training images are copies enlarged to SIDE pixels
 on their longer side (JPEG), as a phone's photos are; the test images stay.
@@ -89,6 +91,8 @@ def main():
   parser.add_argument('--dataset', default='raccoon')
   parser.add_argument('--images', type=int, default=10)
   parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--note', default='',
+                      help='kept with the data set\'s name, so a second comparison keeps its own table')
   parser.add_argument('--enlarge', type=int, metavar='SIDE',
                       help='train on copies of the images enlarged to SIDE px (longer side)')
   args = parser.parse_args()
@@ -115,7 +119,8 @@ def main():
   if (RESULTS / 'stage_times.json').is_file():
     results = json.loads((RESULTS / 'stage_times.json').read_text())
     results = results if 'before' not in results else {results['dataset']: results}
-  key = args.dataset + (f', enlarged to {args.enlarge} px' if args.enlarge else '')
+  key = (args.dataset + (f', enlarged to {args.enlarge} px' if args.enlarge else '')
+         + (f' ({args.note})' if args.note else ''))
   results[key] = {'before': args.before, 'after': head, 'dataset': key,
                   'images': args.images, 'repeats': args.repeats, 'runs': runs, 'mean': mean}
   RESULTS.mkdir(parents=True, exist_ok=True)

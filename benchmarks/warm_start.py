@@ -1,7 +1,7 @@
 """What a warm start buys: the next iteration from the last one vs from the base.
 
 For each subset of 10 training images: iteration A trains on its first 5
-from the base; then, on all 10, a fresh iteration (from the base) runs side
+(`--first`) from the base; then, on all 10, a fresh iteration (from the base) runs side
 by side with warm starts from A (which knows every label already) under
 each `--variant` (TrainConfig overrides), each from its own copy of A.
 Whole iterations (both .tflite files exported), timed, with their stage
@@ -53,9 +53,9 @@ def iteration(dataset: Dataset, labeled: set, previous, overrides: dict, seed: i
 STAGES = ('make_views_s', 'train_s', 'export_s')
 
 
-def one_subset(dataset: Dataset, variants, seed: int, work: Path) -> dict:
+def one_subset(dataset: Dataset, variants, seed: int, work: Path, first_images: int = 5) -> dict:
   ten = random.Random(seed).sample(dataset.pool, 10)
-  first, _ = iteration(dataset, set(ten[:5]), None, {}, seed, work)
+  first, _ = iteration(dataset, set(ten[:first_images]), None, {}, seed, work)
   rows = {'fresh': iteration(dataset, set(ten), None, {}, seed, work)[1]}
   for name, overrides in variants:  # each from its own copy: the next run takes A's views
     previous = Path(tempfile.mkdtemp(dir=work)) / 'previous'
@@ -70,6 +70,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd'])
   parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--first', type=int, default=5,
+                      help='images of the first iteration, of the 10 (rows "<data set>, <first> first")')
   parser.add_argument('--variant', action='append', default=[],
                       help='name:key=value,... (TrainConfig overrides for the warm starts)')
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'warm_start')
@@ -84,14 +86,15 @@ def main():
     results = json.loads((RESULTS / 'warm_start.json').read_text())
   for name in args.datasets:
     dataset = Dataset(SHARED / name)
-    results['datasets'][name] = [one_subset(dataset, variants, seed, args.work)
-                                 for seed in range(args.seeds)]
+    key = name if args.first == 5 else f'{name}, {args.first} first'
+    results['datasets'][key] = [one_subset(dataset, variants, seed, args.work, args.first)
+                                for seed in range(args.seeds)]
     write(results)
   print((RESULTS / 'warm_start.md').read_text())
 
 
 def write(results: dict) -> None:
-  lines = ['# Warm starts: 10 images from the base vs from an iteration on 5 of them', '',
+  lines = ['# Warm starts: 10 images from the base vs from an iteration on 5 (or --first) of them', '',
            f'{os.cpu_count()} cores; whole iterations, both .tflite files. Mean over subsets; '
            'mAP@0.5 of the float .tflite on the test split. `benchmarks/warm_start.py` writes this.',
            '', '| data set | start | subsets | steps | mAP@0.5 | seconds | time vs fresh | '

@@ -12,6 +12,7 @@ half a base behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -384,23 +385,31 @@ def read_labels(paths: BasePaths) -> list[str]:
   return [line for line in paths.labels.read_text().splitlines() if line]
 
 
+@contextlib.contextmanager
+def _damaged_as_base_error(paths: BasePaths):
+  """Turns a failed read of the converted base's checkpoint into a BaseWeightsError
+  that says how to repair it."""
+  import tensorflow as tf
+  try:
+    yield
+  except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as error:
+    raise BaseWeightsError(
+        f'The converted base in {paths.base_dir} is damaged ({type(error).__name__}: '
+        f'{str(error)[:300]}). Convert it again: python -m model fetch-base --force') from error
+
+
 def load_base_class_head(model_dir: Path):
   """The converted base's class head alone (`ssd.load_class_head`) and its labels.
 
   Raises:
     BaseWeightsError: when the cached base is missing or damaged.
   """
-  import tensorflow as tf
   from model import ssd as ssd_lib
   paths = ensure_base(model_dir)
   labels = read_labels(paths)
-  try:
+  with _damaged_as_base_error(paths):
     return ssd_lib.load_class_head(SSDConfig(num_classes=len(labels) - 1),
                                    paths.checkpoint_prefix), labels
-  except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as error:
-    raise BaseWeightsError(
-        f'The converted base in {paths.base_dir} is damaged ({type(error).__name__}: '
-        f'{str(error)[:300]}). Convert it again: python -m model fetch-base --force') from error
 
 
 def load_base_ssd(model_dir: Path, input_size: int = 300):
@@ -409,15 +418,10 @@ def load_base_ssd(model_dir: Path, input_size: int = 300):
   Raises:
     BaseWeightsError: when the cached base is missing or damaged.
   """
-  import tensorflow as tf
   from model import ssd as ssd_lib
   paths = ensure_base(model_dir)
   labels = read_labels(paths)
   model = ssd_lib.build_ssd(SSDConfig(num_classes=len(labels) - 1, input_size=input_size))
-  try:
+  with _damaged_as_base_error(paths):
     ssd_lib.checkpoint_for(model).read(str(paths.checkpoint_prefix)).assert_consumed()
-  except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as error:
-    raise BaseWeightsError(
-        f'The converted base in {paths.base_dir} is damaged ({type(error).__name__}: '
-        f'{str(error)[:300]}). Convert it again: python -m model fetch-base --force') from error
   return model, labels

@@ -174,6 +174,16 @@ def _run_ssd_config(info: dict, labels: list[str]):
   return SSDConfig(num_classes=len(labels), input_size=info['input_size'], anchors=anchors)
 
 
+@contextlib.contextmanager
+def _unreadable_as_run_error(run_dir: Path):
+  """Turns a failed read of a run's checkpoint into a RunError."""
+  try:
+    yield
+  except Exception as error:  # TF raises several types for a bad checkpoint
+    raise RunError(f'{run_dir}: checkpoint unreadable ({type(error).__name__}: '
+                   f'{str(error)[:200]})') from error
+
+
 def load_run_model(run_dir: Path):
   """The run's tf_keras SSD with all three parts restored, and its labels.
 
@@ -183,11 +193,8 @@ def load_run_model(run_dir: Path):
   from model import ssd as ssd_lib
   paths, labels, info = read_run(run_dir)
   model = ssd_lib.build_ssd(_run_ssd_config(info, labels))
-  try:
+  with _unreadable_as_run_error(run_dir):
     ssd_lib.checkpoint_for(model).read(str(paths.checkpoint_prefix)).assert_consumed()
-  except Exception as error:  # TF raises several types for a bad checkpoint
-    raise RunError(f'{run_dir}: checkpoint unreadable ({type(error).__name__}: '
-                   f'{str(error)[:200]})') from error
   return model, labels
 
 
@@ -201,11 +208,8 @@ def load_run_class_head(run_dir: Path):
   from model import ssd as ssd_lib
   paths, labels, info = read_run(run_dir)
   config = _run_ssd_config(info, labels)
-  try:
+  with _unreadable_as_run_error(run_dir):
     return ssd_lib.load_class_head(config, paths.checkpoint_prefix), labels, config
-  except Exception as error:  # TF raises several types for a bad checkpoint
-    raise RunError(f'{run_dir}: checkpoint unreadable ({type(error).__name__}: '
-                   f'{str(error)[:200]})') from error
 
 
 def staging_pattern(name_pattern: str) -> re.Pattern:

@@ -35,8 +35,9 @@ FIRST_MAP_LAYER = f'expanded_conv_{FIRST_MAP_BLOCK}_expand_relu6'
 _EXTRA_LAYERS = ((256, 512), (128, 256), (128, 256), (64, 128))
 # Channels of the six feature maps, at any input size: block 13's expansion,
 # Conv_1, the extra layers.
-FEATURE_CHANNELS = (_INVERTED_RESIDUALS[FIRST_MAP_BLOCK][0] * _INVERTED_RESIDUALS[FIRST_MAP_BLOCK - 1][1],
-                    1280, *(out for _, out in _EXTRA_LAYERS))
+FEATURE_CHANNELS = (
+    _INVERTED_RESIDUALS[FIRST_MAP_BLOCK][0] * _INVERTED_RESIDUALS[FIRST_MAP_BLOCK - 1][1],
+    1280, *(out for _, out in _EXTRA_LAYERS))
 
 
 def _block_name(index: int) -> str:

@@ -281,7 +281,15 @@ def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher
         refresh.request(project)
     return train_project(settings, store, fetcher, project, progress, published)
   return TrainingQueue(run_job, settings.model_dir / 'locks',
-                       settings.train_every_n_annotations or 1, settings.train_debounce_s)
+                       settings.train_every_n_annotations or 1, settings.train_debounce_s,
+                       warm_up=_warm_up_training)
+
+
+def _warm_up_training() -> None:
+  """TensorFlow imported and the augmentation traced before the first job, as an RQ
+  worker does before it registers (`pipeline.warm_up`)."""
+  from model import pipeline
+  pipeline.warm_up()
 
 
 def create_app(settings: Settings | None = None) -> Flask:

@@ -77,13 +77,16 @@ class TrainingQueue:
     lock_dir: where per-project lock files live (under MODEL_DIR).
     every_n_annotations: annotation events that make one training trigger.
     debounce_s: quiet time after the last counted event before training starts.
+    warm_up: run once on the training thread before it takes jobs (imports and
+      tracing a first job would otherwise wait for); jobs queued meanwhile wait.
   """
 
   MAX_REMEMBERED = 1000  # projects whose status is kept in memory
 
   def __init__(self, run_job: Callable, lock_dir: Path, every_n_annotations: int = 1,
-               debounce_s: float = 10.0):
+               debounce_s: float = 10.0, warm_up: Callable[[], None] | None = None):
     self.run_job = run_job
+    self.warm_up = warm_up
     self.lock_dir = lock_dir
     self.every_n_annotations = every_n_annotations
     self.debounce_s = debounce_s
@@ -202,6 +205,11 @@ class TrainingQueue:
     return wait_until(idle, timeout)
 
   def _work(self) -> None:
+    if self.warm_up is not None:
+      try:
+        self.warm_up()
+      except Exception:  # pylint: disable=broad-except
+        log.exception('Warming up for training failed; the first job will do it')
     while True:
       with self._lock:
         while not self._queue:

@@ -61,6 +61,15 @@ def wait_for_rq_worker(redis_url: str, seconds: float = 120) -> None:
     time.sleep(0.2)
 
 
+def wait_for_warm_backend(backend: Backend, seconds: float = 120) -> None:
+  """Until the in-process training thread has warmed up (`pipeline.warm_up` logs it)."""
+  deadline = time.monotonic() + seconds
+  while 'Warmed up for training' not in backend.log_path.read_text():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f'the backend did not warm up in {seconds:.0f} s')
+    time.sleep(0.2)
+
+
 def run(ls: LabelStudio, model_dir: Path, work: Path, labeled: int, queue: str,
         redis_url: str | None) -> dict:
   project = make_disc_project(ls, work, labeled, seed=labeled, title=f'bench {labeled} {queue}')
@@ -73,8 +82,11 @@ def run(ls: LabelStudio, model_dir: Path, work: Path, labeled: int, queue: str,
   worker = (TrainingWorker(work / 'worker.log', {**env, 'MODEL_DIR': str(model_dir)})
             if queue == 'redis' else None)
   try:
-    if worker:  # as deployed: the worker has started (and warmed up) before anyone trains
+    # As deployed: the training worker has started (and warmed up) before anyone trains.
+    if worker:
       wait_for_rq_worker(redis_url)
+    else:
+      wait_for_warm_backend(backend)
     ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': project.id,
                                             'title': 'bench', 'is_interactive': False})
     started = time.monotonic()

@@ -50,6 +50,32 @@ def test_projects_queue_behind_each_other_and_duplicates_merge(tmp_path):
   assert job.runs == [1, 2]
 
 
+def test_the_worker_thread_warms_up_before_its_first_job_and_survives_a_failed_warm_up(tmp_path):
+  events, warming = [], threading.Event()
+
+  def warm_up():
+    warming.wait(5)
+    events.append('warm')
+  job = Recorder()
+  job.release.set()
+  queue = TrainingQueue(lambda project, progress: events.append('job') or job(project, progress),
+                        tmp_path, warm_up=warm_up)
+  queue.trigger(1, 'button')  # queued while the thread warms up
+  assert not job.started.wait(0.3)
+  warming.set()
+  assert queue.wait_idle(10)
+  assert events == ['warm', 'job'] and queue.status[1].state == 'idle'
+
+  def broken():
+    raise ImportError('no TensorFlow here')
+  other = Recorder()
+  other.release.set()
+  queue = TrainingQueue(other, tmp_path / 'other', warm_up=broken)
+  queue.trigger(2, 'button')
+  assert queue.wait_idle(10)
+  assert other.runs == [2] and queue.status[2].state == 'idle'
+
+
 def test_a_failed_job_is_reported_and_the_queue_goes_on(tmp_path):
   job = Recorder(fail=True)
   job.release.set()

@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results'
 SHARED = REPO.parent / 'shared' / 'datasets'
-STAGES = ('load_examples', 'build_model', 'make_views', 'start_class_head', 'train', 'evaluate',
-          'export')
+STAGES = ('load_examples', 'build_model', 'make_views', 'start_class_head', 'train', 'export',
+          'evaluate')
 
 
 def worktree(ref: str, folder: Path) -> Path:

@@ -99,6 +99,20 @@ def coco_map(examples: list[Example], images: list[Image.Image],
           'images': len(examples), 'boxes': boxes}
 
 
+def tflite_detect(model, labels: list[str], min_score: float = 0.01):
+  """detect(images) -> detections per image of a .tflite (a path or its bytes)."""
+  from model.tflite_detector import TFLiteDetector
+  detector = TFLiteDetector(model, labels)
+  return lambda images: [detector.detect(image, min_score) for image in images]
+
+
+def checkpoint_detect(model, labels: list[str], min_score: float = 0.01):
+  """detect(images) -> detections per image of a TensorFlow SSD."""
+  from model.checkpoint_detector import CheckpointDetector
+  from model.config import PostprocessConfig
+  return CheckpointDetector(model, labels, PostprocessConfig(min_score=min_score)).detect
+
+
 def run_detector(run_dir, kind: str | None = None, min_score: float = 0.01):
   """A run's detector: its TensorFlow checkpoint (kind None) or one of its .tflite files.
 
@@ -107,14 +121,10 @@ def run_detector(run_dir, kind: str | None = None, min_score: float = 0.01):
   """
   from model import run_folder
   if kind:
-    from model.tflite_detector import TFLiteDetector
     paths, labels, _ = run_folder.read_run(run_dir)
-    detector = TFLiteDetector(paths.tflite(kind), labels)
-    return (lambda images: [detector.detect(image, min_score) for image in images]), labels
-  from model.checkpoint_detector import CheckpointDetector
-  from model.config import PostprocessConfig
+    return tflite_detect(paths.tflite(kind), labels, min_score), labels
   model, labels = run_folder.load_run_model(run_dir)
-  return CheckpointDetector(model, labels, PostprocessConfig(min_score=min_score)).detect, labels
+  return checkpoint_detect(model, labels, min_score), labels
 
 
 def evaluate_run(run_dir, examples: list[Example], images: list[Image.Image],

@@ -7,8 +7,9 @@
   start_class_head   each label's column from the previous run, a fitting base
                      class, or fresh (`warm_start`)
   train_model        the heads and the top of the extractor on the cache (`train`)
-  evaluate_model     mAP on the held-out images, detections for the report
   export_model       float32 and int8 .tflite with post-processing (`export`)
+  evaluate_model     mAP on the held-out images, detections for the report (of
+                     the float .tflite when it was exported)
   publish            everything into a run folder, renamed into place (`run_folder`)
 
 `train_iteration` calls them in that order: `fit` the first five (a trained
@@ -18,6 +19,7 @@ Each stage's wall time goes to metrics.json (`wall_time_s`) and to the log.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -29,7 +31,7 @@ from PIL import Image
 
 from model import run_folder
 from model import tasks as tasks_lib
-from model.config import AnchorConfig, ExportConfig, PostprocessConfig, TrainConfig
+from model.config import AnchorConfig, ExportConfig, TrainConfig
 from model.run_folder import RunError, RunPaths
 
 log = logging.getLogger(__name__)
@@ -343,19 +345,21 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   return report
 
 
-def evaluate_model(model, training: TrainingSet, history: list[dict]):
-  """Validation mAP (when images are held out), the history with this iteration, report samples.
+def evaluate_model(model, training: TrainingSet, history: list[dict], float_file: bytes | None):
+  """Validation mAP (when images are held out), the history with this iteration, report samples,
+  of the float .tflite when there is one (what serves; the checkpoint's detector would be
+  traced first, about a second), else of the checkpoint.
 
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
   """
-  from model.checkpoint_detector import CheckpointDetector
-  from model.evaluate import coco_map
-  detector = CheckpointDetector(model, training.labels, PostprocessConfig(min_score=0.01))
-  evaluation = {}
+  from model.evaluate import checkpoint_detect, coco_map, tflite_detect
+  detect = (tflite_detect(float_file, training.labels) if float_file is not None
+            else checkpoint_detect(model, training.labels))
+  evaluation = {'of': 'float .tflite' if float_file is not None else 'checkpoint'}
   if training.validation:
     held_out, held_images = training.part(training.validation)
-    evaluation['validation'] = coco_map(held_out, held_images, detector.detect(held_images),
+    evaluation['validation'] = coco_map(held_out, held_images, detect(held_images),
                                         training.labels)
     log.info('Validation mAP@0.5 %.3f', evaluation['validation']['map50'])
   history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
@@ -363,7 +367,7 @@ def evaluate_model(model, training: TrainingSet, history: list[dict]):
   # A few images for the report: held-out ones when there are, else training ones.
   shown = [training.images[i] for i in (training.validation or training.fit)[:3]]
   samples = [(image, [d for d in found if d.score >= REPORT_MIN_SCORE])
-             for image, found in zip(shown, detector.detect(shown))]
+             for image, found in zip(shown, detect(shown))]
   return evaluation, history, samples
 
 
@@ -499,10 +503,11 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   fitted = fit(tasks, images_root, model_dir, clock, previous=previous, config=config,
                max_images=max_images, progress=progress)
   model, training, views = fitted.model, fitted.training, fitted.views
-  with clock.stage('evaluate'):
-    evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous))
   with clock.stage('export'):
     files = export_model(model, views, training.labels, export_config, export_kinds)
+  with clock.stage('evaluate'):
+    evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous),
+                                                  files.get('float'))
   record = Record(fitted, evaluation, history, samples, files)
   later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
   with clock.stage('publish'):
@@ -541,7 +546,12 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
   fitted, files = record.fitted, record.files
   model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
   columns, schedule, report = fitted.columns, fitted.schedule, fitted.report
-  with run_folder.published_folder(out_dir) as staging:
+  names = {run_folder.TFLITE_FILES[kind]: data for kind, data in files.items()}
+  with run_folder.published_folder(out_dir) as staging, \
+      concurrent.futures.ThreadPoolExecutor(1) as pool:
+    # zlib lets go of the interpreter lock: the files compress while the rest is written.
+    gzipped = pool.submit(lambda: {name: compression.gzipped_size(data)
+                                   for name, data in names.items()})
     staged = RunPaths(staging)
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
     run_folder.write_labels_file(staged.labels, training.labels)
@@ -550,7 +560,6 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
       stored.save(staged.views)
     for kind, data in files.items():
       staged.tflite(kind).write_bytes(data)
-    names = {staged.tflite(kind).name: data for kind, data in files.items()}
     run_folder.write_json(staged.metrics, {
         'labels': training.labels,
         'images': {'train': len(training.fit), 'validation': len(training.validation),
@@ -569,7 +578,7 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
                           'box_head': schedule.class_learning_rate * schedule.box_learning_rate_scale},
         'class_head_init': {label: c.reason for label, c in zip(training.labels, columns)},
         'file_bytes': {name: len(data) for name, data in names.items()},
-        'file_bytes_gzip': {name: compression.gzipped_size(data) for name, data in names.items()},
+        'file_bytes_gzip': gzipped.result(),
         'optimization': {
             'quantization_aware': config.compression.quantization_aware,
             'prune_sparsity': config.compression.prune_sparsity,

@@ -32,18 +32,19 @@ class TFLiteDetector:
   """A .tflite detector with the four TFLite SSD outputs.
 
   Args:
-    model_path: the .tflite file.
+    model: the .tflite file, or its bytes.
     labels: real labels in class-id order (labels.txt).
     num_threads: interpreter threads (XNNPACK).
     nms_iou_threshold: the exported op's, applied again once boxes are clipped.
   """
 
-  def __init__(self, model_path: str | Path, labels: list[str], num_threads: int = 2,
+  def __init__(self, model: str | Path | bytes, labels: list[str], num_threads: int = 2,
                nms_iou_threshold: float = ExportConfig.nms_iou_threshold):
     from ai_edge_litert.interpreter import Interpreter
     self.labels = list(labels)
     self.nms_iou_threshold = nms_iou_threshold
-    self.interpreter = Interpreter(model_path=str(model_path), num_threads=num_threads)
+    source = {'model_content': model} if isinstance(model, bytes) else {'model_path': str(model)}
+    self.interpreter = Interpreter(**source, num_threads=num_threads)
     self.interpreter.allocate_tensors()
     (self.input,) = self.interpreter.get_input_details()
     self.input_size = int(self.input['shape'][1])

@@ -30,6 +30,7 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
   assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]
+  assert metrics['evaluation'] == {'of': 'float .tflite'}  # what serves; nothing held out
   # Every choice made from the data, with why (the shapes span a fifth of the image or more).
   assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
@@ -269,6 +270,7 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   assert (json.loads(first.metrics.read_text())['planned_steps'], metrics['planned_steps']) == (60, 30)
   assert 'the previous iteration knows every label' in metrics['choices']['steps']['why']
   held_out = metrics['evaluation']['validation']
+  assert metrics['evaluation']['of'] == 'checkpoint'  # no .tflite exported here
   assert 0.5 <= held_out['map50'] <= 1.0 and set(held_out['per_class']) == {'disc'}
   first_map = json.loads(first.metrics.read_text())['evaluation']['validation']['map50']
   assert metrics['history'] == [{'iteration': 1, 'images': 18, 'map50': first_map},

@@ -537,12 +537,16 @@ class ExportConfig:
   # image as it is first, then its augmented views while there are fewer images
   # than twice `calibration_images` ('originals': the images as they are only).
   # Chosen from twice as many, leaving out those whose activations reach
-  # `calibration_outlier_ratio` x the median (`export.calibration_inputs`).
-  # 32 scored as 64 did on four data sets and converts ~3 s faster (why all
-  # three: benchmarks/results/choices.md).
+  # `calibration_outlier_ratio` x the median (`export.calibration_inputs`),
+  # when they are rare: at most `calibration_outlier_share` of them (more
+  # reach that level in the data's own views, zoom-outs or a whole photo's,
+  # and clipping it cost few-shot raccoon models 0.02-0.05). 32 scored as 64
+  # did on four data sets and converts ~3 s faster (why all four:
+  # benchmarks/results/choices.md).
   calibration_images: int = 32
   calibration_views: str = 'all'
   calibration_outlier_ratio: float = 3.0
+  calibration_outlier_share: float = 1 / 16
 
   def __post_init__(self):
     if self.calibration_views not in ('all', 'originals'):

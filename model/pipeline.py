@@ -396,7 +396,8 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
     candidates = order[:2 * count]
     calibration = export.calibration_inputs(
         model, pixels_to_input(views.train_pixels[candidates]), count,
-        export_config.calibration_outlier_ratio, views.cached_peaks(candidates))
+        export_config.calibration_outlier_ratio, export_config.calibration_outlier_share,
+        views.cached_peaks(candidates))
   return export.export_files(model, kinds, labels, export_config, calibration, metadata_python,
                              int8_model)
 

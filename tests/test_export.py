@@ -37,7 +37,7 @@ def test_the_last_class_is_reported_on_any_thread_count(three_class_tflite, thre
   assert np.allclose(found['scores'], 1 / (1 + np.exp(-2.0)), atol=1e-4)
 
 
-def test_int8_calibration_leaves_out_an_image_with_outlying_activations(base_model):
+def test_int8_calibration_leaves_out_a_rare_image_with_outlying_activations(base_model):
   from tests.synthetic import textured_background
   model = base_model[0]
   size = model.config.input_size
@@ -45,10 +45,17 @@ def test_int8_calibration_leaves_out_an_image_with_outlying_activations(base_mod
             for i in range(12)]
   white = np.ones((size, size, 3), np.float32)  # an overexposed frame: sums ~7x their median
   candidates = np.stack(photos[:6] + [white] + photos[6:])
-  kept = export.calibration_inputs(model, candidates, count=10, outlier_ratio=3.0)
+  kept = export.calibration_inputs(model, candidates, count=10, outlier_ratio=3.0,
+                                   outlier_share=1 / 12)
   np.testing.assert_array_equal(kept, np.stack(photos[:10]))
-  everything = export.calibration_inputs(model, candidates, count=20, outlier_ratio=10.0)
+  everything = export.calibration_inputs(model, candidates, count=20, outlier_ratio=10.0,
+                                         outlier_share=1 / 12)
   assert len(everything) == 13
+  # Two such frames of 14 are more than a twelfth: a level the data reaches, kept.
+  candidates = np.stack(photos[:6] + [white, white] + photos[6:])
+  kept = export.calibration_inputs(model, candidates, count=10, outlier_ratio=3.0,
+                                   outlier_share=1 / 12)
+  np.testing.assert_array_equal(kept, candidates[:10])
 
 
 def test_outlying_weights_go_to_a_conv_of_their_own_and_sum_back_exactly():

@@ -282,7 +282,7 @@ def _training_queue(settings: Settings, store: ModelStore, fetcher: ImageFetcher
     return train_project(settings, store, fetcher, project, progress, published)
   return TrainingQueue(run_job, settings.model_dir / 'locks',
                        settings.train_every_n_annotations or 1, settings.train_debounce_s,
-                       warm_up=_warm_up_training)
+                       warm_up=_warm_up_training if settings.train_warm_up else None)
 
 
 def _warm_up_training() -> None:

@@ -103,6 +103,10 @@ class Settings:
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
   # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
   training_queue: str = 'inprocess'
+  # The in-process training thread imports TensorFlow and traces the augmentation
+  # when the backend starts (~10 s in the background, ~0.8 GB), not when the first
+  # Start Training waits for it; off, a process that only serves never loads TensorFlow.
+  train_warm_up: bool = True
   redis_url: str = 'redis://localhost:6379/0'
   # A worker's hold on a project expires this long after the worker dies.
   training_lock_ttl_s: float = 60.0
@@ -287,6 +291,7 @@ VARIABLES = (
     Variable('TRAIN_QAT', 'train_qat', _boolean),
     Variable('TRAIN_PRUNE', 'train_prune', _real(0.0, 0.95)),
     Variable('TRAINING_QUEUE', 'training_queue', _choice('inprocess', 'redis')),
+    Variable('TRAIN_WARM_UP', 'train_warm_up', _boolean),
     Variable('REDIS_URL', 'redis_url', _url('redis://', 'rediss://', 'unix://')),
     Variable('TRAINING_LOCK_TTL_S', 'training_lock_ttl_s', _real(2.0, 3600.0)),
     Variable('TRAINING_TIMEOUT_S', 'training_timeout_s', _integer(60, 10**7)),

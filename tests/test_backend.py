@@ -465,7 +465,7 @@ def test_a_new_version_replaces_the_old_one_in_memory(model_dir, trained_run, sh
 
 def test_the_serving_app_never_imports_tensorflow(base_paths, tmp_path):
   """create_app and a /predict with the base leave TensorFlow out: a serving
-  worker stays small and starts fast."""
+  worker stays small and starts fast (unless its training thread warms up)."""
   from tests.synthetic import save_jpeg, textured_background
   image = save_jpeg(textured_background(64, 48), tmp_path / 'a.jpg')
   code = f'''
@@ -473,8 +473,9 @@ import sys
 from backend.app import create_app
 from backend.settings import Settings
 from pathlib import Path
-app = create_app(Settings(model_dir=Path({str(base_paths.model_dir)!r}),
+app = create_app(Settings(model_dir=Path({str(base_paths.model_dir)!r}), train_warm_up=False,
                           local_files_document_root=Path({str(tmp_path)!r})))
+assert app.extensions['fewshot']['queue'].warm_up is None
 client = app.test_client()
 assert client.get('/health').status_code == 200
 config = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="Person"/></RectangleLabels></View>'
@@ -487,6 +488,15 @@ assert 'tensorflow' not in sys.modules, 'tensorflow was imported'
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_in_process_training_thread_warms_up_as_the_app_starts(base_paths, monkeypatch):
+  from backend.app import create_app
+  from model import pipeline
+  calls = []
+  monkeypatch.setattr(pipeline, 'warm_up', lambda: calls.append('warmed up'))
+  create_app(Settings(model_dir=base_paths.model_dir))  # TRAIN_WARM_UP defaults to true
+  assert poll(lambda: list(calls), lambda seen: seen, 10) == ['warmed up']
 
 
 def test_a_damaged_model_file_falls_back_to_the_version_before(model_dir, shapes_dataset,

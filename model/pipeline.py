@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -449,13 +450,20 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
 
 
 _warmed_up = False
+_warm_up_lock = threading.Lock()
 
 
 def warm_up() -> None:
   """Imports what an iteration uses and lets AutoGraph convert the augmentation's
-  code, once per process: an RQ training worker does it before its first job
+  code, once per process (callers in other threads wait for it): an RQ training
+  worker and the in-process training thread do it before their first job
   (about 6 s of imports and 3 s of conversion, which AutoGraph caches per
   process). Random state is untouched: every iteration sets its seed first."""
+  with _warm_up_lock:
+    _warm_up_once()
+
+
+def _warm_up_once() -> None:
   global _warmed_up  # pylint: disable=global-statement
   if _warmed_up:
     return

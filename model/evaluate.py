@@ -99,21 +99,25 @@ def coco_map(examples: list[Example], images: list[Image.Image],
           'images': len(examples), 'boxes': boxes}
 
 
-def tflite_detect(model, labels: list[str], min_score: float = 0.01):
+# Detections down to this score reach COCO evaluation: it ranks them all, so the tail counts.
+MIN_SCORE = 0.01
+
+
+def tflite_detect(model, labels: list[str], min_score: float = MIN_SCORE):
   """detect(images) -> detections per image of a .tflite (a path or its bytes)."""
   from model.tflite_detector import TFLiteDetector
   detector = TFLiteDetector(model, labels)
   return lambda images: [detector.detect(image, min_score) for image in images]
 
 
-def checkpoint_detect(model, labels: list[str], min_score: float = 0.01):
+def checkpoint_detect(model, labels: list[str], min_score: float = MIN_SCORE):
   """detect(images) -> detections per image of a TensorFlow SSD."""
   from model.checkpoint_detector import CheckpointDetector
   from model.config import PostprocessConfig
   return CheckpointDetector(model, labels, PostprocessConfig(min_score=min_score)).detect
 
 
-def run_detector(run_dir, kind: str | None = None, min_score: float = 0.01):
+def run_detector(run_dir, kind: str | None = None, min_score: float = MIN_SCORE):
   """A run's detector: its TensorFlow checkpoint (kind None) or one of its .tflite files.
 
   Returns:

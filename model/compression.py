@@ -21,7 +21,6 @@ import dataclasses
 import gzip
 
 import numpy as np
-import tensorflow_model_optimization as tfmot
 import tf_keras
 
 from model.config import TrainConfig
@@ -42,7 +41,7 @@ class Optimized:
   def begin(self) -> None:
     """Before the first step: pruning counts its steps from 0."""
     if self.kind == 'prune':
-      callback = tfmot.sparsity.keras.UpdatePruningStep()
+      callback = _tfmot().sparsity.keras.UpdatePruningStep()
       callback.set_model(self.model)
       callback.on_train_begin()
 
@@ -90,7 +89,7 @@ class Optimized:
     matched by name).
     """
     if self.kind == 'prune':
-      callback = tfmot.sparsity.keras.UpdatePruningStep()
+      callback = _tfmot().sparsity.keras.UpdatePruningStep()
       callback.set_model(self.model)
       callback.on_train_begin()  # collects the pruned layers; the step is already past 0
       callback.on_epoch_end(0)   # weights = weights * mask, once more after the last update
@@ -107,6 +106,14 @@ class Optimized:
       copy.set_weights([own[_short_name(w)].numpy() for w in copy.weights])
 
 
+def _tfmot():
+  """tensorflow-model-optimization, imported when QAT or pruning first needs it:
+  the import takes about a second that every other run (and every process
+  that imports `model.train`) need not pay."""
+  import tensorflow_model_optimization  # pylint: disable=import-outside-toplevel
+  return tensorflow_model_optimization
+
+
 def _short_name(variable) -> str:
   """'Conv/kernel:0' -> 'kernel'."""
   return variable.name.rsplit('/', 1)[-1].split(':')[0]
@@ -119,14 +126,14 @@ def _layer_names(model: tf_keras.Model) -> set[str]:
 def wrap(trainable_part: tf_keras.Model, config: TrainConfig, steps: int) -> Optimized | None:
   """The quantization-aware or pruned copy of `trainable_part` that `config` asks for, or None."""
   if config.compression.quantization_aware:
-    return Optimized(tfmot.quantization.keras.quantize_model(trainable_part), 'qat')
+    return Optimized(_tfmot().quantization.keras.quantize_model(trainable_part), 'qat')
   if config.compression.prune_sparsity > 0:
     # Prune from 10% to 70% of the budget, so that the rest of training heals the cut.
     begin, end = int(0.1 * steps), max(int(0.1 * steps) + 1, int(0.7 * steps))
-    schedule = tfmot.sparsity.keras.PolynomialDecay(
+    schedule = _tfmot().sparsity.keras.PolynomialDecay(
         initial_sparsity=0.0, final_sparsity=config.compression.prune_sparsity, begin_step=begin,
         end_step=end, frequency=max(1, (end - begin) // 20))
-    return Optimized(tfmot.sparsity.keras.prune_low_magnitude(
+    return Optimized(_tfmot().sparsity.keras.prune_low_magnitude(
         trainable_part, pruning_schedule=schedule), 'prune')
   return None
 

@@ -87,7 +87,8 @@ class Settings:
   train_debounce_s: float = 10.0
   # Cap on a training run's steps (the budget grows with the images up to it),
   # and what trains: 'heads', 'top' (heads + top of the extractor), 'upper' (+ its
-  # stride-16 blocks), 'all'; None ('auto'): upper with many images, else top.
+  # stride-16 blocks), 'all'; None ('auto'): upper with many images or mostly small
+  # boxes, else top (TrainConfig.choose_trainable).
   train_max_steps: int = BudgetConfig.max
   train_mode: str | None = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.

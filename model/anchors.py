@@ -33,6 +33,27 @@ def anchor_specs(config: SSDConfig) -> list[list[tuple[float, float]]]:
   return specs
 
 
+def best_maps(config: SSDConfig, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+  """The feature map whose anchor shapes fit each box best (IoU of the shapes,
+  centred on each other; where on the grid the box lies is left out).
+
+  Args:
+    heights, widths: [K] the boxes' sides, normalized to the image.
+
+  Returns:
+    int [K]: the index of each box's map.
+  """
+  heights = np.asarray(heights, np.float64)[:, None]
+  widths = np.asarray(widths, np.float64)[:, None]
+  fits = []
+  for specs in anchor_specs(config):
+    scales, ratios = (np.array(values) for values in zip(*specs))
+    anchor_h, anchor_w = scales / np.sqrt(ratios), scales * np.sqrt(ratios)
+    inter = np.minimum(heights, anchor_h) * np.minimum(widths, anchor_w)
+    fits.append((inter / (heights * widths + anchor_h * anchor_w - inter)).max(axis=1))
+  return np.argmax(np.stack(fits, axis=1), axis=1)
+
+
 def generate_anchors_cycxhw(config: SSDConfig) -> np.ndarray:
   """All anchors of the model, normalized to the input image.
 

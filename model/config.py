@@ -434,8 +434,9 @@ class TrainConfig:
   maps, as in the notebook), 'top' (also Conv_1 and the four SSD extra
   layers, which make five of the six maps), 'upper' (also the stride-16
   blocks under them, so all six maps adapt) or 'all' (the whole extractor;
-  slow on a CPU); None: 'upper' from `upper_from_images` training images on,
-  'top' below (`choose_trainable`). What is frozen is computed once per view
+  slow on a CPU); None: 'upper' from `upper_from_images` training images on
+  or when most boxes fit the lowest map's anchors, 'top' otherwise
+  (`choose_trainable`). What is frozen is computed once per view
   and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
   """
 
@@ -480,15 +481,28 @@ class TrainConfig:
     largest = max(size for size in (self.input.size, *self.input.sizes) if size is not None)
     return math.ceil(largest / self.views.crop_min_scale)
 
-  def choose_trainable(self, num_images: int) -> tuple[str, str]:
+  def choose_trainable(self, num_images: int, lowest_map_share: float = 0.0
+                       ) -> tuple[str, str]:
     """What trains, and why: more of the extractor once images are many enough to
-    teach it (sharper boxes: raccoon 160 images mAP 0.644 -> 0.688, BCCD 0.433 -> 0.496;
-    benchmarks/results/choices.md); a handful trains fast on the top alone."""
+    teach it (sharper boxes: raccoon 160 images mAP 0.644 -> 0.688, BCCD 0.433 -> 0.496),
+    or when most boxes fit the lowest feature map's anchors: the top does not
+    make that map, so only training the stride-16 blocks adapts what finds
+    them (BCCD at 10 images 0.552 -> 0.611, the crowded shapes 0.932 -> 0.980;
+    benchmarks/results/choices.md). Else a handful trains fast on the top alone.
+
+    Args:
+      lowest_map_share: the share of the labeled boxes whose best-fitting
+        anchors are the lowest map's (`pipeline.lowest_map_share`).
+    """
     if self.trainable is not None:
       return self.trainable, 'set'
     if num_images >= self.upper_from_images:
       return 'upper', f'{num_images} training images (from {self.upper_from_images} on)'
-    return 'top', f'{num_images} training images (under {self.upper_from_images})'
+    if lowest_map_share > 0.5:
+      return 'upper', (f'{lowest_map_share:.0%} of the boxes fit the lowest feature map, '
+                       'which the top does not make')
+    return 'top', (f'{num_images} training images (under {self.upper_from_images}), '
+                   f'{lowest_map_share:.0%} of the boxes on the lowest map')
 
   def class_learning_rate(self, num_images: int, any_fresh_column: bool) -> float:
     """A column started from a fitting base class is already good and one

@@ -135,17 +135,30 @@ def typical_sides(examples) -> dict[str, float]:
   return {label: float(np.median(values)) for label, values in sides.items()}
 
 
+def lowest_map_share(examples, ssd_config) -> float:
+  """The share of the labeled boxes whose best-fitting anchors are the lowest map's."""
+  from model.anchors import best_maps
+  boxes = np.concatenate([np.reshape(e.boxes, (-1, 4)) for e in examples] or [np.zeros((0, 4))])
+  if not len(boxes):
+    return 0.0
+  return float(np.mean(best_maps(ssd_config, boxes[:, 2] - boxes[:, 0],
+                                 boxes[:, 3] - boxes[:, 1]) == 0))
+
+
 def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainConfig, dict]:
   """Fills in what `config` leaves to the data.
 
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
   """
-  sides = typical_sides(training.part(training.fit)[0])
+  examples = training.part(training.fit)[0]
+  sides = typical_sides(examples)
   size, size_why = config.input.choose(sides)
   if size != config.input.size:
     log.info('Input size %d: %s', size, size_why)
-  trainable, trainable_why = config.choose_trainable(len(training.fit))
+  trainable, trainable_why = config.choose_trainable(
+      len(training.fit),
+      lowest_map_share(examples, dataclasses.replace(config.input, size=size).ssd_config(1)))
   adaptive, adaptive_why = config.matching.choose_adaptive(
       min(sides.values(), default=1.0), config.input.anchors.lowest_layer_scale)
   return (config.with_overrides({'input.size': size, 'trainable': trainable,

@@ -75,3 +75,26 @@ def test_cycxhw_to_yxyx():
 def test_bad_input_sizes_are_refused(size):
   with pytest.raises(ValueError, match='input_size'):
     SSDConfig(num_classes=1, input_size=size)
+
+
+def test_each_box_goes_to_the_map_whose_anchor_shapes_fit_it_best():
+  config = SSDConfig(num_classes=1)
+  scales = config.anchors.scales()  # 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.0
+  heights = np.array([0.03, 0.1, 0.2 * math.sqrt(2), scales[1], scales[2], 0.99])
+  widths = np.array([0.03, 0.1, 0.2 / math.sqrt(2), scales[1], scales[2], 0.99])
+  np.testing.assert_array_equal(anchors.best_maps(config, heights, widths), [0, 0, 0, 1, 2, 5])
+
+
+def test_the_share_of_boxes_on_the_lowest_map_decides_what_trains():
+  from types import SimpleNamespace
+
+  from model.config import TrainConfig
+  from model.pipeline import lowest_map_share
+  cells = [SimpleNamespace(boxes=np.array([[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.58, 0.6]]))]
+  animal = [SimpleNamespace(boxes=np.array([[0.1, 0.2, 0.8, 0.7]]))]
+  config = SSDConfig(num_classes=1)
+  assert lowest_map_share(cells, config) == 1.0
+  assert lowest_map_share(cells + animal * 2, config) == 0.5
+  assert lowest_map_share([SimpleNamespace(boxes=np.zeros((0, 4)))], config) == 0.0
+  assert TrainConfig().choose_trainable(10, lowest_map_share(cells, config))[0] == 'upper'
+  assert TrainConfig().choose_trainable(10, lowest_map_share(animal, config))[0] == 'top'

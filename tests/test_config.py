@@ -61,12 +61,15 @@ def test_early_stopping_trusts_the_held_out_loss_only_from_half_the_budget():
   assert stopper.best_step == 250
 
 
-def test_more_of_the_extractor_trains_once_images_are_many():
+def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
   config = TrainConfig()
   assert config.choose_trainable(10)[0] == 'top'
   assert config.choose_trainable(config.upper_from_images - 1)[0] == 'top'
   assert config.choose_trainable(config.upper_from_images)[0] == 'upper'
-  assert TrainConfig(trainable='heads').choose_trainable(500) == ('heads', 'set')
+  # Most boxes on the lowest map, which only the stride-16 blocks make.
+  assert config.choose_trainable(10, lowest_map_share=0.9)[0] == 'upper'
+  assert config.choose_trainable(10, lowest_map_share=0.5)[0] == 'top'
+  assert TrainConfig(trainable='heads').choose_trainable(500, 1.0) == ('heads', 'set')
 
 
 

@@ -237,11 +237,10 @@ class Trainer:
     config = self.config
     warmup = max(1, int(steps * config.schedule.warmup_fraction))
 
-    # Keras' legacy Adam updates each variable with one fused op; the current
-    # one builds several per variable. Same update, but the step traces in
-    # about 1 s less and runs ~6 % faster (benchmarks/results/choices.md).
+    # Not Keras' legacy Adam: its fused updates trace and run faster, and fresh
+    # runs score the same, but warm starts lost 0.04 (benchmarks/results/choices.md).
     def adam(peak):  # linear warm-up to `peak`, then cosine decay
-      return tf_keras.optimizers.legacy.Adam(learning_rate=tf_keras.optimizers.schedules.CosineDecay(
+      return tf_keras.optimizers.Adam(learning_rate=tf_keras.optimizers.schedules.CosineDecay(
           initial_learning_rate=peak * 0.01, decay_steps=max(1, steps - warmup),
           warmup_target=peak, warmup_steps=warmup))
 

@@ -487,7 +487,7 @@ class TrainConfig:
     teach it (sharper boxes: raccoon 160 images mAP 0.644 -> 0.688, BCCD 0.433 -> 0.496),
     or when most boxes fit the lowest feature map's anchors: the top does not
     make that map, so only training the stride-16 blocks adapts what finds
-    them (BCCD at 10 images 0.552 -> 0.611, the crowded shapes 0.932 -> 0.980;
+    them (BCCD at 10 images 0.552 -> 0.611, the crowded shapes 0.931 -> 0.980;
     benchmarks/results/choices.md). Else a handful trains fast on the top alone.
 
     Args:

@@ -237,8 +237,9 @@ class Trainer:
     config = self.config
     warmup = max(1, int(steps * config.schedule.warmup_fraction))
 
-    # Not Keras' legacy Adam: its fused updates trace and run faster, and fresh
-    # runs score the same, but warm starts lost 0.04 (benchmarks/results/choices.md).
+    # Not (yet) Keras' legacy Adam: its fused updates trace and run faster and
+    # fresh runs score the same, but warm starts were 0.009 lower over six
+    # subsets, one of them 0.065 (benchmarks/results/choices.md).
     def adam(peak):  # linear warm-up to `peak`, then cosine decay
       return tf_keras.optimizers.Adam(learning_rate=tf_keras.optimizers.schedules.CosineDecay(
           initial_learning_rate=peak * 0.01, decay_steps=max(1, steps - warmup),

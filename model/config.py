@@ -443,6 +443,8 @@ class TrainConfig:
   seed: int = 0
   trainable: str | None = None
   upper_from_images: int = 100
+  # ... or when more than this share of the labeled boxes fit the lowest map best.
+  upper_from_lowest_map_share: float = 0.5
   input: InputConfig = InputConfig()
   warm_start: WarmStartConfig = WarmStartConfig()
   budget: BudgetConfig = BudgetConfig()
@@ -498,7 +500,7 @@ class TrainConfig:
       return self.trainable, 'set'
     if num_images >= self.upper_from_images:
       return 'upper', f'{num_images} training images (from {self.upper_from_images} on)'
-    if lowest_map_share > 0.5:
+    if lowest_map_share > self.upper_from_lowest_map_share:
       return 'upper', (f'{lowest_map_share:.0%} of the boxes fit the lowest feature map, '
                        'which the top does not make')
     return 'top', (f'{num_images} training images (under {self.upper_from_images}), '

@@ -392,7 +392,6 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
   int8 comes with the float file it is quantized from (`export.export_files`).
   """
   from model import export, ssd as ssd_lib
-  from model.images import pixels_to_input
   metadata_python = export.metadata_python()
   if kinds and metadata_python is None:
     log.warning('No .venv-mediapipe: the .tflite files get no TFLite metadata, which '
@@ -402,18 +401,23 @@ def export_model(model, views: Views, labels: list[str], export_config: ExportCo
   int8_model = None if qat_extractor is None else ssd_lib.build_ssd(
       model.config, feature_extractor=qat_extractor, box_head=model.box_head,
       class_head=model.class_head)
-  calibration = ()
-  if export.INT8 in kinds:
-    count = export_config.calibration_images
-    order = (views.train.originals_first() if export_config.calibration_views == 'all'
-             else np.arange(len(views.train))[views.train.originals])
-    candidates = order[:2 * count]
-    calibration = export.calibration_inputs(
-        model, pixels_to_input(views.train_pixels[candidates]), count,
-        export_config.calibration_outlier_ratio, export_config.calibration_outlier_share,
-        views.cached_peaks(candidates))
+  calibration = calibration_inputs(model, views, export_config) if export.INT8 in kinds else ()
   return export.export_files(model, kinds, labels, export_config, calibration, metadata_python,
                              int8_model)
+
+
+def calibration_inputs(model, views: Views, export_config: ExportConfig) -> np.ndarray:
+  """The model inputs that calibrate the int8 file: training views, originals first."""
+  from model import export
+  from model.images import pixels_to_input
+  count = export_config.calibration_images
+  order = (views.train.originals_first() if export_config.calibration_views == 'all'
+           else np.arange(len(views.train))[views.train.originals])
+  candidates = order[:2 * count]
+  return export.calibration_inputs(
+      model, pixels_to_input(views.train_pixels[candidates]), count,
+      export_config.calibration_outlier_ratio, export_config.calibration_outlier_share,
+      views.cached_peaks(candidates))
 
 
 @dataclasses.dataclass

@@ -383,7 +383,9 @@ class ScheduleConfig:
   relative to it) None: chosen from the data (`class_learning_rate`,
   `box_learning_rate_scale`); `extractor_scale`: the extractor's, relative.
   `batch_size` 8: as good as 16 at about 0.65x the training time
-  (benchmarks/results/choices.md).
+  (benchmarks/results/choices.md). `new_image_share`: in a warm start, the
+  views of images the previous iteration did not train on (new or changed)
+  are drawn for at least this share of every batch (`train.batch_odds`).
   """
 
   batch_size: int = 8
@@ -391,6 +393,11 @@ class ScheduleConfig:
   box_scale: float | None = None
   extractor_scale: float = 0.1
   warmup_fraction: float = 0.1
+  new_image_share: float = 0.5
+
+  def __post_init__(self):
+    if not 0.0 <= self.new_image_share <= 1.0:
+      raise ValueError(f'new_image_share must be in [0, 1], not {self.new_image_share}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -153,6 +153,24 @@ class TrainReport:
   stopped_early: bool
   seconds: float
   views_per_s: float
+  new_view_share: float = 1.0  # of the views drawn, those of new or changed images
+
+
+def batch_odds(carried: np.ndarray | None, new_share: float) -> tuple[np.ndarray | None, float]:
+  """Each view's odds of being drawn, and the share of draws that go to new views.
+
+  A warm start's images fall into those the previous iteration trained on
+  (`carried`: their views came over) and new or changed ones; the new fill at
+  least `new_share` of the draws, so a few new images are learned in a
+  shortened run without the old being forgotten. None: uniform.
+  """
+  if carried is None or not carried.any():
+    return None, 1.0
+  natural = 1.0 - float(carried.mean())
+  if carried.all() or natural >= new_share:
+    return None, natural
+  odds = np.where(carried, (1 - new_share) / carried.sum(), new_share / (~carried).sum())
+  return odds / odds.sum(), new_share
 
 
 class Trainer:
@@ -259,8 +277,12 @@ class Trainer:
     stopper, best_weights = EarlyStopping(steps, config.early_stopping), None
     stopped_early = False
     started = time.monotonic()
+    odds, new_share = batch_odds(train_views.carried, config.schedule.new_image_share)
+    if odds is not None:
+      log.info('Views of new or changed images: %d of %d, drawn as %.0f%% of each batch',
+               np.sum(~train_views.carried), len(train_views), new_share * 100)
     for step in range(1, steps + 1):
-      index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch)
+      index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch, p=odds)
       loss = step_fn(tf.constant(index, tf.int32))
       losses.append(float(loss))
       if validation is not None and (step % config.early_stopping.every == 0 or step == steps):
@@ -286,5 +308,5 @@ class Trainer:
     return TrainReport(steps=len(losses), planned_steps=steps, losses=losses,
                        validation=validation_losses,
                        best_step=stopper.best_step if best_weights is not None else len(losses),
-                       stopped_early=stopped_early, seconds=seconds,
+                       stopped_early=stopped_early, seconds=seconds, new_view_share=new_share,
                        views_per_s=len(losses) * batch / seconds if seconds else 0.0)

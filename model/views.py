@@ -57,6 +57,7 @@ class CachedViews:
   reused: int = 0
   peaks: np.ndarray | None = None
   reused_outputs: int = 0
+  carried: np.ndarray | None = None
 
   def __len__(self):
     return len(self.class_targets)
@@ -231,6 +232,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
   same_frozen = bool(reuse and reuse.features is not None
                      and reuse.frozen == frozen_signature(frozen))
   stored_rows = {}  # view -> its row in `reuse`, where its cached outputs can be taken
+  carried = []  # per view: whether its image came over unchanged from the earlier iteration
   for index, (example, image) in enumerate(zip(examples, images)):
     found = reuse and fingerprints and reuse.find(fingerprints[index], label_ids, views_each,
                                                   zoom_outs)
@@ -241,6 +243,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
       pixels.extend(found[0])
       class_targets.extend(found[1])
       box_targets.extend(found[2])
+      carried.extend([True] * len(found[0]))
       continue
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     views = augment.make_views(image, example.boxes, ids, views_each, input_size, zoom_outs,
@@ -250,6 +253,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
       pixels.append(x)
       class_targets.append(cls)
       box_targets.append(box)
+      carried.append(False)
   if reused:
     log.info('Reused the earlier iteration\'s views of %d of %d images%s', reused,
              len(examples), ' and their cached outputs' if stored_rows else '')
@@ -257,7 +261,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
   features, peaks = _cached_outputs(frozen, pixels, stored_rows, reuse)
   return pixels, CachedViews(features, np.stack(class_targets), np.stack(box_targets),
                              per_image=views_each + zoom_outs, reused=reused, peaks=peaks,
-                             reused_outputs=len(stored_rows))
+                             reused_outputs=len(stored_rows), carried=np.array(carried, bool))
 
 
 def _cached_outputs(frozen, pixels: np.ndarray, stored_rows: dict[int, int],

@@ -61,6 +61,22 @@ def test_early_stopping_trusts_the_held_out_loss_only_from_half_the_budget():
   assert stopper.best_step == 250
 
 
+def test_a_warm_start_draws_its_new_images_views_for_at_least_their_share():
+  import numpy as np
+  from model.train import batch_odds
+  two_of_ten_new = np.array([True] * 8 + [False] * 2)
+  odds, share = batch_odds(two_of_ten_new, 0.5)
+  assert share == 0.5 and np.isclose(odds[~two_of_ten_new].sum(), 0.5)
+  assert np.isclose(odds.sum(), 1.0) and len(set(odds[two_of_ten_new])) == 1
+  # Drawn as often as they come: new images that are many already, all new or none.
+  assert batch_odds(np.array([True] * 4 + [False] * 6), 0.5) == (None, 0.6)
+  assert batch_odds(np.zeros(3, bool), 0.5) == (None, 1.0)
+  assert batch_odds(np.ones(3, bool), 0.5) == (None, 0.0)
+  assert batch_odds(None, 0.5) == (None, 1.0)  # nothing carried over: nothing to tell apart
+  with pytest.raises(ValueError, match='new_image_share'):
+    TrainConfig().with_overrides({'schedule.new_image_share': 1.5})
+
+
 def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
   config = TrainConfig()
   assert config.choose_trainable(10)[0] == 'top'

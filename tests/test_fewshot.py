@@ -265,6 +265,7 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   # and only the newest iteration keeps them.
   assert metrics['images']['reused_views'] == 18
   assert metrics['images']['reused_view_outputs'] == 36  # and their frozen outputs (2 each)
+  assert metrics['images']['new_view_share'] == 0.0  # nothing new to draw more often
   assert second.views.is_file() and not first.views.exists()
   # The second knows every label: it trains half the budget.
   assert (json.loads(first.metrics.read_text())['planned_steps'], metrics['planned_steps']) == (60, 30)

@@ -82,7 +82,10 @@ def test_a_moved_box_or_more_views_than_stored_makes_views_afresh(tmp_path):
   ids = {'cat': 1, 'dog': 2}
   examples[1] = dataclasses.replace(examples[1], boxes=np.array([[0.3, 0.2, 0.9, 0.7]], np.float32))
   fingerprints = [views_lib.fingerprint(*p) for p in zip(examples, images)]
-  assert make(examples, images, ids, reuse=stored, fingerprints=fingerprints)[1].reused == 1
+  moved = make(examples, images, ids, reuse=stored, fingerprints=fingerprints)[1]
+  assert moved.reused == 1
+  # which views came over: training draws the others more often (`train.batch_odds`)
+  assert moved.carried.tolist() == [True] * moved.per_image + [False] * moved.per_image
   assert make(examples, images, ids, views_each=5, reuse=stored,
               fingerprints=fingerprints)[1].reused == 0
 

@@ -277,19 +277,28 @@ class BudgetConfig:
   first_images: int = 5
   per_further_image: int = 10
   max: int = 1000
-  # A warm start whose previous iteration knows every label already trains this
-  # fraction of the steps (never fewer than `base`; why: benchmarks/results/choices.md).
+  # A warm start whose previous iteration knows every label trains the share of
+  # its images that are new (or changed), from `warm_fraction_min` to
+  # `warm_fraction` of the steps, never fewer than `base`: 2 of 10 new train a
+  # quarter, half or more new (or not known) a half (why: benchmarks/results/choices.md).
   warm_fraction: float = 0.5
+  warm_fraction_min: float = 0.25
 
   def __post_init__(self):
     if self.max < 1:
       raise ValueError(f'the step cap must be 1 or more, not {self.max}')
 
-  def steps(self, num_images: int, warm: bool = False) -> int:
+  def steps(self, num_images: int, warm: bool = False, new_share: float = 1.0) -> int:
     first = min(num_images, self.first_images)
     steps = min(self.max, self.base + self.per_first_image * first
                 + self.per_further_image * (num_images - first))
-    return min(self.max, max(self.base, round(steps * self.warm_fraction))) if warm else steps
+    if not warm:
+      return steps
+    return min(self.max, max(self.base, round(steps * self.warm_share(new_share))))
+
+  def warm_share(self, new_share: float) -> float:
+    """The fraction of the budget a warm start trains when `new_share` of its images are new."""
+    return min(self.warm_fraction, max(self.warm_fraction_min, new_share))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -325,14 +325,17 @@ class Schedule:
   steps_why: str = 'step budget for the images'
 
 
-def plan_schedule(num_images: int, columns: list, config: TrainConfig) -> Schedule:
-  """Steps and learning rates; a warm start that knows every label already trains less."""
+def plan_schedule(num_images: int, columns: list, config: TrainConfig,
+                  new_share: float = 1.0) -> Schedule:
+  """Steps and learning rates; a warm start that knows every label already trains
+  less, the less the fewer of its images are new (`new_share`)."""
   from model.warm_start import KEPT
   warm = all(c.reason == KEPT for c in columns)
   why = 'step budget for the images'
-  if warm and config.budget.warm_fraction != 1.0:
-    why += f', x{config.budget.warm_fraction:g}: the previous iteration knows every label'
-  return Schedule(config.budget.steps(num_images, warm),
+  if warm:
+    why += (f', x{config.budget.warm_share(new_share):g}: the previous iteration knows every '
+            f'label and {new_share:.0%} of the images are new')
+  return Schedule(config.budget.steps(num_images, warm, new_share),
                   config.class_learning_rate(num_images, any(c.head is None for c in columns)),
                   config.box_learning_rate_scale(num_images), why)
 
@@ -460,7 +463,7 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     views = make_views(model, training, config, previous)
   with clock.stage('start_class_head'):
     columns = start_class_head(model, training.labels, sources, views, config)
-  schedule = plan_schedule(len(training.fit), columns, config)
+  schedule = plan_schedule(len(training.fit), columns, config, views.train.new_share())
   with clock.stage('train'):
     report = train_model(model, views, schedule, config, progress)
   return Fitted(model, training, views, config, choices, columns, schedule, report)

@@ -48,6 +48,8 @@ class CachedViews:
     reused_outputs: views whose frozen-part outputs came from there too.
     peaks: [V, T] `export.peaks_of` the unbounded activations inside the frozen
       part, measured while caching (int8 calibration leaves out outliers by them).
+    carried: bool [V], whether the view's image came over unchanged from the
+      earlier iteration (a warm start trains less, and draws the others more).
   """
 
   features: list[np.ndarray]
@@ -61,6 +63,11 @@ class CachedViews:
 
   def __len__(self):
     return len(self.class_targets)
+
+  def new_share(self) -> float:
+    """The share of the views (and images) an earlier iteration did not train on;
+    1.0 when none came over."""
+    return 1.0 if self.carried is None else 1.0 - float(self.carried.mean())
 
   @property
   def originals(self) -> slice:

@@ -36,9 +36,12 @@ def test_step_budget_per_first_and_further_images():
   config = TrainConfig()
   assert [config.budget.steps(n) for n in (1, 5, 10, 160)] == [75, 275, 325, 1000]
   assert config.with_overrides({'budget.max': 200}).budget.steps(10) == 200
-  # A warm start that knows every label trains its fraction, never less than the base.
-  half = config.with_overrides({'budget.warm_fraction': 0.5}).budget
-  assert (half.steps(10), half.steps(10, warm=True), half.steps(1, warm=True)) == (325, 162, 38)
+  # A warm start that knows every label trains the share of its images that are new,
+  # from a quarter to a half (half when not known), never less than the base.
+  budget = config.budget
+  assert (budget.steps(10), budget.steps(10, warm=True), budget.steps(1, warm=True)) == (325, 162, 38)
+  assert [budget.steps(10, True, new) for new in (0.0, 0.2, 0.4, 0.8)] == [81, 81, 130, 162]
+  assert budget.steps(1, True, 0.0) == 25
 
 
 def test_views_per_image_shrink_as_images_grow():

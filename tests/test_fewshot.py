@@ -267,9 +267,11 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   assert metrics['images']['reused_view_outputs'] == 36  # and their frozen outputs (2 each)
   assert metrics['images']['new_view_share'] == 0.0  # nothing new to draw more often
   assert second.views.is_file() and not first.views.exists()
-  # The second knows every label: it trains half the budget.
-  assert (json.loads(first.metrics.read_text())['planned_steps'], metrics['planned_steps']) == (60, 30)
-  assert 'the previous iteration knows every label' in metrics['choices']['steps']['why']
+  # The second knows every label and no image is new: a quarter of the budget, at
+  # least the base (25).
+  assert (json.loads(first.metrics.read_text())['planned_steps'], metrics['planned_steps']) == (60, 25)
+  assert 'the previous iteration knows every label and 0% of the images are new' in (
+      metrics['choices']['steps']['why'])
   held_out = metrics['evaluation']['validation']
   assert metrics['evaluation']['of'] == 'checkpoint'  # no .tflite exported here
   assert 0.5 <= held_out['map50'] <= 1.0 and set(held_out['per_class']) == {'disc'}

@@ -15,20 +15,22 @@ def test_the_lowest_anchor_is_the_base_s_unless_set():
     TrainConfig().with_overrides({'input.lowest_anchor': 0.0})
 
 
-def test_input_size_grows_until_the_smallest_label_spans_30_pixels():
+def test_input_size_grows_until_the_smallest_label_spans_36_pixels():
   config = TrainConfig()
   assert config.input.choose({'raccoon': 0.69})[0] == 300
-  # BCCD: platelets typically 21 px at 300; red cells 55
+  # BCCD: platelets typically 21 px at 300 (36 at 512); red cells 55
   size, why = config.input.choose({'RBC': 55 / 300, 'Platelets': 21 / 300})
-  assert size == 448 and '"Platelets"' in why and '31 px at 448' in why
-  assert config.input.choose({'speck': 0.01})[0] == 448  # the largest there is
+  assert size == 512 and '"Platelets"' in why and '36 px at 512' in why
+  assert config.input.choose({'duck': 0.156})[0] == 300  # 47 px
+  assert config.input.choose({'thing': 0.1})[0] == 384  # 30 px at 300, 38 at 384
+  assert config.input.choose({'speck': 0.01})[0] == 512  # the largest there is
   assert config.with_overrides({'input.size': 384}).input.choose({'speck': 0.01}) == (384, 'set')
   with pytest.raises(ValueError, match='even'):
     config.with_overrides({'input.size': 301})
 
 
 def test_training_images_keep_the_pixels_their_smallest_crop_needs():
-  assert TrainConfig().max_image_side() == 1494  # 448 / 0.3
+  assert TrainConfig().max_image_side() == 1707  # 512 / 0.3
   assert TrainConfig().with_overrides({'input.size': 640}).max_image_side() == 2134
 
 

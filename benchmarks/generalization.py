@@ -14,6 +14,7 @@ Synthetic scenes (made once under --work, deterministic):
   crowd    3 classes of shapes, 12 per 640x480 image, 30-60 px (14-28 px at 300)
   small    3 classes, 4 per image, 12-28 px (6-13 px at 300)
   partial  like crowd, but a third of the training boxes left unlabeled
+  small-many  like small, with 150 training images (many images of small objects)
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -52,10 +53,11 @@ def synthetic(kind: str, folder: Path) -> Path:
   if tasks_file.is_file():
     return folder
   shapes = ('disc', 'square', 'triangle')
-  sides, per_image = {'crowd': ((30, 60), 12), 'small': ((12, 28), 4),
-                      'partial': ((30, 60), 12)}[kind]
+  sides, per_image, images = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
+                               'partial': ((30, 60), 12, 60),
+                               'small-many': ((12, 28), 4, 150)}[kind]
   common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image)
-  train = make_task_set(folder, 60, split='train', seed=11, **common)
+  train = make_task_set(folder, images, split='train', seed=11, **common)
   test = make_task_set(folder, 20, split='test', seed=12, start_id=1000, **common)
   if kind == 'partial':  # every third box of the training images goes unlabeled
     for task in train:
@@ -66,7 +68,7 @@ def synthetic(kind: str, folder: Path) -> Path:
 
 
 def dataset_folder(name: str, work: Path) -> Path:
-  if name in ('crowd', 'small', 'partial'):
+  if name in ('crowd', 'small', 'partial', 'small-many'):
     return synthetic(name, work / f'synthetic-{name}')
   return SHARED / name
 

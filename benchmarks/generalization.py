@@ -97,6 +97,24 @@ def parse_variant(text: str) -> tuple[str, dict]:
   return name, overrides
 
 
+def load_dataset(name: str, work: Path) -> tuple[Path, list, tuple]:
+  """(its folder, its tasks, its test split's (examples, images)) of a data set by name."""
+  root = dataset_folder(name, work)
+  tasks = tasks_lib.load_tasks_file(root / 'tasks.json')
+  examples, _ = tasks_lib.parse_tasks(tasks)
+  return root, tasks, tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), root)
+
+
+def subset_count(shots: str) -> int | str:
+  """'10' -> 10, 'all' -> ALL."""
+  return ALL if shots == ALL else int(shots)
+
+
+def seeds_for(count, seeds: int) -> range:
+  """Several subsets where they are small (10 images or fewer), one otherwise."""
+  return range(seeds) if count != ALL and count <= 10 else range(1)
+
+
 def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> None:
   """--datasets, --shots, --seeds, --model-dir, --work: which subsets, and where."""
   parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
@@ -182,16 +200,12 @@ def main():
     results = json.loads((RESULTS / 'generalization.json').read_text())
   args.work.mkdir(parents=True, exist_ok=True)
   for name in args.datasets:
-    root = dataset_folder(name, args.work)
-    tasks = tasks_lib.load_tasks_file(root / 'tasks.json')
-    examples, _ = tasks_lib.parse_tasks(tasks)
-    test = tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), root)
+    root, tasks, test = load_dataset(name, args.work)
     for variant, overrides in variants:
       for shots in args.shots:
-        count = ALL if shots == ALL else int(shots)
-        seeds = range(args.seeds) if count != ALL and count <= 10 else range(1)
+        count = subset_count(shots)
         rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test)
-                for seed in seeds]
+                for seed in seeds_for(count, args.seeds)]
         results['datasets'].setdefault(name, {}).setdefault(variant, {})[str(shots)] = (
             summarize(rows))
         write(results)

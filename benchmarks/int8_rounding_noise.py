@@ -27,8 +27,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.generalization import ALL, add_dataset_arguments, dataset_folder  # noqa: E402
-from model import export, pipeline, tasks as tasks_lib  # noqa: E402
+from benchmarks.generalization import (  # noqa: E402
+    ALL, add_dataset_arguments, load_dataset, seeds_for, subset_count)
+from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
 
@@ -112,15 +113,11 @@ def main():
   args.work.mkdir(parents=True, exist_ok=True)
   results = {}
   for name in args.datasets:
-    root = dataset_folder(name, args.work)
-    tasks = tasks_lib.load_tasks_file(root / 'tasks.json')
-    examples, _ = tasks_lib.parse_tasks(tasks)
-    test = tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), root)
+    root, tasks, test = load_dataset(name, args.work)
     for shots in args.shots:
-      count = ALL if shots == ALL else int(shots)
-      seeds = range(args.seeds) if count != ALL and count <= 10 else range(1)
+      count = subset_count(shots)
       results.setdefault(name, {})[shots] = [one_subset(tasks, root, args, count, seed, test)
-                                              for seed in seeds]
+                                              for seed in seeds_for(count, args.seeds)]
       write(results, args.jitter)
   print((RESULTS / 'int8_rounding_noise.md').read_text())
 

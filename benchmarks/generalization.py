@@ -110,9 +110,12 @@ def subset_count(shots: str) -> int | str:
   return ALL if shots == ALL else int(shots)
 
 
-def seeds_for(count, seeds: int) -> range:
-  """Several subsets where they are small (10 images or fewer), one otherwise."""
-  return range(seeds) if count != ALL and count <= 10 else range(1)
+def seeds_for(count, seeds: int, all_seeds: int = 1) -> range:
+  """Several subsets where they are small (10 images or fewer), one otherwise;
+  with all images, `all_seeds` runs that differ in their training's seed only."""
+  if count == ALL:
+    return range(all_seeds)
+  return range(seeds) if count <= 10 else range(1)
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> None:
@@ -121,6 +124,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> 
                                                         'partial'])
   parser.add_argument('--shots', nargs='+', default=shots)
   parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
+  parser.add_argument('--all-seeds', type=int, default=1,
+                      help='runs with all images, each with its own training seed')
   parser.add_argument('--model-dir', type=Path,
                       default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
@@ -205,7 +210,7 @@ def main():
       for shots in args.shots:
         count = subset_count(shots)
         rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test)
-                for seed in seeds_for(count, args.seeds)]
+                for seed in seeds_for(count, args.seeds, args.all_seeds)]
         results['datasets'].setdefault(name, {}).setdefault(variant, {})[str(shots)] = (
             summarize(rows))
         write(results)

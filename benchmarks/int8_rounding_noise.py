@@ -116,8 +116,9 @@ def main():
     root, tasks, test = load_dataset(name, args.work)
     for shots in args.shots:
       count = subset_count(shots)
+      seeds = seeds_for(count, args.seeds, args.all_seeds)
       results.setdefault(name, {})[shots] = [one_subset(tasks, root, args, count, seed, test)
-                                              for seed in seeds_for(count, args.seeds)]
+                                              for seed in seeds]
       write(results, args.jitter)
   print((RESULTS / 'int8_rounding_noise.md').read_text())
 

@@ -253,7 +253,7 @@ class Views:
                        frozen_signature(self.split.frozen), self.train.features, self.train.peaks)
 
 
-def make_views(model, training: TrainingSet, config: TrainConfig,
+def make_views(model, split, training: TrainingSet, config: TrainConfig,
                previous: Path | None = None) -> Views:
   """Augments each training image, assigns anchor targets, caches the frozen part.
 
@@ -262,13 +262,11 @@ def make_views(model, training: TrainingSet, config: TrainConfig,
   """
   from model import anchors as anchors_lib, views as views_lib
   from model.targets import TargetAssigner
-  from model.train import ExtractorSplit
   assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
                             model.config.box_scale_factors, config.matching.positive_iou,
                             config.matching.negative_iou,
                             0 if config.matching.adaptive_views == 'none' else config.matching.adaptive_top_k,
                             config.matching.adaptive_views)
-  split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   views_each = config.views.per_image(len(training.fit))
   zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
@@ -340,10 +338,16 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig,
                   config.box_learning_rate_scale(num_images), why)
 
 
-def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None):
-  """Trains what `views.split` leaves trainable; returns the `train.TrainReport`."""
+def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None,
+                trainer=None):
+  """Trains what `views.split` leaves trainable; returns the `train.TrainReport`.
+
+  `trainer`: a `train.Trainer` made (and maybe traced) beforehand, else one is made here.
+  """
   from model.train import Trainer
-  views.split.apply_optimization(config, schedule.steps, views.train)
+  if trainer is None:
+    views.split.apply_optimization(config, schedule.steps, views.train)
+    trainer = Trainer(model, views.split, config)
   log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
            {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
             'upper': 'the heads and the extractor from its stride-16 blocks up',
@@ -354,12 +358,25 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   if views.split.optimized:
     log.info('%s', 'Quantization-aware training' if views.split.optimized.kind == 'qat' else
              f'Pruning the extractor\'s trained part to {config.compression.prune_sparsity:.0%} zeros')
-  report = Trainer(model, views.split, config, schedule.class_learning_rate,
-                   schedule.box_learning_rate_scale).train(
-                       views.train, schedule.steps, views.validation, progress)
+  report = trainer.train(views.train, schedule.steps, schedule.class_learning_rate,
+                         schedule.box_learning_rate_scale, views.validation, progress)
   log.info('Trained %d steps in %.1f s (%.0f views/s)%s', report.steps, report.seconds,
            report.views_per_s, ', stopped early' if report.stopped_early else '')
   return report
+
+
+@contextlib.contextmanager
+def traced_meanwhile(trainer):
+  """Traces `trainer`'s train step in another thread while the body runs: it
+  needs the model but no views, and tracing is mostly Python, which runs
+  while the views' TensorFlow kernels let go of the interpreter lock."""
+  if trainer is None:
+    yield
+    return
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='trace') as pool:
+    traced = pool.submit(trainer.trace)
+    yield
+    traced.result()
 
 
 def evaluate_model(model, training: TrainingSet, history: list[dict], float_file: bytes | None):
@@ -451,6 +468,7 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
         max_images: int | None = None, progress=None) -> Fitted:
   """load_examples -> build_model -> make_views -> start_class_head -> train_model."""
   import tensorflow as tf
+  from model.train import ExtractorSplit, Trainer
   tf.random.set_seed(config.seed)
   with clock.stage('load_examples'):
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
@@ -459,13 +477,16 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
   with clock.stage('build_model'):
     sources = load_sources(model_dir, previous)
     model = build_model(training.labels, sources, config)
-  with clock.stage('make_views'):
-    views = make_views(model, training, config, previous)
+    split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
+    # Quantization-aware or pruned training wraps what trains once the views are there.
+    trainer = None if config.compression.active else Trainer(model, split, config)
+  with clock.stage('make_views'), traced_meanwhile(trainer):
+    views = make_views(model, split, training, config, previous)
   with clock.stage('start_class_head'):
     columns = start_class_head(model, training.labels, sources, views, config)
   schedule = plan_schedule(len(training.fit), columns, config, views.train.new_share())
   with clock.stage('train'):
-    report = train_model(model, views, schedule, config, progress)
+    report = train_model(model, views, schedule, config, progress, trainer)
   return Fitted(model, training, views, config, choices, columns, schedule, report)
 
 
@@ -577,16 +598,18 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
   columns, schedule, report = fitted.columns, fitted.schedule, fitted.report
   names = {run_folder.TFLITE_FILES[kind]: data for kind, data in files.items()}
   with run_folder.published_folder(out_dir) as staging, \
-      concurrent.futures.ThreadPoolExecutor(1) as pool:
-    # zlib lets go of the interpreter lock: the files compress while the rest is written.
+      concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix='publish') as pool:
+    staged = RunPaths(staging)
+    # zlib and file writes let go of the interpreter lock: the files compress and
+    # the views are written while the report is drawn and the rest is written.
     gzipped = pool.submit(lambda: {name: compression.gzipped_size(data)
                                    for name, data in names.items()})
-    staged = RunPaths(staging)
+    stored = config.views.carry_over and views.stored(training.labels, config.views.max_cached)
+    views_saved = pool.submit(stored.save, staged.views) if stored else None
+    reported = pool.submit(write_report, staged.report, report.losses, report.validation,
+                           record.history, record.samples)
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
     run_folder.write_labels_file(staged.labels, training.labels)
-    stored = config.views.carry_over and views.stored(training.labels, config.views.max_cached)
-    if stored:
-      stored.save(staged.views)
     for kind, data in files.items():
       staged.tflite(kind).write_bytes(data)
     run_folder.write_json(staged.metrics, {
@@ -620,7 +643,9 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
         'history': record.history,
         'task_stats': dataclasses.asdict(training.stats),
     })
-    write_report(staged.report, report.losses, report.validation, record.history, record.samples)
+    reported.result()
+    if views_saved is not None:
+      views_saved.result()
     if pending:
       run_folder.mark_pending(staging, [staged.tflite(kind).name for kind in pending])
     run_folder.write_json(staged.run_info, {

@@ -19,13 +19,12 @@ def write_report(path: Path, losses: list[float], validation: list[tuple[int, fl
     history: one dict per iteration so far, with 'iteration' and 'map50' (None if unmeasured).
     samples: up to three images with their detections (pixel boxes).
   """
-  import matplotlib
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
+  # A bare Figure, not pyplot: no global state, so it draws in any thread.
+  from matplotlib.figure import Figure
   from matplotlib.patches import Rectangle
 
   columns = max(2, len(samples))
-  figure = plt.figure(figsize=(4 * columns, 7), dpi=80)
+  figure = Figure(figsize=(4 * columns, 7), dpi=80)
   grid = figure.add_gridspec(2, columns)
 
   curve = figure.add_subplot(grid[0, :columns // 2 or 1])
@@ -56,4 +55,3 @@ def write_report(path: Path, losses: list[float], validation: list[tuple[int, fl
                 bbox={'facecolor': 'red', 'pad': 1, 'lw': 0})
   figure.tight_layout()
   figure.savefig(path)
-  plt.close(figure)

@@ -173,24 +173,55 @@ def batch_odds(carried: np.ndarray | None, new_share: float) -> tuple[np.ndarray
   return odds / odds.sum(), new_share
 
 
+class LearningRates:
+  """A linear warm-up to each part's peak, then cosine decay to zero, one Adam per part.
+
+  The numbers live in variables, set per run (`set`), so that the train step
+  can be traced before they are known (`Trainer.trace`). Two optimizers at
+  least: Adam is blind to gradient scale, so a restored box head that should
+  move gently needs its own, smaller learning rate.
+  """
+
+  PARTS = ('class', 'box', 'extractor')
+
+  def __init__(self):
+    def number(value):
+      return tf.Variable(value, trainable=False, dtype=tf.float32)
+    self.warmup_steps, self.decay_steps = number(1.0), number(1.0)
+    self.starts = {part: number(0.0) for part in self.PARTS}
+    self.peaks = {part: number(0.0) for part in self.PARTS}
+    # Not (yet) Keras' legacy Adam: its fused updates trace and run faster and
+    # fresh runs score the same, but warm starts were 0.009 lower over six
+    # subsets, one of them 0.065 (benchmarks/results/choices.md).
+    self.optimizers = {part: tf_keras.optimizers.Adam(
+        learning_rate=tf_keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=self.starts[part], decay_steps=self.decay_steps,
+            warmup_target=self.peaks[part], warmup_steps=self.warmup_steps))
+        for part in self.PARTS}
+
+  def set(self, steps: int, peaks: dict[str, float], warmup_fraction: float) -> None:
+    """Warm up over `warmup_fraction` of `steps` from 1% of each part's peak, then decay."""
+    warmup = max(1, int(steps * warmup_fraction))
+    self.warmup_steps.assign(warmup)
+    self.decay_steps.assign(max(1, steps - warmup))
+    for part, peak in peaks.items():
+      self.starts[part].assign(peak * 0.01)
+      self.peaks[part].assign(peak)
+
+
 class Trainer:
   """Trains the heads (and what `split` leaves trainable of the extractor) on cached views.
 
   Args:
     model: the project's SSD; it is updated in place.
-    split: how its extractor is cut; the views were cached with `split.frozen`.
+    split: how its extractor is cut; the views are cached with `split.frozen`.
     config: training settings.
-    learning_rate: the class head's peak learning rate.
-    box_learning_rate_scale: the box head's, relative to it (0 freezes it).
   """
 
-  def __init__(self, model: ssd_lib.SSD, split: ExtractorSplit, config: TrainConfig,
-               learning_rate: float, box_learning_rate_scale: float):
+  def __init__(self, model: ssd_lib.SSD, split: ExtractorSplit, config: TrainConfig):
     self.model = model
     self.split = split
     self.config = config
-    self.learning_rate = learning_rate
-    self.box_learning_rate_scale = box_learning_rate_scale
     self.num_columns = model.config.num_classes + 1
     self.focal = focal_loss.FocalLoss(config.loss.focal_alpha, config.loss.focal_gamma,
                                       reduction=tf_keras.losses.Reduction.NONE)
@@ -199,6 +230,15 @@ class Trainer:
     self.box_variables = model.box_head.trainable_variables
     self.extractor_variables = split.variables
     self.variables = self.box_variables + self.class_variables + self.extractor_variables
+    self.rates = LearningRates()
+    self.step = self._step_fn()
+
+  def trace(self) -> None:
+    """Traces the train step (a second or two; it needs no views, so callers
+    overlap it with making them). Else the first step traces it."""
+    started = time.monotonic()
+    self.step.get_concrete_function()
+    log.info('Traced the train step in %.1f s', time.monotonic() - started)
 
   def losses(self, cached, class_targets, box_targets, training=False):
     """Mean per-positive (class loss, box loss) of a batch."""
@@ -216,14 +256,19 @@ class Trainer:
     ) / normalizer
     return class_loss, box_loss
 
-  def _step_fn(self, optimizers, views: CachedViews):
-    # The cache lives in TensorFlow once; each step gathers its batch inside the graph.
-    features = [tf.constant(f) for f in views.features]
-    class_targets = tf.constant(views.class_targets)
-    box_targets = tf.constant(views.box_targets)
+  def _step_fn(self):
+    # The cache is handed over whole each step (no copy); the batch is gathered
+    # inside the graph.
+    frozen = self.split.frozen.outputs
+    anchors = self.model.config.num_anchors()
+    signature = [tf.TensorSpec([None], tf.int32),
+                 [tf.TensorSpec([None, *output.shape[1:]], tf.float16) for output in frozen],
+                 tf.TensorSpec([None, anchors], tf.int32),
+                 tf.TensorSpec([None, anchors, 4], tf.float32)]
+    optimizers = self.rates.optimizers
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32)])
-    def step(index):
+    @tf.function(input_signature=signature)
+    def step(index, features, class_targets, box_targets):
       batch = [tf.cast(tf.gather(f, index), tf.float32) for f in features]
       with tf.GradientTape() as tape:
         class_loss, box_loss = self.losses(batch, tf.gather(class_targets, index),
@@ -250,25 +295,22 @@ class Trainer:
       count += size
     return total / max(1, count)
 
-  def train(self, train_views: CachedViews, steps: int, validation: CachedViews | None = None,
+  def train(self, train_views: CachedViews, steps: int, learning_rate: float,
+            box_learning_rate_scale: float, validation: CachedViews | None = None,
             progress: ProgressCallback | None = None) -> TrainReport:
+    """Trains `steps` steps (fewer when early stopping ends the run).
+
+    Args:
+      learning_rate: the class head's peak learning rate.
+      box_learning_rate_scale: the box head's, relative to it (0 freezes it).
+    """
     config = self.config
-    warmup = max(1, int(steps * config.schedule.warmup_fraction))
-
-    # Not (yet) Keras' legacy Adam: its fused updates trace and run faster and
-    # fresh runs score the same, but warm starts were 0.009 lower over six
-    # subsets, one of them 0.065 (benchmarks/results/choices.md).
-    def adam(peak):  # linear warm-up to `peak`, then cosine decay
-      return tf_keras.optimizers.Adam(learning_rate=tf_keras.optimizers.schedules.CosineDecay(
-          initial_learning_rate=peak * 0.01, decay_steps=max(1, steps - warmup),
-          warmup_target=peak, warmup_steps=warmup))
-
-    # Two optimizers: Adam is blind to gradient scale, so a restored box head
-    # that should move gently needs its own, smaller learning rate.
-    optimizers = {'class': adam(self.learning_rate),
-                  'box': adam(self.learning_rate * self.box_learning_rate_scale),
-                  'extractor': adam(self.learning_rate * config.schedule.extractor_scale)}
-    step_fn = self._step_fn(optimizers, train_views)
+    self.rates.set(steps, {'class': learning_rate,
+                           'box': learning_rate * box_learning_rate_scale,
+                           'extractor': learning_rate * config.schedule.extractor_scale},
+                   config.schedule.warmup_fraction)
+    cache = ([tf.constant(f) for f in train_views.features],
+             tf.constant(train_views.class_targets), tf.constant(train_views.box_targets))
     if self.split.optimized:
       self.split.optimized.begin()
     rng = np.random.default_rng(config.seed)
@@ -283,7 +325,7 @@ class Trainer:
                np.sum(~train_views.carried), len(train_views), new_share * 100)
     for step in range(1, steps + 1):
       index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch, p=odds)
-      loss = step_fn(tf.constant(index, tf.int32))
+      loss = self.step(tf.constant(index, tf.int32), *cache)
       losses.append(float(loss))
       if validation is not None and (step % config.early_stopping.every == 0 or step == steps):
         value = self._validation_loss(validation)

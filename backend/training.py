@@ -8,6 +8,7 @@ version, and publishes it as the next version folder in one rename.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -66,24 +67,33 @@ def fetch_project(settings: Settings, project: int) -> tuple[str, list[dict]]:
   return api.label_config(project), list(api.tasks(project, ANNOTATED_TASKS))
 
 
-def to_training_tasks(tasks: list[dict], target: RectangleTarget,
-                      fetcher: ImageFetcher) -> list[dict]:
+def to_training_tasks(tasks: list[dict], target: RectangleTarget, fetcher: ImageFetcher,
+                      concurrency: int = 1) -> list[dict]:
   """Label Studio tasks -> the export form `model/` reads, images on local disk.
 
-  Keeps annotated tasks whose image can be fetched; keeps only this control's
-  rectangles with labels from the config (others are logged and dropped).
+  Keeps annotated tasks whose image can be fetched (`concurrency` at a time, in
+  task order); keeps only this control's rectangles with labels from the
+  config (others are logged and dropped).
   """
-  ready, skipped_images, foreign = [], 0, 0
+  annotated = []
   for task in tasks:
     annotations = [a for a in task.get('annotations') or [] if not a.get('was_cancelled')]
-    if not annotations:
-      continue
-    url = (task.get('data') or {}).get(target.image_key)
+    if annotations:
+      annotated.append((task, annotations))
+
+  def local_path(task):
     try:
-      path = fetcher.local_path(url, task.get('id'))
+      return fetcher.local_path((task.get('data') or {}).get(target.image_key), task.get('id'))
     except ImageError as error:
+      return error
+
+  with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix='train-fetch') as pool:
+    paths = list(pool.map(local_path, [task for task, _ in annotated]))
+  ready, skipped_images, foreign = [], 0, 0
+  for (task, annotations), path in zip(annotated, paths):
+    if isinstance(path, ImageError):
       skipped_images += 1
-      log.warning('Task %s left out of training: %s', task.get('id'), error)
+      log.warning('Task %s left out of training: %s', task.get('id'), path)
       continue
     kept_annotations = []
     for annotation in annotations:
@@ -125,7 +135,9 @@ def train_project(settings: Settings, store: ModelStore, fetcher: ImageFetcher, 
   config, tasks = fetch_project(settings, project)
   target = parse_label_config(config)
   report('downloading_images')
-  training_tasks = to_training_tasks(tasks, target, fetcher)
+  # Half the fetch slots, as a refresh takes: /predict shares the fetcher meanwhile.
+  training_tasks = to_training_tasks(tasks, target, fetcher,
+                                     max(1, settings.fetch_concurrency // 2))
   if not training_tasks:
     raise BackendError(409, f'project {project} has no annotated tasks with readable images yet')
   log.info('Project %s: training on %d annotated tasks', project, len(training_tasks))

@@ -3,6 +3,7 @@
 import http.server
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -220,6 +221,31 @@ def test_slow_sources_do_not_stall_other_requests(base_paths, server, tmp_path):
     assert '8 tasks left for the next Retrieve Predictions' in backend.output()
   finally:
     backend.stop()
+
+
+def test_training_fetches_images_concurrently_keeps_task_order_and_skips_what_fails(server,
+                                                                                   tmp_path):
+  """Two sources at a byte a second each take the whole deadline (2 s): fetched side
+  by side, the job waits for one deadline, not two; the refused and the slow tasks
+  are left out, the others keep their order."""
+  from backend.label_config import parse_label_config
+  from backend.training import to_training_tasks
+  fetcher = _fetcher(tmp_path, image_hosts_allowed=('127.0.0.1',))
+  target = parse_label_config(
+      '<View><Image name="image" value="$image"/><RectangleLabels name="label" '
+      'toName="image"><Label value="a"/></RectangleLabels></View>')
+  box = {'type': 'rectanglelabels', 'from_name': 'label', 'to_name': 'image',
+         'value': {'x': 10, 'y': 10, 'width': 20, 'height': 20, 'rectanglelabels': ['a']}}
+  urls = [f'{server}/image?1', f'{server}/slow?1', 'file:///etc/passwd', f'{server}/image?2',
+          f'{server}/slow?2', f'{server}/image?3']
+  tasks = [{'id': i, 'data': {'image': url}, 'annotations': [{'result': [box]}]}
+           for i, url in enumerate(urls)]
+  started = time.monotonic()
+  ready = to_training_tasks(tasks, target, fetcher, concurrency=4)
+  assert time.monotonic() - started < 3.5
+  assert [task['id'] for task in ready] == [0, 3, 5]
+  assert [task['annotations'][0]['result'] for task in ready] == [[box]] * 3
+  assert all(Path(task['data']['image']).is_file() for task in ready)
 
 
 def test_the_image_cache_stays_under_its_size_by_dropping_the_least_recently_used(server,

@@ -75,6 +75,18 @@ def test_the_mode_is_chosen_and_every_mode_lowers_the_loss(trained_by_mode):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), (mode, losses)
 
 
+def test_the_step_traced_while_the_views_are_made_trains_as_one_traced_at_its_first_step(
+    trained_by_mode, base_paths, shapes_dataset, monkeypatch):
+  """`pipeline.fit` traces the train step in another thread while it makes the
+  views; traced at the first step instead, the same run takes the same steps."""
+  import contextlib
+  monkeypatch.setattr(pipeline, 'traced_meanwhile', lambda trainer: contextlib.nullcontext())
+  tasks = load_tasks_file(shapes_dataset / 'tasks.json')
+  fitted = pipeline.fit(tasks, shapes_dataset, base_paths.model_dir, pipeline.Stopwatch(),
+                        max_images=4, config=TrainConfig(trainable='top').with_overrides(SHORT))
+  assert fitted.report.losses == trained_by_mode['top'].report.losses
+
+
 def test_split_extractor_reproduces_the_feature_maps(base_model):
   extractor = base_model[0].feature_extractor
   trunk, top = ssd_lib.split_extractor(extractor)

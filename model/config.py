@@ -415,12 +415,17 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EarlyStoppingConfig:
-  """A held-out split once there are `min_images` images; evaluated every `every` steps."""
+  """A held-out split once there are `min_images` images; evaluated every `every` steps.
+
+  `restore_best`: a run ends with the weights that did best on the held-out
+  images since half its budget (else with its last ones).
+  """
 
   min_images: int = 20
   validation_fraction: float = 0.1
   every: int = 50
   patience: int = 6
+  restore_best: bool = True
 
 
 COMPRESSION_NEEDS_EXTRACTOR = (

@@ -331,7 +331,7 @@ class Trainer:
         value = self._validation_loss(validation)
         validation_losses.append((step, value))
         improved, stopped_early = stopper.observe(step, value)
-        if improved:
+        if improved and config.early_stopping.restore_best:
           best_weights = [v.numpy() for v in self.variables]
       if progress and (step % 10 == 0 or step == steps or stopped_early):
         elapsed = time.monotonic() - started

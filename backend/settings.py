@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
-from model.config import (BudgetConfig, CompressionConfig, InputConfig, TrainConfig,
-                          ViewsConfig)
+from model.config import (BudgetConfig, CompressionConfig, EarlyStoppingConfig, InputConfig,
+                          TrainConfig, ViewsConfig)
 
 
 # Loggers of libraries that print URLs (with any user:password in them) at INFO.
@@ -90,6 +90,9 @@ class Settings:
   # stride-16 blocks), 'all'; None ('auto'): upper with many images or mostly small
   # boxes, else top (TrainConfig.choose_trainable).
   train_max_steps: int = BudgetConfig.max
+  # From this many labeled images on, a tenth are held out for early stopping and
+  # held-out mAP instead of training (0: never).
+  train_hold_out_from: int = EarlyStoppingConfig.min_images
   train_mode: str | None = TrainConfig.trainable
   # Model input side: larger finds smaller objects, at a cost in time.
   # None ('auto'): chosen from the sizes of the labeled boxes.
@@ -132,7 +135,8 @@ class Settings:
     return TrainConfig(trainable=self.train_mode).with_overrides({
         'budget.max': self.train_max_steps, 'input.size': self.train_input_size,
         'views.zoom_out': self.train_zoom_out, 'compression.quantization_aware': self.train_qat,
-        'compression.prune_sparsity': self.train_prune})
+        'compression.prune_sparsity': self.train_prune,
+        'early_stopping.min_images': self.train_hold_out_from or None})
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
@@ -286,6 +290,7 @@ VARIABLES = (
     Variable('TRAIN_EVERY_N_ANNOTATIONS', 'train_every_n_annotations', _integer(0, 10**6)),
     Variable('TRAIN_DEBOUNCE_S', 'train_debounce_s', _real(0.0, 3600.0)),
     Variable('TRAIN_MAX_STEPS', 'train_max_steps', _integer(10, 100_000)),
+    Variable('TRAIN_HOLD_OUT_FROM', 'train_hold_out_from', _integer(0, 10**6)),
     Variable('TRAIN_MODE', 'train_mode', _train_mode),
     Variable('TRAIN_INPUT_SIZE', 'train_input_size', _input_size),
     Variable('TRAIN_ZOOM_OUT', 'train_zoom_out', _real(0.0, 1.0)),

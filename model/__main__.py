@@ -63,7 +63,8 @@ def cmd_train(args) -> int:
     trainable = None if args.train == 'auto' else args.train
     config = TrainConfig(seed=args.seed, trainable=trainable).with_overrides({
         'input.size': args.input_size, 'views.zoom_out': args.zoom_out, 'budget.max': args.max_steps,
-        'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune})
+        'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune,
+        'early_stopping.min_images': args.hold_out_from or None})
   except ValueError as error:
     log.error('%s', error)
     return 2
@@ -126,7 +127,8 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from model.config import BudgetConfig, CompressionConfig, InputConfig, TrainConfig, ViewsConfig
+  from model.config import (BudgetConfig, CompressionConfig, EarlyStoppingConfig, InputConfig,
+                            TrainConfig, ViewsConfig)
   parser = argparse.ArgumentParser(prog='python -m model', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model-dir', help='model directory (default: $MODEL_DIR or ./models)')
@@ -164,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help='views of each image shrunk onto a canvas, added as this fraction of its '
                           'random crops, so objects smaller than the labeled ones are found too '
                           '(default %(default)s; 0 turns them off)')
+  train.add_argument('--hold-out-from', type=int, default=EarlyStoppingConfig.min_images,
+                     metavar='IMAGES',
+                     help='from this many training images on, hold a tenth of them out for early '
+                          'stopping and held-out mAP (metrics.json, report.png) instead of '
+                          'training on them; 0: never (default %(default)s, as '
+                          'TRAIN_HOLD_OUT_FROM for the backend)')
   train.add_argument('--qat', action='store_true',
                      help='quantization-aware training of what trains in the extractor, for the int8 file')
   train.add_argument('--prune', type=float, default=CompressionConfig.prune_sparsity, metavar='SPARSITY',

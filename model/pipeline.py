@@ -71,7 +71,8 @@ class TrainingSet:
     examples, images: aligned; every readable labeled training image.
     labels: this iteration's labels in class-id order (id = index + 1).
     fit, validation: indices into `examples`: the images that train and the
-      held-out ones (early stopping, validation mAP; empty with few images).
+      held-out ones (early stopping, validation mAP; empty unless asked for:
+      `EarlyStoppingConfig.min_images`).
   """
 
   examples: list[tasks_lib.Example]
@@ -117,7 +118,8 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   if not labels:
     raise RunError('the training tasks hold no boxes: label some objects first')
   validation = []
-  if len(train_examples) >= config.early_stopping.min_images:
+  hold_out_from = config.early_stopping.min_images
+  if hold_out_from is not None and len(train_examples) >= hold_out_from:
     count = max(2, round(config.early_stopping.validation_fraction * len(train_examples)))
     validation = sorted(rng.permutation(len(train_examples))[:count].tolist())
   fit = [i for i in range(len(train_examples)) if i not in set(validation)]

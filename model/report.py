@@ -40,8 +40,8 @@ def write_report(path: Path, losses: list[float], validation: list[tuple[int, fl
     maps.plot(*zip(*measured), 'o-')
     maps.set(ylim=(0, 1), xticks=[h['iteration'] for h in history])
   else:
-    maps.text(0.5, 0.5, 'mAP needs a held-out split\n(20+ labeled images)', ha='center',
-              va='center', transform=maps.transAxes)
+    maps.text(0.5, 0.5, 'mAP needs a held-out split\n(20+ labeled images, TRAIN_HOLD_OUT_FROM)',
+              ha='center', va='center', transform=maps.transAxes)
   maps.set(title='mAP@0.5 per iteration (held out)', xlabel='iteration')
 
   for i, (image, detections) in enumerate(samples[:columns]):

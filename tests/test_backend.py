@@ -398,6 +398,9 @@ def test_training_settings_reach_the_train_config():
   assert not config.compression.active
   assert Settings.from_env({'TRAIN_QAT': 'True'}).train_config().compression.quantization_aware
   assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().compression.prune_sparsity == 0.5
+  assert Settings.from_env({'TRAIN_HOLD_OUT_FROM': '30'}).train_config().early_stopping.min_images == 30
+  assert Settings.from_env({}).train_config().early_stopping.min_images == 20
+  assert Settings.from_env({'TRAIN_HOLD_OUT_FROM': '0'}).train_config().early_stopping.min_images is None
   assert config.views.zoom_out == 0.5  # on by default
   assert Settings.from_env({}).train_config().trainable is None  # chosen from the images
   assert Settings.from_env({'TRAIN_MODE': 'auto'}).train_mode is None

@@ -105,3 +105,15 @@ def test_adaptive_matching_on_zoom_outs_only_for_objects_the_anchors_cover():
   assert set_.choose_adaptive(0.01, 0.1) == ('all', 'set')
   with pytest.raises(ValueError, match='adaptive_views'):
     TrainConfig().with_overrides({'matching.adaptive_views': 'some'})
+
+
+def test_a_tenth_is_held_out_from_20_images_on_unless_told_never(tmp_path):
+  from model import pipeline
+  from tests.synthetic import make_task_set
+  tasks = make_task_set(tmp_path, 20, ('disc',), 'train', seed=21)
+  held = pipeline.load_examples(tasks, tmp_path, TrainConfig())
+  assert (len(held.fit), len(held.validation)) == (18, 2)
+  assert not set(held.fit) & set(held.validation)
+  never = pipeline.load_examples(tasks, tmp_path,
+                                 TrainConfig().with_overrides({'early_stopping.min_images': None}))
+  assert (len(never.fit), never.validation) == (20, [])

@@ -91,7 +91,13 @@ def least_certain(dataset: Dataset, run, unlabeled: list, count: int, rng) -> li
 
 
 def one_seed(dataset: Dataset, args, seed: int, work: Path) -> dict:
-  """mAP per round for each strategy, from the same first images."""
+  """mAP per round for each strategy, from the same first images; the run folders
+  (each with a views.npz) go when the seed is done."""
+  with tempfile.TemporaryDirectory(dir=work) as folder:
+    return _seed_curves(dataset, args, seed, Path(folder))
+
+
+def _seed_curves(dataset: Dataset, args, seed: int, work: Path) -> dict:
   rng = random.Random(seed)
   start = set(rng.sample(dataset.pool, args.start))
   first, first_map = train_round(dataset, start, None, work, seed)

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, ov
                                                evaluation['per_class'].items()}}
   log.info('%s shots seed %d: checkpoint %.3f float %.3f int8 %.3f (%.0f s)', shots, seed,
            row['checkpoint']['map50'], row['float']['map50'], row['int8']['map50'], wall)
+  shutil.rmtree(out.parent)  # the row holds what is kept; run folders (views.npz) filled disks
   return row
 
 

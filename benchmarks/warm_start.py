@@ -54,6 +54,12 @@ STAGES = ('make_views_s', 'train_s', 'export_s')
 
 
 def one_subset(dataset: Dataset, variants, seed: int, work: Path, first_images: int = 5) -> dict:
+  """The rows of one subset; its run folders go when it is done (each holds a views.npz)."""
+  with tempfile.TemporaryDirectory(dir=work) as folder:
+    return _subset_rows(dataset, variants, seed, Path(folder), first_images)
+
+
+def _subset_rows(dataset: Dataset, variants, seed: int, work: Path, first_images: int) -> dict:
   ten = random.Random(seed).sample(dataset.pool, 10)
   first, _ = iteration(dataset, set(ten[:first_images]), None, {}, seed, work)
   rows = {'fresh': iteration(dataset, set(ten), None, {}, seed, work)[1]}

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.predictor import UNCERTAIN_FLOOR, task_certainty  # noqa: E402
+from benchmarks.generalization import set_up_logging  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.evaluate import evaluate_run  # noqa: E402
@@ -168,9 +169,7 @@ def main():
   parser.add_argument('--until', type=int, default=25)
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'active_learning')
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
   results = {'datasets': {}}
   if (RESULTS / 'active_learning.json').is_file():

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import tempfile
 from pathlib import Path
 
 from fewshot import REPO, ducky
-from generalization import RESULTS, parse_variant
+from generalization import RESULTS, parse_variant, set_up_logging
 
 KEPT = ('found_at_0.3', 'found_at_0.5', 'false_at_0.3', 'map50', 'iteration_s')
 
@@ -32,9 +31,7 @@ def main():
   parser.add_argument('--variant', action='append', required=True,
                       help='name:key=value,... (TrainConfig overrides)')
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   path = RESULTS / 'ducky_variants.json'
   results = json.loads(path.read_text()) if path.is_file() else {}
   for spec in args.variant:

@@ -38,6 +38,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import numpy as np  # noqa: E402
 
+from benchmarks.generalization import set_up_logging  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.tflite_detector import TFLiteDetector  # noqa: E402
@@ -312,9 +313,7 @@ def main():
                       help='only these rows of the grid, by their "start" name (default: all but '
                            '"trains top", the default training again, and "trains all", which is slow)')
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   tasks = tasks_lib.load_tasks_file(args.dataset / 'tasks.json')
   test = load_split(tasks, args.dataset, tasks_lib.TEST)
   results = {'dataset': str(args.dataset.name), 'test_images': len(test[0]), 'grid': []}

@@ -78,6 +78,13 @@ def dataset_folder(name: str, work: Path) -> Path:
   return SHARED / name
 
 
+def set_up_logging() -> None:
+  """A benchmark's own progress at INFO; the model's and TensorFlow's logs from WARNING."""
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
+  for noisy in ('model', 'tensorflow', 'absl'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def parse_assignments(text: str) -> tuple[str, dict]:
   """'name:key=value,...' -> (name, {key: value}); values are JSON or words
   (a list's commas stay inside it: 'views.zoom_out_scale=[0.25,0.9]')."""
@@ -202,9 +209,7 @@ def main():
   parser.add_argument('--variant', action='append', default=[],
                       help='name:key=value,... (TrainConfig overrides); default: "default"')
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   variants = [parse_variant(v) for v in args.variant] or [('default', {})]
   results = {'datasets': {}}
   if (RESULTS / 'generalization.json').is_file():

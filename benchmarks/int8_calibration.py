@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, load_dataset, parse_assignments, seeds_for, subset_count)
+    ALL, add_dataset_arguments, load_dataset, parse_assignments, seeds_for, set_up_logging,
+    subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -99,9 +100,7 @@ def main():
                       help='name:field=value,... (ExportConfig fields); default: the default')
   parser.add_argument('--kinds', nargs='+', default=[export.FLOAT, export.INT8])
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   variants = [export_variant(v) for v in args.variant] or [('default', {})]
   args.work.mkdir(parents=True, exist_ok=True)
   results = {}

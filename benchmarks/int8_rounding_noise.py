@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, load_dataset, seeds_for, subset_count)
+    ALL, add_dataset_arguments, load_dataset, seeds_for, set_up_logging, subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -107,9 +107,7 @@ def main():
   parser.add_argument('--jitter', type=float, default=1e-5)
   parser.add_argument('--repeats', type=int, default=4)
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
   results = {}
   for name in args.datasets:

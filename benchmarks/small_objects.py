@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+from benchmarks.generalization import set_up_logging  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.tflite_detector import TFLiteDetector  # noqa: E402
@@ -111,9 +112,7 @@ def main():
   parser.add_argument('--test-images', type=int, default=20)
   parser.add_argument('--model-dir', type=Path, default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   with tempfile.TemporaryDirectory() as work:
     work = Path(work)
     tasks = make_dataset(work / 'data', args.train_images, args.test_images)

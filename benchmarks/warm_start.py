@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from active_learning import MODEL_DIR, RESULTS, SHARED, Dataset
-from generalization import parse_variant
+from generalization import parse_variant, set_up_logging
 
 from model import pipeline
 from model.config import TrainConfig
@@ -82,9 +82,7 @@ def main():
                       help='name:key=value,... (TrainConfig overrides for the warm starts)')
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'warm_start')
   args = parser.parse_args()
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  for noisy in ('model', 'tensorflow', 'absl'):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  set_up_logging()
   variants = [parse_variant(v) for v in args.variant] or [('warm', {})]
   args.work.mkdir(parents=True, exist_ok=True)
   results = {'datasets': {}}

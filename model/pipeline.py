@@ -71,8 +71,8 @@ class TrainingSet:
     examples, images: aligned; every readable labeled training image.
     labels: this iteration's labels in class-id order (id = index + 1).
     fit, validation: indices into `examples`: the images that train and the
-      held-out ones (early stopping, validation mAP; empty unless asked for:
-      `EarlyStoppingConfig.min_images`).
+      held-out ones (early stopping, validation mAP; empty under
+      `EarlyStoppingConfig.min_images` images, or when that is None).
   """
 
   examples: list[tasks_lib.Example]

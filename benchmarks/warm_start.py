@@ -3,9 +3,10 @@
 For each subset of 10 training images: iteration A trains on its first 5
 (`--first`) from the base; then, on all 10, a fresh iteration (from the base) runs side
 by side with warm starts from A (which knows every label already) under
-each `--variant` (TrainConfig overrides), each from its own copy of A. A's own row ("start") shows what a warm start adds to it.
+each `--variant` (TrainConfig overrides), each from its own copy of A.
 Whole iterations (both .tflite files exported), timed, with their stage
-times; mAP@0.5 of the float .tflite on the test split.
+times; mAP@0.5 of the float .tflite on the test split. A's own row
+("start") shows what a warm start adds to it.
 
   .venv/bin/python benchmarks/warm_start.py --datasets raccoon bccd --seeds 2 \\
       --variant 'warm, views made afresh:views.carry_over=false' --variant 'warm:'

@@ -287,15 +287,21 @@ class BudgetConfig:
   # quarter, half or more new (or not known) a half (why: benchmarks/results/choices.md).
   warm_fraction: float = 0.5
   warm_fraction_min: float = 0.25
+  # A fresh class column (no base class fits the label) starts from nothing,
+  # so its run trains this many times the budget (not a warm start's).
+  fresh_factor: float = 1.0
 
   def __post_init__(self):
     if self.max < 1:
       raise ValueError(f'the step cap must be 1 or more, not {self.max}')
 
-  def steps(self, num_images: int, warm: bool = False, new_share: float = 1.0) -> int:
+  def steps(self, num_images: int, warm: bool = False, new_share: float = 1.0,
+            fresh_column: bool = False) -> int:
     first = min(num_images, self.first_images)
-    steps = min(self.max, self.base + self.per_first_image * first
-                + self.per_further_image * (num_images - first))
+    steps = self.base + self.per_first_image * first + self.per_further_image * (num_images - first)
+    if fresh_column and not warm:
+      steps = round(steps * self.fresh_factor)
+    steps = min(self.max, steps)
     if not warm:
       return steps
     return min(self.max, max(self.base, round(steps * self.warm_share(new_share))))

@@ -331,12 +331,15 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig,
   less, the less the fewer of its images are new (`new_share`)."""
   from model.warm_start import KEPT
   warm = all(c.reason == KEPT for c in columns)
+  fresh = any(c.head is None for c in columns)
   why = 'step budget for the images'
   if warm:
     why += (f', x{config.budget.warm_share(new_share):g}: the previous iteration knows every '
             f'label and {new_share:.0%} of the images are new')
-  return Schedule(config.budget.steps(num_images, warm, new_share),
-                  config.class_learning_rate(num_images, any(c.head is None for c in columns)),
+  elif fresh and config.budget.fresh_factor != 1.0:
+    why += f', x{config.budget.fresh_factor:g}: a class column starts fresh'
+  return Schedule(config.budget.steps(num_images, warm, new_share, fresh),
+                  config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why)
 
 

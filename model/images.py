@@ -73,8 +73,15 @@ def resize_for_model(image: Image.Image, size: int) -> np.ndarray:
 
 
 def pixels_to_input(pixels: np.ndarray) -> np.ndarray:
-  """uint8 pixels -> the model's float32 input in [-1, 1]."""
-  return pixels.astype(np.float32) / 127.5 - 1.0
+  """uint8 pixels -> the model's float32 input in [-1, 1].
+
+  In place on one new array: the same numbers as `x / 127.5 - 1.0`, without a
+  second copy (64 calibration views at 300 px are 70 MB).
+  """
+  inputs = pixels.astype(np.float32)
+  inputs /= 127.5
+  inputs -= 1.0
+  return inputs
 
 
 def to_model_input(image: Image.Image, size: int) -> np.ndarray:

@@ -15,6 +15,8 @@
 `train_iteration` calls them in that order: `fit` the first five (a trained
 model, for benchmarks that export it several ways), then the last three.
 Each stage's wall time goes to metrics.json (`wall_time_s`) and to the log.
+A process that trains again keeps the last iteration's model, split and
+traced train step for the next one of the same shape (`model_pool`).
 """
 
 from __future__ import annotations
@@ -205,12 +207,25 @@ def load_sources(model_dir: Path, previous: Path | None) -> Sources:
 
 
 def build_model(labels: list[str], sources: Sources, config: TrainConfig):
-  """The project's SSD: extractor + box head restored, class head left for `start_class_head`."""
-  from model import warm_start
-  return warm_start.build_project_model(config.input.ssd_config(len(labels)),
-                                        parts_from=sources.checkpoint,
-                                        parts=config.warm_start.restored_parts(),
-                                        source_anchors=sources.anchors)
+  """The project's SSD (extractor + box head restored, class head left for
+  `start_class_head`), its extractor split and trainer, as a `model_pool.Built`:
+  the last iteration's of the same shape with the weights restored into it, else new."""
+  from model import model_pool, warm_start
+  from model.train import ExtractorSplit, Trainer
+  ssd_config = config.input.ssd_config(len(labels))
+  restore = dict(parts_from=sources.checkpoint, parts=config.warm_start.restored_parts(),
+                 source_anchors=sources.anchors)
+  built = model_pool.take(model_pool.key(ssd_config, config))
+  if built is not None:
+    warm_start.restore_project_model(built.model, **restore)
+    built.trainer.reset(config)
+    log.info('Reusing the model built for the last iteration (built and traced already)')
+    return built
+  model = warm_start.build_project_model(ssd_config, **restore)
+  split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
+  # Quantization-aware or pruned training wraps what trains once the views are there.
+  trainer = None if config.compression.active else Trainer(model, split, config)
+  return model_pool.Built(model_pool.key(ssd_config, config), model, split, trainer)
 
 
 @dataclasses.dataclass
@@ -457,6 +472,7 @@ class Fitted:
   columns: list
   schedule: Schedule
   report: object
+  built: object = None  # the `model_pool.Built` the model came in
 
   def all_choices(self) -> dict:
     """Every choice made from the data, with its value (and why, where it is not a formula)."""
@@ -473,7 +489,6 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
         max_images: int | None = None, progress=None) -> Fitted:
   """load_examples -> build_model -> make_views -> start_class_head -> train_model."""
   import tensorflow as tf
-  from model.train import ExtractorSplit, Trainer
   tf.random.set_seed(config.seed)
   with clock.stage('load_examples'):
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
@@ -481,18 +496,19 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     config, choices = choose_settings(config, training)
   with clock.stage('build_model'):
     sources = load_sources(model_dir, previous)
-    model = build_model(training.labels, sources, config)
-    split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
-    # Quantization-aware or pruned training wraps what trains once the views are there.
-    trainer = None if config.compression.active else Trainer(model, split, config)
-  with clock.stage('make_views'), traced_meanwhile(trainer):
-    views = make_views(model, split, training, config, previous)
+    built = build_model(training.labels, sources, config)
+  # Seeded again after the build, which draws random numbers only when it builds:
+  # the views are the same whether the model was built or reused.
+  tf.random.set_seed(config.seed)
+  model, trainer = built.model, built.trainer
+  with clock.stage('make_views'), traced_meanwhile(None if built.reused else trainer):
+    views = make_views(model, built.split, training, config, previous)
   with clock.stage('start_class_head'):
     columns = start_class_head(model, training.labels, sources, views, config)
   schedule = plan_schedule(len(training.fit), columns, config, views.train.new_share())
   with clock.stage('train'):
     report = train_model(model, views, schedule, config, progress, trainer)
-  return Fitted(model, training, views, config, choices, columns, schedule, report)
+  return Fitted(model, training, views, config, choices, columns, schedule, report, built)
 
 
 _warmed_up = False
@@ -579,6 +595,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
                                      later).items():
         run_folder.add_file(out_dir, RunPaths(out_dir).tflite(kind).name, data)
     log.info('Added %s to %s', ', '.join(later), out_dir)
+  from model import model_pool
+  model_pool.give_back(fitted.built)  # done with it: the next iteration may restore into it
   return RunPaths(out_dir)
 
 

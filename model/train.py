@@ -233,6 +233,15 @@ class Trainer:
     self.rates = LearningRates()
     self.step = self._step_fn()
 
+  def reset(self, config: TrainConfig) -> None:
+    """Readies a trainer (and its traced step) for another run of the same model
+    under `config`, whose loss settings must be the ones traced: optimizers as
+    new (step count and moments zero); the weights are the caller's to restore."""
+    self.config = config
+    for optimizer in self.rates.optimizers.values():
+      for variable in optimizer.variables:
+        variable.assign(tf.zeros_like(variable))
+
   def trace(self) -> None:
     """Traces the train step (a second or two; it needs no views, so callers
     overlap it with making them). Else the first step traces it."""

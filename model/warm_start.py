@@ -168,12 +168,20 @@ def build_project_model(config: SSDConfig, *, parts_from: Path,
   The class head is left as built (random); `init_class_head` fills it.
   """
   model = ssd_lib.build_ssd(config)
+  restore_project_model(model, parts_from=parts_from, parts=parts, source_anchors=source_anchors)
+  return model
+
+
+def restore_project_model(model: ssd_lib.SSD, *, parts_from: Path,
+                          parts: tuple[str, ...] = ('feature_extractor', 'box_head'),
+                          source_anchors: AnchorConfig = AnchorConfig()) -> None:
+  """Restores `parts` of a built SSD (`build_project_model`) in place, the box
+  head fitted to its anchors."""
   if parts:
     restore_parts(model, parts_from, parts)
   if 'box_head' in parts:
-    fit_box_head_to_anchors(model.box_head, dataclasses.replace(config, anchors=source_anchors),
-                            config)
-  return model
+    fit_box_head_to_anchors(model.box_head,
+                            dataclasses.replace(model.config, anchors=source_anchors), model.config)
 
 
 def fit_box_head_to_anchors(head: ssd_lib.PredictionHead, source: SSDConfig,

@@ -87,6 +87,31 @@ def test_the_step_traced_while_the_views_are_made_trains_as_one_traced_at_its_fi
   assert fitted.report.losses == trained_by_mode['top'].report.losses
 
 
+def test_a_model_kept_from_the_last_iteration_trains_as_a_new_one(base_paths, shapes_dataset,
+                                                                 tmp_path):
+  """A process that trains again restores an iteration into the last one's model
+  of the same shape, traced step and all (`model_pool`): another project's
+  iteration in between (other images, another seed) leaves no trace in it."""
+  from model import model_pool
+  tasks = load_tasks_file(shapes_dataset / 'tasks.json')
+  config = TrainConfig(trainable='top').with_overrides(SHORT)
+
+  def fit():
+    return pipeline.fit(tasks, shapes_dataset, base_paths.model_dir, pipeline.Stopwatch(),
+                        max_images=4, config=config)
+  model_pool.clear()
+  built_anew = fit()
+  pipeline.train_iteration(tasks, shapes_dataset, tmp_path / 'other', base_paths.model_dir,
+                           max_images=6, config=config.with_overrides({'seed': 5}),
+                           export_kinds=())
+  reused = fit()
+  assert reused.built.reused and not built_anew.built.reused
+  assert model_pool.take(reused.built.key) is None  # taken: no one else gets it meanwhile
+  assert reused.report.losses == built_anew.report.losses
+  for kept, new in zip(reused.model.weights, built_anew.model.weights):
+    np.testing.assert_array_equal(kept.numpy(), new.numpy(), err_msg=kept.name)
+
+
 def test_split_extractor_reproduces_the_feature_maps(base_model):
   extractor = base_model[0].feature_extractor
   trunk, top = ssd_lib.split_extractor(extractor)

@@ -2,7 +2,8 @@
 
   load_examples      Label Studio tasks -> training images, labels, held-out split
   build_model        the SSD with extractor + box head restored from the base or
-                     the previous iteration (`warm_start`)
+                     the previous iteration (`warm_start`), into the last
+                     iteration's model where it fits (`model_pool`)
   make_views         augmented views, anchor targets, cached frozen part (`views`)
   start_class_head   each label's column from the previous run, a fitting base
                      class, or fresh (`warm_start`)
@@ -15,8 +16,6 @@
 `train_iteration` calls them in that order: `fit` the first five (a trained
 model, for benchmarks that export it several ways), then the last three.
 Each stage's wall time goes to metrics.json (`wall_time_s`) and to the log.
-A process that trains again keeps the last iteration's model, split and
-traced train step for the next one of the same shape (`model_pool`).
 """
 
 from __future__ import annotations

@@ -5,9 +5,12 @@ does): a project of images made here with 10 and then 50 labeled tasks, the
 backend connected with a personal access token, "Start Training" pressed
 through the API. While the job runs, 20 concurrent annotation webhooks hit
 the backend. Each size runs with the in-process queue and with Redis + one RQ
-worker (`python -m backend worker`), side by side on the same images.
+worker (`python -m backend worker`), side by side on the same images. With
+`--then N`, N more tasks are labeled once the first version serves and
+Start Training is pressed again: the labeling loop's next iteration, a warm
+start in the same backend (or worker) process.
 
-  .venv/bin/python benchmarks/start_training.py [--labeled 10 50] [--queue inprocess redis]
+  .venv/bin/python benchmarks/start_training.py [--labeled 10 50] [--queue inprocess redis] [--then 2]
 
 Writes benchmarks/results/start_training.{json,md}.
 """
@@ -70,10 +73,29 @@ def wait_for_warm_backend(backend: Backend, seconds: float = 120) -> None:
     time.sleep(0.2)
 
 
+def train_until(ls: LabelStudio, backend: Backend, ml: dict, project, version: str,
+                latencies: list | None = None) -> float:
+  """Presses Start Training; seconds until `version` serves. Fills `latencies` with
+  /webhook's while the job runs, if given."""
+  started = time.monotonic()
+  ls.call('POST', f'/api/ml/{ml["id"]}/train')
+  status = {}
+  while time.monotonic() - started < 900:
+    status = requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()
+    if latencies is not None and status['state'] == 'running' and not latencies:
+      latencies.extend(webhook_latencies(backend.url, project.id))
+    if status['current_version'] == version or status['state'] == 'failed':
+      break
+    time.sleep(0.5)
+  assert status['current_version'] == version, (status, backend.output())
+  return time.monotonic() - started
+
+
 def run(ls: LabelStudio, model_dir: Path, work: Path, labeled: int, queue: str,
-        redis_url: str | None) -> dict:
-  project = make_disc_project(ls, work, labeled, seed=labeled, title=f'bench {labeled} {queue}')
-  annotate(ls, project, project.tasks)
+        redis_url: str | None, then: int = 0) -> dict:
+  project = make_disc_project(ls, work, labeled + then, seed=labeled,
+                              title=f'bench {labeled} {queue}')
+  annotate(ls, project, project.tasks[:labeled])
   env = {'LABEL_STUDIO_URL': ls.url, 'LABEL_STUDIO_API_KEY': ls.token,
          'TRAIN_EVERY_N_ANNOTATIONS': '1000', 'TRAINING_QUEUE': queue}
   if redis_url:
@@ -89,23 +111,18 @@ def run(ls: LabelStudio, model_dir: Path, work: Path, labeled: int, queue: str,
       wait_for_warm_backend(backend)
     ml = ls.call('POST', '/api/ml/', json={'url': backend.url, 'project': project.id,
                                             'title': 'bench', 'is_interactive': False})
-    started = time.monotonic()
-    ls.call('POST', f'/api/ml/{ml["id"]}/train')
-    latencies, status = [], {}
-    while time.monotonic() - started < 900:
-      status = requests.get(f'{backend.url}/train/status', params={'project': project.id}).json()
-      if status['state'] == 'running' and not latencies:
-        latencies = webhook_latencies(backend.url, project.id)
-      if status['current_version'] == 'fewshot-ssd-v1' or status['state'] == 'failed':
-        break
-      time.sleep(0.5)
-    seconds = time.monotonic() - started
-    assert status['current_version'] == 'fewshot-ssd-v1', (status, backend.output())
+    latencies = []
+    seconds = train_until(ls, backend, ml, project, 'fewshot-ssd-v1', latencies)
     ordered = sorted(latencies)
-    return {'labeled_tasks': labeled, 'queue': queue, 'seconds_to_new_version': round(seconds, 1),
-            'webhook_ms_p50': round(1000 * ordered[len(ordered) // 2], 1) if ordered else None,
-            'webhook_ms_p99': round(1000 * ordered[math.ceil(0.99 * len(ordered)) - 1], 1)
-            if ordered else None}
+    result = {'labeled_tasks': labeled, 'queue': queue, 'seconds_to_new_version': round(seconds, 1),
+              'webhook_ms_p50': round(1000 * ordered[len(ordered) // 2], 1) if ordered else None,
+              'webhook_ms_p99': round(1000 * ordered[math.ceil(0.99 * len(ordered)) - 1], 1)
+              if ordered else None}
+    if then:
+      annotate(ls, project, project.tasks[labeled:])
+      result.update(then=then, seconds_to_next_version=round(
+          train_until(ls, backend, ml, project, 'fewshot-ssd-v2'), 1))
+    return result
   finally:
     if worker:
       worker.stop()
@@ -118,6 +135,8 @@ def main():
   parser.add_argument('--labeled', type=int, nargs='+', default=[10, 50])
   parser.add_argument('--queue', nargs='+', default=['inprocess', 'redis'],
                       choices=['inprocess', 'redis'])
+  parser.add_argument('--then', type=int, default=0,
+                      help='label this many more tasks once v1 serves and train again (v2)')
   args = parser.parse_args()
   base = Path(os.environ.get('MODEL_DIR', REPO / 'models')) / 'base'
   results = []
@@ -133,7 +152,7 @@ def main():
           model_dir = tmp / f'models-{labeled}-{queue}'
           shutil.copytree(base, model_dir / 'base')
           results.append(run(ls, model_dir, tmp / f'work-{labeled}-{queue}', labeled, queue,
-                             redis_server.url if redis_server else None))
+                             redis_server.url if redis_server else None, args.then))
           print(results[-1], flush=True)
     finally:
       ls.stop()
@@ -144,9 +163,11 @@ def main():
   (out / 'start_training.json').write_text(json.dumps(results, indent=1) + '\n')
   lines = ['# Start Training to a served version (real Label Studio 1.23.2)', '',
            '| labeled tasks | queue | s to new version | /webhook p50 ms | '
-           'p99 ms (20 concurrent, during training) |', '|---|---|---|---|---|']
+           'p99 ms (20 concurrent, during training) | then labeled | s to the next version |',
+           '|---|---|---|---|---|---|---|']
   lines += [f'| {r["labeled_tasks"]} | {r["queue"]} | {r["seconds_to_new_version"]} | '
-            f'{r["webhook_ms_p50"]} | {r["webhook_ms_p99"]} |' for r in results]
+            f'{r["webhook_ms_p50"]} | {r["webhook_ms_p99"]} | {r.get("then", "")} | '
+            f'{r.get("seconds_to_next_version", "")} |' for r in results]
   (out / 'start_training.md').write_text('\n'.join(lines) + '\n')
   print('\n'.join(lines))
 

@@ -44,9 +44,10 @@ def test_step_budget_per_first_and_further_images():
   assert (budget.steps(10), budget.steps(10, warm=True), budget.steps(1, warm=True)) == (325, 162, 38)
   assert [budget.steps(10, True, new) for new in (0.0, 0.2, 0.4, 0.8)] == [81, 81, 130, 162]
   assert budget.steps(1, True, 0.0) == 25
-  # A fresh class column lengthens a run from the base of two images or more, never a
-  # warm start, up to the cap.
-  assert [budget.steps(n, fresh_column=True) for n in (1, 5, 10, 160)] == [75, 330, 390, 1000]
+  # A fresh class column lengthens a run from the base of two to a few images, never a
+  # warm start; more images keep their budget.
+  assert [budget.steps(n, fresh_column=True) for n in (1, 2, 5, 10, 11, 160)] == [
+      75, 150, 330, 330, 335, 1000]
   assert budget.steps(10, True, 0.2, fresh_column=True) == 81
 
 

@@ -304,9 +304,10 @@ class BudgetConfig:
   def steps(self, num_images: int, warm: bool = False, new_share: float = 1.0,
             fresh_column: bool = False) -> int:
     first = min(num_images, self.first_images)
-    steps = self.base + self.per_first_image * first + self.per_further_image * (num_images - first)
+    first_budget = self.base + self.per_first_image * first
+    steps = first_budget + self.per_further_image * (num_images - first)
     if fresh_column and not warm and num_images > 1:
-      steps = max(steps, round((self.base + self.per_first_image * first) * self.fresh_factor))
+      steps = max(steps, round(first_budget * self.fresh_factor))
     steps = min(self.max, steps)
     if not warm:
       return steps

@@ -214,7 +214,8 @@ def build_model(labels: list[str], sources: Sources, config: TrainConfig):
   ssd_config = config.input.ssd_config(len(labels))
   restore = dict(parts_from=sources.checkpoint, parts=config.warm_start.restored_parts(),
                  source_anchors=sources.anchors)
-  built = model_pool.take(model_pool.key(ssd_config, config))
+  key = model_pool.key(ssd_config, config)
+  built = model_pool.take(key)
   if built is not None:
     warm_start.restore_project_model(built.model, **restore)
     built.trainer.reset(config)
@@ -224,7 +225,7 @@ def build_model(labels: list[str], sources: Sources, config: TrainConfig):
   split = ExtractorSplit.for_training(model.feature_extractor, config.trainable)
   # Quantization-aware or pruned training wraps what trains once the views are there.
   trainer = None if config.compression.active else Trainer(model, split, config)
-  return model_pool.Built(model_pool.key(ssd_config, config), model, split, trainer)
+  return model_pool.Built(key, model, split, trainer)
 
 
 @dataclasses.dataclass
@@ -346,13 +347,15 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig,
   from model.warm_start import KEPT
   warm = all(c.reason == KEPT for c in columns)
   fresh = any(c.head is None for c in columns)
+  steps = config.budget.steps(num_images, warm, new_share, fresh)
   why = 'step budget for the images'
   if warm:
     why += (f', x{config.budget.warm_share(new_share):g}: the previous iteration knows every '
             f'label and {new_share:.0%} of the images are new')
-  elif fresh and config.budget.fresh_factor != 1.0:
-    why += f', x{config.budget.fresh_factor:g}: a class column starts fresh'
-  return Schedule(config.budget.steps(num_images, warm, new_share, fresh),
+  elif steps != config.budget.steps(num_images, warm, new_share):
+    why += (f', at least x{config.budget.fresh_factor:g} the first images\' budget: '
+            'a class column starts fresh')
+  return Schedule(steps,
                   config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why)
 

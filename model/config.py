@@ -327,6 +327,11 @@ class ViewsConfig:
   canvas by a factor drawn from `zoom_out_scale`) as a fraction `zoom_out` of
   the crops (0 turns them off).
 
+  From `many_images` training images on, the images themselves vary enough:
+  the views stay close to the photos (crops of at least `many_crop_min_scale`
+  of each side, no zoom-outs) and the cache grows to `many_cached` views, so
+  that 1000 steps do not run ~15 epochs over each image and its mirror.
+
   With `carry_over`, a run folder keeps its views and the frozen part's
   outputs (when there are at most `max_cached`; ~0.75 MB each at 300 px with
   'top', ~1.6 MB at 448) and the next iteration reuses those of the images it
@@ -337,7 +342,10 @@ class ViewsConfig:
   zoom_out_scale: tuple[float, float] = (0.4, 0.9)
   crop_min_scale: float = 0.3  # a random crop's height and width, as fractions of the image's
   max_per_image: int = 16
-  max_cached: int = 480
+  max_cached: int = 480  # also the most views a run folder keeps for the next iteration
+  many_images: int = 100
+  many_cached: int = 1800  # ~2 GB at 512 px with 'upper'
+  many_crop_min_scale: float = 0.7
   carry_over: bool = True
 
   def __post_init__(self):
@@ -346,11 +354,27 @@ class ViewsConfig:
 
   def per_image(self, num_images: int) -> int:
     """Original + flip at least; more random crops when images are few."""
-    return max(2, min(self.max_per_image, self.max_cached // max(1, num_images)))
+    cached = self.many_cached if self.many(num_images) else self.max_cached
+    return max(2, min(self.max_per_image, cached // max(1, num_images)))
 
   def zoom_outs_per_image(self, num_images: int) -> int:
     """Zoom-outs on top of the views above: a fraction of the random crops."""
+    if self.many(num_images):
+      return 0
     return round(self.zoom_out * (self.per_image(num_images) - 2))
+
+  def crop_scale(self, num_images: int) -> float:
+    """The smallest random crop's sides, as fractions of the image's."""
+    return self.many_crop_min_scale if self.many(num_images) else self.crop_min_scale
+
+  def many(self, num_images: int) -> bool:
+    return num_images >= self.many_images
+
+  def why(self, num_images: int) -> str:
+    if self.many(num_images):
+      return (f'{num_images} training images (from {self.many_images} on): up to '
+              f'{self.many_cached} views, close to the photos')
+    return f'up to {self.max_cached} views'
 
 
 @dataclasses.dataclass(frozen=True)

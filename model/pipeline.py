@@ -287,8 +287,9 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   views_each = config.views.per_image(len(training.fit))
   zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
+  crop_scale = config.views.crop_scale(len(training.fit))
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
-                                  config.views.crop_min_scale)
+                                  crop_scale)
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only
   if config.views.carry_over:
     fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
@@ -301,7 +302,7 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
         *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
         zoom_outs=zoom, input_size=config.input.size,
         zoom_out_scale=tuple(config.views.zoom_out_scale),
-        crop_min_scale=config.views.crop_min_scale, **stored)
+        crop_min_scale=crop_scale, **stored)
 
   train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)
@@ -478,12 +479,15 @@ class Fitted:
 
   def all_choices(self) -> dict:
     """Every choice made from the data, with its value (and why, where it is not a formula)."""
+    images = len(self.training.fit)
     return {**self.choices,
             'steps': {'value': self.schedule.steps, 'why': self.schedule.steps_why},
             'class_learning_rate': {'value': self.schedule.class_learning_rate},
             'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
             'views_per_image': {'value': self.views.train.per_image,
-                                'zoom_outs': self.views.zoom_outs_per_image}}
+                                'zoom_outs': self.views.zoom_outs_per_image,
+                                'crop_min_scale': self.config.views.crop_scale(images),
+                                'why': self.config.views.why(images)}}
 
 
 def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,

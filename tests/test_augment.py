@@ -90,7 +90,7 @@ def test_no_zoom_out_unless_asked():
 def test_zoom_outs_are_added_as_a_fraction_of_the_crops():
   config = TrainConfig()
   assert config.views.per_image(5) == 16 and config.views.zoom_outs_per_image(5) == 7
-  assert config.views.per_image(160) == 3 and config.views.zoom_outs_per_image(160) == 0
+  assert config.views.per_image(60) == 8 and config.views.zoom_outs_per_image(60) == 3
   assert config.with_overrides({'views.zoom_out': 0.0}).views.zoom_outs_per_image(5) == 0
 
 

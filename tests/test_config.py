@@ -51,10 +51,17 @@ def test_step_budget_per_first_and_further_images():
   assert budget.steps(10, True, 0.2, fresh_column=True) == 81
 
 
-def test_views_per_image_shrink_as_images_grow():
-  config = TrainConfig()
-  assert (config.views.per_image(1), config.views.zoom_outs_per_image(1)) == (16, 7)
-  assert (config.views.per_image(240), config.views.zoom_outs_per_image(240)) == (2, 0)
+def test_views_per_image_shrink_as_images_grow_then_stay_close_to_the_photos():
+  views = TrainConfig().views
+
+  def chosen(images):
+    return views.per_image(images), views.zoom_outs_per_image(images), views.crop_scale(images)
+  # A handful: many views each, strong crops and zoom-outs, 480 views at most.
+  assert [chosen(n) for n in (1, 60, 99)] == [(16, 7, 0.3), (8, 3, 0.3), (4, 1, 0.3)]
+  # Many images: up to 1800 views of mild crops, no zoom-outs; the original and
+  # its mirror at least.
+  assert [chosen(n) for n in (100, 263, 1000)] == [(16, 0, 0.7), (6, 0, 0.7), (2, 0, 0.7)]
+  assert views.why(263) == '263 training images (from 100 on): up to 1800 views, close to the photos'
 
 
 def test_early_stopping_trusts_the_held_out_loss_only_from_half_the_budget():

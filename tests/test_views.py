@@ -1,13 +1,16 @@
 """Training views carry over to the next iteration for the images it keeps unchanged."""
 
 import dataclasses
+import types
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tf_keras
 from PIL import Image
 
-from model import views as views_lib
+from model import pipeline, views as views_lib
+from model.config import TrainConfig
 from model.targets import TargetAssigner
 
 SIZE = 64
@@ -122,3 +125,27 @@ def test_reused_views_take_their_cached_outputs_where_the_frozen_part_is_the_sam
   _, other = make(examples, images, ids, frozen=tiny_frozen(tf_keras.layers.MaxPooling2D),
                   reuse=stored, fingerprints=fingerprints)
   assert other.reused == 1 and not np.array_equal(other.features[0][:6], marked[0][:6])
+
+
+class _Handed(Exception):
+  """What the pipeline handed the views' maker (raised by the stand-in below)."""
+
+
+def test_the_pipeline_makes_views_by_the_rule_for_its_number_of_training_images(monkeypatch):
+  def handed(*_, **settings):
+    raise _Handed(settings)
+  monkeypatch.setattr(views_lib, 'make_cached_views', handed)
+  examples, images = made_images()
+  training = pipeline.TrainingSet(examples, images, ['cat', 'dog'], [0, 1], [], None)
+
+  def settings(**views):
+    config = TrainConfig().with_overrides({'input.size': 300, 'views.carry_over': False,
+                                           **{f'views.{k}': v for k, v in views.items()}})
+    model = types.SimpleNamespace(config=config.input.ssd_config(2))
+    with pytest.raises(_Handed) as made:
+      pipeline.make_views(model, types.SimpleNamespace(frozen=None), training, config)
+    return {key: made.value.args[0][key] for key in ('views_each', 'zoom_outs', 'crop_min_scale')}
+  # Two images are a handful: strong crops and zoom-outs. Counted as many, the
+  # same two get mild crops, no zoom-outs.
+  assert settings() == {'views_each': 16, 'zoom_outs': 7, 'crop_min_scale': 0.3}
+  assert settings(many_images=2) == {'views_each': 16, 'zoom_outs': 0, 'crop_min_scale': 0.7}

@@ -458,7 +458,8 @@ class EarlyStoppingConfig:
   Training on the held-out tenth too (None) gained BCCD with all its images
   0.012 mAP@0.5 (int8 0.020) on each of three seeds, but cost the small
   shapes with 150 images 0.030 in int8 on each of three (float even), so the
-  split stays (benchmarks/results/choices.md).
+  split stays; with the many-image views since, BCCD gains 0.005 (int8 0.013)
+  that way (benchmarks/results/choices.md).
   `restore_best`: a run ends with the weights that did best on the held-out
   images since half its budget (else with its last ones).
   """

@@ -330,7 +330,9 @@ class ViewsConfig:
   From `many_images` training images on, the images themselves vary enough:
   the views stay close to the photos (crops of at least `many_crop_min_scale`
   of each side, no zoom-outs) and the cache grows to `many_cached` views, so
-  that 1000 steps do not run ~15 epochs over each image and its mirror.
+  that 1000 steps do not run ~15 epochs over each image and its mirror (BCCD
+  with all images 0.824 -> 0.832, the many small shapes 0.815 -> 0.845;
+  benchmarks/results/choices.md "Many images").
 
   With `carry_over`, a run folder keeps its views and the frozen part's
   outputs (when there are at most `max_cached`; ~0.75 MB each at 300 px with

@@ -344,7 +344,7 @@ class ViewsConfig:
   zoom_out_scale: tuple[float, float] = (0.4, 0.9)
   crop_min_scale: float = 0.3  # a random crop's height and width, as fractions of the image's
   max_per_image: int = 16
-  max_cached: int = 480  # also the most views a run folder keeps for the next iteration
+  max_cached: int = 480
   many_images: int = 100
   many_cached: int = 1800  # ~2 GB at 512 px with 'upper'
   many_crop_min_scale: float = 0.7

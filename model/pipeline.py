@@ -285,9 +285,10 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
                             0 if config.matching.adaptive_views == 'none' else config.matching.adaptive_top_k,
                             config.matching.adaptive_views)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
-  views_each = config.views.per_image(len(training.fit))
-  zoom_outs = config.views.zoom_outs_per_image(len(training.fit))
-  crop_scale = config.views.crop_scale(len(training.fit))
+  images = len(training.fit)
+  views_each = config.views.per_image(images)
+  zoom_outs = config.views.zoom_outs_per_image(images)
+  crop_scale = config.views.crop_scale(images)
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
                                   crop_scale)
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only

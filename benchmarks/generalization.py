@@ -51,7 +51,7 @@ RESULTS = REPO / 'benchmarks' / 'results'
 ALL = 'all'
 
 
-def synthetic(kind: str, folder: Path) -> Path:
+def synthetic(kind: str, folder: Path, test_images: int = 20) -> Path:
   """Makes (once) a synthetic task set of `kind` in `folder`; returns the folder."""
   from tests.synthetic import make_task_set
   tasks_file = folder / 'tasks.json'
@@ -63,7 +63,7 @@ def synthetic(kind: str, folder: Path) -> Path:
                                'small-many': ((12, 28), 4, 150)}[kind]
   common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image)
   train = make_task_set(folder, images, split='train', seed=11, **common)
-  test = make_task_set(folder, 20, split='test', seed=12, start_id=1000, **common)
+  test = make_task_set(folder, test_images, split='test', seed=12, start_id=1000, **common)
   if kind == 'partial':  # every third box of the training images goes unlabeled
     for task in train:
       result = task['annotations'][0]['result']
@@ -72,9 +72,12 @@ def synthetic(kind: str, folder: Path) -> Path:
   return folder
 
 
-def dataset_folder(name: str, work: Path) -> Path:
+def dataset_folder(name: str, work: Path, test_images: int = 20) -> Path:
+  """A shared data set's folder, or a synthetic one's with `test_images` test images
+  (the same training images whatever that count)."""
   if name in ('crowd', 'small', 'partial', 'small-many'):
-    return synthetic(name, work / f'synthetic-{name}')
+    suffix = '' if test_images == 20 else f'-test{test_images}'
+    return synthetic(name, work / f'synthetic-{name}{suffix}', test_images)
   return SHARED / name
 
 
@@ -109,9 +112,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
   return name, overrides
 
 
-def load_dataset(name: str, work: Path) -> tuple[Path, list, tuple]:
+def load_dataset(name: str, work: Path, test_images: int = 20) -> tuple[Path, list, tuple]:
   """(its folder, its tasks, its test split's (examples, images)) of a data set by name."""
-  root = dataset_folder(name, work)
+  root = dataset_folder(name, work, test_images)
   tasks = tasks_lib.load_tasks_file(root / 'tasks.json')
   examples, _ = tasks_lib.parse_tasks(tasks)
   return root, tasks, tasks_lib.load_example_images(tasks_lib.evaluation_examples(examples), root)

@@ -619,6 +619,12 @@ class ExportConfig:
   # degenerate codes do not coarsen int8's step for the real ones
   # (`export.code_floors`; why: benchmarks/results/choices.md).
   box_floor_px: float = 1.0
+  # Class logits are bounded below here (a score of 0.0003, which never passes
+  # `nms_score_threshold`) and the background column, which the post-processing
+  # skips, is 0, so that the one int8 range all logits share spans the scores
+  # that matter (`export.bounded_class_scores`; why: benchmarks/results/choices.md).
+  # None: unbounded.
+  min_class_logit: float | None = -8.0
   # Inputs that calibrate the int8 model: the project's training views, each
   # image as it is first, then its augmented views while there are fewer images
   # than twice `calibration_images` ('originals': the images as they are only).
@@ -637,3 +643,7 @@ class ExportConfig:
   def __post_init__(self):
     if self.calibration_views not in ('all', 'originals'):
       raise ValueError(f'calibration_views must be all or originals, not {self.calibration_views!r}')
+    if (self.min_class_logit is not None
+        and 1 / (1 + math.exp(-self.min_class_logit)) >= self.nms_score_threshold):
+      raise ValueError(f'min_class_logit {self.min_class_logit} would change scores that '
+                       f'pass nms_score_threshold {self.nms_score_threshold}')

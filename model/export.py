@@ -76,11 +76,12 @@ def serving_function(model: ssd_lib.SSD, config: ExportConfig):
   anchors = tf.constant(anchors)
   postprocess = _postprocess_fn(model, config, scales)
   box_encodings = split_box_head(model.box_head, config.box_weight_outlier_ratio, floors)
+  class_scores = bounded_class_scores(model.class_head, config.min_class_logit)
 
   @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name='image')])
   def serve(image):
     features = model.feature_extractor(image, training=False)
-    return postprocess(box_encodings(features), tf.sigmoid(model.class_head(features)), anchors)
+    return postprocess(box_encodings(features), class_scores(features), anchors)
 
   return serve
 
@@ -151,6 +152,37 @@ def split_box_head(box_head: ssd_lib.PredictionHead, outlier_ratio: float,
     return tf.concat(outputs, axis=1)
 
   return encode
+
+
+def bounded_class_scores(class_head: ssd_lib.PredictionHead, min_logit: float | None):
+  """features -> the class head's scores, its logits bounded below at `min_logit`
+  (None: as they are) and its background column's there too.
+
+  The logits reach the sigmoid as one int8 tensor (a concatenation shares its
+  inputs' scale), whose range confident background stretched to -52..+47 on
+  the small shapes: a step of 0.39, which moves a score of 0.05 by a third.
+  Scores under sigmoid(`min_logit`) never pass the post-processing's
+  threshold, and the op skips the background column, so neither range is
+  needed. The bound is a ReLU on the logits less `min_logit` (folded into
+  each conv's bias, as `split_box_head` does), added back before the sigmoid.
+  """
+  if min_logit is None:
+    return lambda features: tf.sigmoid(class_head(features))
+  per_anchor = class_head.values_per_anchor
+  convs = []
+  for conv in class_head.convs:  # read here: a tf.function cannot
+    kernel, bias = conv.kernel.numpy().copy(), conv.bias.numpy().copy()
+    kernel[..., ::per_anchor], bias[::per_anchor] = 0.0, min_logit  # the background
+    convs.append((tf.constant(kernel), bias - min_logit))
+
+  def scores(features):
+    outputs = []
+    for (kernel, bias), feature in zip(convs, features):
+      out = tf.nn.relu(tf.nn.conv2d(feature, kernel, 1, 'SAME') + bias)
+      outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, per_anchor]))
+    return tf.sigmoid(tf.concat(outputs, axis=1) + min_logit)
+
+  return scores
 
 
 def split_outlier_weights(kernel: np.ndarray, ratio: float) -> list[np.ndarray]:

@@ -73,9 +73,15 @@ def test_outlying_weights_go_to_a_conv_of_their_own_and_sum_back_exactly():
 def _int8_box_encodings(head, features, ratio: float, floors=None) -> np.ndarray:
   """The encodings of `head` (split at `ratio`, bounded at `floors`) run as an int8
   .tflite, dequantized (and the floors added back)."""
+  encodings = _run_int8(export.split_box_head(head, ratio, floors), features)
+  return encodings + (0 if floors is None else floors)
+
+
+def _run_int8(encode, features) -> np.ndarray:
+  """`encode` ([features] -> a tensor) converted to an int8 .tflite calibrated on
+  `features` and run on each of them, its output dequantized."""
   import tensorflow as tf
   from ai_edge_litert.interpreter import Interpreter
-  encode = export.split_box_head(head, ratio, floors)
   signature = tf.TensorSpec([1, *features.shape[1:]], tf.float32)
   function = tf.function(lambda f: encode([f]), input_signature=[signature])
   converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()])
@@ -91,7 +97,7 @@ def _int8_box_encodings(head, features, ratio: float, floors=None) -> np.ndarray
     interpreter.invoke()
     return interpreter.get_tensor(target['index'])
 
-  return np.concatenate([run(f) for f in features]) + (0 if floors is None else floors)
+  return np.concatenate([run(f) for f in features])
 
 
 def test_int8_box_encodings_keep_their_precision_beside_an_outlying_weight():
@@ -136,6 +142,30 @@ def test_int8_box_encodings_keep_their_precision_beside_degenerate_ones():
   errors = {bounded: np.abs(_int8_box_encodings(head, features, 4.0, floors if bounded else None)
                             - exact)[real].mean() for bounded in (False, True)}
   assert errors[True] < 0.6 * errors[False], errors
+
+
+def test_int8_class_scores_keep_their_precision_beside_confident_background():
+  """Confident background (+40 in the background column, -50 in the others) stretches the
+  one int8 range all logits share; bounded at -8, where no score passes the
+  post-processing's threshold, and without the background column, which it skips,
+  the scores that matter get a finer step, and in float they are untouched."""
+  rng = np.random.default_rng(3)
+  features = rng.uniform(0, 1, (24, 6, 6, 32)).astype(np.float32)
+  features[..., :16] = rng.random((24, 6, 6, 1)) < 0.3  # what an object shows
+  head = ssd_lib.PredictionHead([1], 3, 'class_logits')
+  head([features])
+  kernel = rng.normal(0, 0.3, (1, 1, 32, 3)).astype(np.float32)
+  kernel[0, 0, :16] = [-3.0, 3.0, 3.0]
+  head.convs[0].set_weights([kernel, np.array([40.0, -50.0, -50.0], np.float32)])
+  exact = 1 / (1 + np.exp(-head([features]).numpy()))
+  real = exact[..., 1:] >= 0.01  # scores the post-processing keeps
+  assert real.sum() > 100 and exact[..., 0].max() > 0.99
+  bounded = export.bounded_class_scores(head, -8.0)([features]).numpy()
+  np.testing.assert_allclose(bounded[..., 1:][real], exact[..., 1:][real], rtol=1e-5)
+  assert bounded[..., 1:][~real].max() < 0.01
+  errors = {bound: np.abs(_run_int8(export.bounded_class_scores(head, bound), features)[..., 1:]
+                          - exact[..., 1:])[real].mean() for bound in (None, -8.0)}
+  assert errors[-8.0] < 0.5 * errors[None], errors
 
 
 def _decode(codes, anchors, scales):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import AnchorConfig, TrainConfig
+from model.config import AnchorConfig, ExportConfig, TrainConfig
 
 
 def test_the_lowest_anchor_is_the_base_s_unless_set():
@@ -129,3 +129,10 @@ def test_a_tenth_is_held_out_from_20_images_on_unless_told_never(tmp_path):
   never = pipeline.load_examples(tasks, tmp_path,
                                  TrainConfig().with_overrides({'early_stopping.min_images': None}))
   assert (len(never.fit), never.validation) == (20, [])
+
+
+def test_the_class_logits_bound_never_reaches_a_score_that_is_reported():
+  assert ExportConfig().min_class_logit == -8.0
+  ExportConfig(min_class_logit=None)
+  with pytest.raises(ValueError, match='nms_score_threshold'):
+    ExportConfig(min_class_logit=-4.0)  # sigmoid(-4) = 0.018 passes the threshold of 0.01

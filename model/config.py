@@ -621,9 +621,9 @@ class ExportConfig:
   box_floor_px: float = 1.0
   # Class logits are bounded below here (a score of 0.0003, which never passes
   # `nms_score_threshold`) and the background column, which the post-processing
-  # skips, is 0, so that the one int8 range all logits share spans the scores
-  # that matter (`export.bounded_class_scores`; why: benchmarks/results/choices.md).
-  # None: unbounded.
+  # skips, sits at the bound, so that the one int8 range all logits share spans
+  # the scores that matter (`export.bounded_class_scores`; why:
+  # benchmarks/results/choices.md). None: unbounded.
   min_class_logit: float | None = -8.0
   # Inputs that calibrate the int8 model: the project's training views, each
   # image as it is first, then its augmented views while there are fewer images

@@ -10,7 +10,7 @@ mAP costs int8 nothing; the rows need not add up to the whole.
 
 Data sets as in generalization.py; `--test-images` sizes the synthetic sets'
 test split (20 images swing int8 mAP@0.5 by several points).
-Results: benchmarks/results/int8_parts.{json,md}.
+Results: benchmarks/results/int8_parts.{json,md}; rows not run again keep theirs.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def main():
   set_up_logging()
   logging.getLogger('tensorflow').setLevel(logging.ERROR)
   args.work.mkdir(parents=True, exist_ok=True)
-  results = {}
+  stored = RESULTS / 'int8_parts.json'  # rows of other data sets and counts stay
+  results = json.loads(stored.read_text()) if stored.is_file() else {}
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work, args.test_images)
     for shots in args.shots:

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, load_dataset, parse_assignments, seeds_for, set_up_logging,
-    subset_count)
+    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
+    seeds_for, set_up_logging, subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -100,9 +100,7 @@ def main():
   parser.add_argument('--variant', action='append', default=[],
                       help='name:field=value,... (ExportConfig fields); default: the default')
   parser.add_argument('--kinds', nargs='+', default=[export.FLOAT, export.INT8])
-  parser.add_argument('--test-images', type=int, default=20,
-                      help="the synthetic sets' test split: 20 images (80-240 boxes) swing "
-                           'int8 mAP@0.5 by several points; 200 tell export settings apart')
+  add_test_images_argument(parser)
   args = parser.parse_args()
   set_up_logging()
   variants = [export_variant(v) for v in args.variant] or [('default', {})]

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, load_dataset, seeds_for, set_up_logging, subset_count)
+    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, seeds_for,
+    set_up_logging, subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -105,7 +106,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_dataset_arguments(parser, shots=['10'])
-  parser.add_argument('--test-images', type=int, default=20)
+  add_test_images_argument(parser)
   args = parser.parse_args()
   set_up_logging()
   logging.getLogger('tensorflow').setLevel(logging.ERROR)

@@ -220,6 +220,7 @@ def main():
   add_dataset_arguments(parser, shots=['1', '5', '10', ALL])
   parser.add_argument('--variant', action='append', default=[],
                       help='name:key=value,... (TrainConfig overrides); default: "default"')
+  add_test_images_argument(parser)
   args = parser.parse_args()
   set_up_logging()
   variants = [parse_variant(v) for v in args.variant] or [('default', {})]
@@ -228,7 +229,7 @@ def main():
     results = json.loads((RESULTS / 'generalization.json').read_text())
   args.work.mkdir(parents=True, exist_ok=True)
   for name in args.datasets:
-    root, tasks, test = load_dataset(name, args.work)
+    root, tasks, test = load_dataset(name, args.work, args.test_images)
     for variant, overrides in variants:
       for shots in args.shots:
         count = subset_count(shots)

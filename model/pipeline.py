@@ -10,11 +10,14 @@
   train_model        the heads and the top of the extractor on the cache (`train`)
   export_model       float32 and int8 .tflite with post-processing (`export`)
   evaluate_model     mAP on the held-out images, detections for the report (of
-                     the float .tflite when it was exported)
+                     the float .tflite when it was exported; the int8 file's too)
+  tune_int8          a quantization-aware tail for the int8 file where it loses
+                     to the float one on the held-out images (`int8_tune`)
   publish            everything into a run folder, renamed into place (`run_folder`)
 
 `train_iteration` calls them in that order: `fit` the first five (a trained
-model, for benchmarks that export it several ways), then the last three.
+model, for benchmarks that export it several ways), then the last four. An
+int8 file made after publishing (`export_later`) gets no tail.
 Each stage's wall time goes to metrics.json (`wall_time_s`) and to the log.
 """
 
@@ -403,15 +406,16 @@ def traced_meanwhile(trainer):
     traced.result()
 
 
-def evaluate_model(model, training: TrainingSet, history: list[dict], float_file: bytes | None):
+def evaluate_model(model, training: TrainingSet, history: list[dict], files: dict[str, bytes]):
   """Validation mAP (when images are held out), the history with this iteration, report samples,
   of the float .tflite when there is one (what serves; the checkpoint's detector would be
-  traced first, about a second), else of the checkpoint.
+  traced first, about a second), else of the checkpoint; the int8 file's held-out mAP too.
 
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
   """
   from model.evaluate import checkpoint_detect, coco_map, tflite_detect
+  float_file = files.get('float')
   detect = (tflite_detect(float_file, training.labels) if float_file is not None
             else checkpoint_detect(model, training.labels))
   evaluation = {'of': 'float .tflite' if float_file is not None else 'checkpoint'}
@@ -420,6 +424,9 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], float_file
     evaluation['validation'] = coco_map(held_out, held_images, detect(held_images),
                                         training.labels)
     log.info('Validation mAP@0.5 %.3f', evaluation['validation']['map50'])
+    if 'int8' in files:
+      evaluation['validation_int8'] = held_out_map(training, files['int8'])
+      log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
   history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
                         'map50': evaluation.get('validation', {}).get('map50')}]
   # A few images for the report: held-out ones when there are, else training ones.
@@ -427,6 +434,29 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], float_file
   samples = [(image, [d for d in found if d.score >= REPORT_MIN_SCORE])
              for image, found in zip(shown, detect(shown))]
   return evaluation, history, samples
+
+
+def held_out_map(training: TrainingSet, tflite: bytes) -> dict:
+  """`evaluate.coco_map` of a .tflite file on the held-out images."""
+  from model.evaluate import coco_map, tflite_detect
+  held_out, images = training.part(training.validation)
+  return coco_map(held_out, images, tflite_detect(tflite, training.labels)(images),
+                  training.labels)
+
+
+def tune_int8(fitted: 'Fitted', int8_file: bytes, evaluation: dict,
+              export_config: ExportConfig) -> tuple[bytes, dict]:
+  """The int8 file to ship (`int8_tune`: a quantization-aware tail where plain
+  int8 loses on the held-out images), and what was done, for metrics.json."""
+  from model import int8_tune
+  held_out = None
+  if 'validation_int8' in evaluation and evaluation['of'] == 'float .tflite':
+    held_out = {'float': evaluation['validation']['map50'],
+                'int8': evaluation['validation_int8']['map50']}
+  data, outcome = int8_tune.tune(
+      fitted, int8_file, held_out, export_config,
+      lambda tflite: held_out_map(fitted.training, tflite)['map50'])
+  return data, outcome.as_dict()
 
 
 def export_model(model, views: Views, labels: list[str], export_config: ExportConfig,
@@ -585,7 +615,11 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     files = export_model(model, views, training.labels, export_config, export_kinds)
   with clock.stage('evaluate'):
     evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous),
-                                                  files.get('float'))
+                                                  files)
+  if 'int8' in files:
+    with clock.stage('tune_int8'):
+      files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,
+                                                         export_config)
   record = Record(fitted, evaluation, history, samples, files)
   later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
   with clock.stage('publish'):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from model.config import (BudgetConfig, CompressionConfig, EarlyStoppingConfig, InputConfig,
-                          TrainConfig, ViewsConfig)
+                          Int8TuneConfig, TrainConfig, ViewsConfig)
 
 
 # Loggers of libraries that print URLs (with any user:password in them) at INFO.
@@ -104,6 +104,9 @@ class Settings:
   train_zoom_out: float = ViewsConfig.zoom_out
   train_qat: bool = CompressionConfig.quantization_aware
   train_prune: float = CompressionConfig.prune_sparsity
+  # Without either: a quantization-aware tail for the int8 file where it loses to the
+  # float one on the held-out images (model.int8_tune); off, int8 is post-training only.
+  train_int8_tail: bool = Int8TuneConfig.tolerance is not None
   # Where training jobs run: 'inprocess' (a thread of the serving process, the
   # embedded default) or 'redis' (RQ workers, `python -m backend worker`).
   training_queue: str = 'inprocess'
@@ -136,7 +139,8 @@ class Settings:
         'budget.max': self.train_max_steps, 'input.size': self.train_input_size,
         'views.zoom_out': self.train_zoom_out, 'compression.quantization_aware': self.train_qat,
         'compression.prune_sparsity': self.train_prune,
-        'early_stopping.min_images': self.train_hold_out_from or None})
+        'early_stopping.min_images': self.train_hold_out_from or None,
+        'int8_tune.tolerance': Int8TuneConfig.tolerance if self.train_int8_tail else None})
 
   @classmethod
   def from_env(cls, environ: Mapping[str, str] | None = None) -> 'Settings':
@@ -296,6 +300,7 @@ VARIABLES = (
     Variable('TRAIN_ZOOM_OUT', 'train_zoom_out', _real(0.0, 1.0)),
     Variable('TRAIN_QAT', 'train_qat', _boolean),
     Variable('TRAIN_PRUNE', 'train_prune', _real(0.0, 0.95)),
+    Variable('TRAIN_INT8_TAIL', 'train_int8_tail', _boolean),
     Variable('TRAINING_QUEUE', 'training_queue', _choice('inprocess', 'redis')),
     Variable('TRAIN_WARM_UP', 'train_warm_up', _boolean),
     Variable('REDIS_URL', 'redis_url', _url('redis://', 'rediss://', 'unix://')),

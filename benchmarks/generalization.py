@@ -167,7 +167,8 @@ def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, ov
   row = {'seed': seed, 'iteration_s': round(wall, 1),
          'train_s': metrics['wall_time_s'].get('train_s'),
          'steps': metrics['steps'], 'images': metrics['images']['train'],
-         'choices': metrics.get('choices', {})}
+         'choices': metrics.get('choices', {}),
+         'int8_tune': metrics['evaluation'].get('int8_tune')}
   for kind in (None, 'float', 'int8'):
     evaluation = evaluate_run(run.root, *test, kind)
     row[kind or 'checkpoint'] = {'map50': evaluation['map50'], 'map': evaluation['map'],

@@ -64,7 +64,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(seed=args.seed, trainable=trainable).with_overrides({
         'input.size': args.input_size, 'views.zoom_out': args.zoom_out, 'budget.max': args.max_steps,
         'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune,
-        'early_stopping.min_images': args.hold_out_from or None})
+        'early_stopping.min_images': args.hold_out_from or None,
+        **({'int8_tune.tolerance': None} if args.no_int8_tail else {})})
   except ValueError as error:
     log.error('%s', error)
     return 2
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                           'TRAIN_HOLD_OUT_FROM for the backend)')
   train.add_argument('--qat', action='store_true',
                      help='quantization-aware training of what trains in the extractor, for the int8 file')
+  train.add_argument('--no-int8-tail', action='store_true',
+                     help='no quantization-aware tail for the int8 file where it loses to the float '
+                          'one on the held-out images (as TRAIN_INT8_TAIL=false for the backend)')
   train.add_argument('--prune', type=float, default=CompressionConfig.prune_sparsity, metavar='SPARSITY',
                      help='prune what trains in the extractor to this fraction of zero weights '
                           '(e.g. 0.5): the .tflite files compress better')

@@ -35,6 +35,9 @@ def needs_tail(config: TrainConfig, held_out: dict[str, float] | None) -> tuple[
     return False, 'off (int8_tune.tolerance is None)'
   if config.trainable == 'heads':
     return False, 'only the heads train; QAT needs a part of the extractor that trains'
+  if config.compression.active:
+    return False, ('QAT or pruning trained the extractor already (a tail would undo '
+                   "pruning's zeros)")
   if held_out is None:
     return False, 'no held-out images to compare the int8 file with the float one on'
   gap = held_out['float'] - held_out['int8']

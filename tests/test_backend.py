@@ -400,6 +400,8 @@ def test_training_settings_reach_the_train_config():
   assert Settings.from_env({'TRAIN_PRUNE': '0.5'}).train_config().compression.prune_sparsity == 0.5
   assert Settings.from_env({'TRAIN_HOLD_OUT_FROM': '30'}).train_config().early_stopping.min_images == 30
   assert Settings.from_env({}).train_config().early_stopping.min_images == 20
+  assert Settings.from_env({}).train_config().int8_tune.tolerance == 0.01
+  assert Settings.from_env({'TRAIN_INT8_TAIL': 'false'}).train_config().int8_tune.tolerance is None
   assert Settings.from_env({'TRAIN_HOLD_OUT_FROM': '0'}).train_config().early_stopping.min_images is None
   assert config.views.zoom_out == 0.5  # on by default
   assert Settings.from_env({}).train_config().trainable is None  # chosen from the images

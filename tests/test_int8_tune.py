@@ -14,6 +14,10 @@ SETTLED = TrainConfig(trainable='top')  # as `choose_settings` leaves it
 @pytest.mark.parametrize('config, held_out, why', [
     (SETTLED.with_overrides({'int8_tune.tolerance': None}), {'float': 0.9, 'int8': 0.5}, 'off'),
     (TrainConfig(trainable='heads'), {'float': 0.9, 'int8': 0.5}, 'only the heads train'),
+    (SETTLED.with_overrides({'compression.quantization_aware': True}),
+     {'float': 0.9, 'int8': 0.5}, 'QAT or pruning trained the extractor already'),
+    (SETTLED.with_overrides({'compression.prune_sparsity': 0.5}),
+     {'float': 0.9, 'int8': 0.5}, 'QAT or pruning trained the extractor already'),
     (SETTLED, None, 'no held-out images'),
     (SETTLED, {'float': 0.80, 'int8': 0.795}, 'int8 within 0.01 of float'),
     (SETTLED, {'float': 0.80, 'int8': 0.85}, 'int8 within 0.01 of float'),  # int8 above: fine

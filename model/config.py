@@ -481,9 +481,10 @@ class Int8TuneConfig:
   on the held-out images (None: never), what trained continues for
   `steps_fraction` of its steps with QAT of the extractor's trained part, at
   `learning_rate_scale` x the run's peak rates; that int8 file ships if it does
-  better on the held-out images. Its weights go to the int8 file only. The
-  small shapes' int8 gained 0.011-0.028 with 20% at 0.3x, against 0.014-0.017
-  less for plain steps; at 1.0x it gained nothing (benchmarks/results/choices.md).
+  better on the held-out images. Its weights go to the int8 file only. On
+  four small-shape models int8 gained 0.001-0.028 with a fifth of the steps at
+  0.3x, 0.013-0.019 more than as many plain steps; at 1.0x it gained nothing
+  (benchmarks/results/choices.md).
   """
 
   tolerance: float | None = 0.01

@@ -30,7 +30,10 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
   assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]
-  assert metrics['evaluation'] == {'of': 'float .tflite'}  # what serves; nothing held out
+  # What serves; nothing held out, so nothing tells whether int8 needs a tail.
+  assert metrics['evaluation'] == {'of': 'float .tflite', 'int8_tune': {
+      'ran': False, 'why': 'no held-out images to compare the int8 file with the float one on',
+      'held_out_map50': None, 'kept': 'int8'}}
   # Every choice made from the data, with why (the shapes span a fifth of the image or more).
   assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'

@@ -43,14 +43,6 @@ RESULTS = REPO / 'benchmarks' / 'results'
 CONTROLS = ('plain steps float', 'plain steps int8', 'converter calibrator int8')
 
 
-def restored(fitted):
-  """A function that puts `fitted`'s trained weights back."""
-  model = fitted.model
-  weights = [*model.feature_extractor.weights, *model.box_head.weights, *model.class_head.weights]
-  values = [w.numpy() for w in weights]
-  return lambda: [w.assign(v) for w, v in zip(weights, values)]
-
-
 def plain_steps(fitted, tune: Int8TuneConfig) -> dict[str, bytes]:
   """Both files after the tail's steps at its rates, without QAT."""
   from model.train import Trainer
@@ -65,7 +57,7 @@ def plain_steps(fitted, tune: Int8TuneConfig) -> dict[str, bytes]:
 def one_subset(tasks, root: Path, args, shots, seed: int, tails, test) -> dict:
   fitted = pipeline.fit(tasks, root, args.model_dir, pipeline.Stopwatch(),
                         config=TrainConfig(seed=seed), max_images=None if shots == ALL else shots)
-  labels, put_back = fitted.training.labels, restored(fitted)
+  labels = fitted.training.labels
   files = pipeline.export_model(fitted.model, fitted.views, labels, ExportConfig(),
                                 (export.INT8,))
   row = {'seed': seed, 'steps': fitted.report.steps,
@@ -80,9 +72,8 @@ def one_subset(tasks, root: Path, args, shots, seed: int, tails, test) -> dict:
     started = time.monotonic()
     row[name] = score(int8_tune.tail_int8(fitted, ExportConfig()), labels, test)
     row[f'{name} s'] = round(time.monotonic() - started, 1)
-  put_back()
-  again = plain_steps(fitted, dataclasses.replace(Int8TuneConfig(), **tails[0][1]))
-  put_back()
+  with int8_tune.weights_kept(fitted.model):
+    again = plain_steps(fitted, dataclasses.replace(Int8TuneConfig(), **tails[0][1]))
   row['plain steps float'] = score(again['float'], labels, test)
   row['plain steps int8'] = score(again['int8'], labels, test)
   log.info('%s images, seed %d: %s', shots, seed,

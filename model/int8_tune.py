@@ -13,6 +13,7 @@ keep the float-trained weights: the tail's reach the int8 file only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -47,6 +48,20 @@ def needs_tail(config: TrainConfig, held_out: dict[str, float] | None) -> tuple[
   return True, f'int8 {gap:.3f} under float {where}, more than {tolerance:g}'
 
 
+@contextlib.contextmanager
+def weights_kept(model):
+  """Puts the SSD's weights (extractor, box head, class head) back as they were
+  when the block ends."""
+  weights = [*model.feature_extractor.weights, *model.box_head.weights,
+             *model.class_head.weights]
+  values = [weight.numpy() for weight in weights]
+  try:
+    yield
+  finally:
+    for weight, value in zip(weights, values):
+      weight.assign(value)
+
+
 def tail_int8(fitted, export_config) -> bytes:
   """The int8 file of a quantization-aware tail from `fitted`'s trained weights.
 
@@ -59,21 +74,17 @@ def tail_int8(fitted, export_config) -> bytes:
   tune = fitted.config.int8_tune
   config = fitted.config.with_overrides({'compression.quantization_aware': True})
   steps = max(1, round(fitted.report.steps * tune.steps_fraction))
-  weights = [*model.feature_extractor.weights, *model.box_head.weights,
-             *model.class_head.weights]
-  trained = [weight.numpy() for weight in weights]
   started = time.monotonic()
-  try:
-    views.split.apply_optimization(config, steps, views.train)
-    Trainer(model, views.split, config).train(
-        views.train, steps, schedule.class_learning_rate * tune.learning_rate_scale,
-        schedule.box_learning_rate_scale)
-    log.info('Quantization-aware tail: %d steps in %.1f s', steps, time.monotonic() - started)
-    return export_model(model, views, fitted.training.labels, export_config, ('int8',))['int8']
-  finally:
-    views.split.optimized = None
-    for weight, value in zip(weights, trained):
-      weight.assign(value)
+  with weights_kept(model):
+    try:
+      views.split.apply_optimization(config, steps, views.train)
+      Trainer(model, views.split, config).train(
+          views.train, steps, schedule.class_learning_rate * tune.learning_rate_scale,
+          schedule.box_learning_rate_scale)
+      log.info('Quantization-aware tail: %d steps in %.1f s', steps, time.monotonic() - started)
+      return export_model(model, views, fitted.training.labels, export_config, ('int8',))['int8']
+    finally:
+      views.split.optimized = None
 
 
 @dataclasses.dataclass

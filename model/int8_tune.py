@@ -62,11 +62,12 @@ def weights_kept(model):
       weight.assign(value)
 
 
-def tail_int8(fitted, export_config) -> bytes:
+def tail_int8(fitted, export_config, progress=None) -> bytes:
   """The int8 file of a quantization-aware tail from `fitted`'s trained weights.
 
-  Trains `Int8TuneConfig.steps_fraction` of the run's steps; the model's
-  weights are the trained ones again afterwards.
+  Trains `Int8TuneConfig.steps_fraction` of the run's steps (`progress` gets
+  each `train.Progress`, as training's does); the model's weights are the
+  trained ones again afterwards.
   """
   from model.pipeline import export_model
   from model.train import Trainer
@@ -80,7 +81,7 @@ def tail_int8(fitted, export_config) -> bytes:
       views.split.apply_optimization(config, steps, views.train)
       Trainer(model, views.split, config).train(
           views.train, steps, schedule.class_learning_rate * tune.learning_rate_scale,
-          schedule.box_learning_rate_scale)
+          schedule.box_learning_rate_scale, progress=progress)
       log.info('Quantization-aware tail: %d steps in %.1f s', steps, time.monotonic() - started)
       return export_model(model, views, fitted.training.labels, export_config, ('int8',))['int8']
     finally:
@@ -101,18 +102,19 @@ class Outcome:
 
 
 def tune(fitted, int8_file: bytes, held_out: dict[str, float] | None, export_config,
-         score_held_out) -> tuple[bytes, Outcome]:
+         score_held_out, progress=None) -> tuple[bytes, Outcome]:
   """The int8 file to ship, and what was done for it.
 
   Args:
     held_out: as `needs_tail`'s.
     score_held_out: .tflite bytes -> their mAP@0.5 on the held-out images.
+    progress: as `tail_int8`'s.
   """
   ran, why = needs_tail(fitted.config, held_out)
   log.info('int8 tail: %s', why)
   if not ran:
     return int8_file, Outcome(False, why, {'int8': held_out['int8']} if held_out else None)
-  tuned = tail_int8(fitted, export_config)
+  tuned = tail_int8(fitted, export_config, progress)
   maps = {'int8': held_out['int8'], 'tuned int8': score_held_out(tuned)}
   kept = 'tuned int8' if maps['tuned int8'] > maps['int8'] else 'int8'
   log.info('Held-out mAP@0.5: int8 %.3f, after the tail %.3f: %s ships', maps['int8'],

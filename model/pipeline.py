@@ -445,9 +445,10 @@ def held_out_map(training: TrainingSet, tflite: bytes) -> dict:
 
 
 def tune_int8(fitted: 'Fitted', int8_file: bytes, evaluation: dict,
-              export_config: ExportConfig) -> tuple[bytes, dict]:
+              export_config: ExportConfig, progress=None) -> tuple[bytes, dict]:
   """The int8 file to ship (`int8_tune`: a quantization-aware tail where plain
-  int8 loses on the held-out images), and what was done, for metrics.json."""
+  int8 loses on the held-out images, its steps reported to `progress`), and
+  what was done, for metrics.json."""
   from model import int8_tune
   held_out = None
   if 'validation_int8' in evaluation and evaluation['of'] == 'float .tflite':
@@ -455,7 +456,7 @@ def tune_int8(fitted: 'Fitted', int8_file: bytes, evaluation: dict,
                 'int8': evaluation['validation_int8']['map50']}
   data, outcome = int8_tune.tune(
       fitted, int8_file, held_out, export_config,
-      lambda tflite: held_out_map(fitted.training, tflite)['map50'])
+      lambda tflite: held_out_map(fitted.training, tflite)['map50'], progress)
   return data, outcome.as_dict()
 
 
@@ -619,7 +620,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   if 'int8' in files:
     with clock.stage('tune_int8'):
       files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,
-                                                         export_config)
+                                                         export_config, progress)
   record = Record(fitted, evaluation, history, samples, files)
   later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
   with clock.stage('publish'):

@@ -48,11 +48,19 @@ def test_the_tail_reaches_the_int8_file_only(base_paths, tmp_path):
   config = TrainConfig(trainable='top').with_overrides({
       'budget.max': 30, 'input.size': SMALL_INPUT, 'views.max_per_image': 2})
 
-  def iteration(name, tolerance):
+  def iteration(name, tolerance, stages):
     return pipeline.train_iteration(
         tasks, tmp_path, tmp_path / name, base_paths.model_dir,
-        config=config.with_overrides({'int8_tune.tolerance': tolerance}))
-  plain, tuned = iteration('plain', None), iteration('tuned', -1.0)
+        config=config.with_overrides({'int8_tune.tolerance': tolerance}),
+        on_stage=lambda stage: stages.append([stage]),
+        progress=lambda p: stages[-1].append(p.total_steps))
+  plain_stages, tuned_stages = [], []
+  plain = iteration('plain', None, plain_stages)
+  tuned = iteration('tuned', -1.0, tuned_stages)
+  # The tail's steps are reported under its own stage: a fifth of the run's.
+  trained, tail = (next(s for s in tuned_stages if s[0] == name) for name in ('train', 'tune_int8'))
+  assert len(tail) > 1 and set(tail[1:]) == {round(trained[-1] * 0.2)}
+  assert next(s for s in plain_stages if s[0] == 'tune_int8') == ['tune_int8']
   outcome = json.loads(tuned.metrics.read_text())['evaluation']['int8_tune']
   assert outcome['ran'] and 'more than -1' in outcome['why']
   assert set(outcome['held_out_map50']) == {'int8', 'tuned int8'}

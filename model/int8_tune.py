@@ -114,7 +114,13 @@ def tune(fitted, int8_file: bytes, held_out: dict[str, float] | None, export_con
   log.info('int8 tail: %s', why)
   if not ran:
     return int8_file, Outcome(False, why, {'int8': held_out['int8']} if held_out else None)
-  tuned = tail_int8(fitted, export_config, progress)
+  try:
+    tuned = tail_int8(fitted, export_config, progress)
+  except Exception as error:  # pylint: disable=broad-except
+    # A bonus on a trained iteration: a failure here ships the plain int8 file.
+    log.warning('The int8 tail failed, the plain int8 file ships: %s', error)
+    return int8_file, Outcome(False, f'{why}; the tail failed: {type(error).__name__}: {error}',
+                              {'int8': held_out['int8']})
   maps = {'int8': held_out['int8'], 'tuned int8': score_held_out(tuned)}
   kept = 'tuned int8' if maps['tuned int8'] > maps['int8'] else 'int8'
   log.info('Held-out mAP@0.5: int8 %.3f, after the tail %.3f: %s ships', maps['int8'],

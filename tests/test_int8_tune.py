@@ -1,6 +1,7 @@
 """The int8 file's quantization-aware tail: when it runs, and that it reaches the int8 file only."""
 
 import json
+import types
 
 import pytest
 
@@ -32,6 +33,17 @@ def test_a_tail_where_int8_loses_more_than_the_tolerance_on_held_out_images():
   assert ran
   assert reason == ('int8 0.020 under float on the held-out images (float 0.800, int8 0.780), '
                     'more than 0.01')
+
+
+def test_a_failed_tail_ships_the_plain_int8_file_and_says_why(monkeypatch):
+  def fails(*_):
+    raise RuntimeError('no quantizer for this layer')
+  monkeypatch.setattr(int8_tune, 'tail_int8', fails)
+  fitted = types.SimpleNamespace(config=SETTLED)
+  data, outcome = int8_tune.tune(fitted, b'plain', {'float': 0.8, 'int8': 0.7}, None,
+                                 score_held_out=None)
+  assert data == b'plain' and not outcome.ran and outcome.kept == 'int8'
+  assert outcome.why.endswith('; the tail failed: RuntimeError: no quantizer for this layer')
 
 
 def graph(path) -> bytes:

@@ -43,12 +43,13 @@ RESULTS = REPO / 'benchmarks' / 'results'
 CONTROLS = ('plain steps float', 'plain steps int8', 'converter calibrator int8')
 
 
-def plain_steps(fitted, tune: Int8TuneConfig) -> dict[str, bytes]:
-  """Both files after the tail's steps at its rates, without QAT."""
+def plain_steps(fitted) -> dict[str, bytes]:
+  """Both files after the tail's steps at its rates (`fitted.config.int8_tune`), without QAT."""
   from model.train import Trainer
-  steps = max(1, round(fitted.report.steps * tune.steps_fraction))
+  tune = fitted.config.int8_tune
   Trainer(fitted.model, fitted.views.split, fitted.config).train(
-      fitted.views.train, steps, fitted.schedule.class_learning_rate * tune.learning_rate_scale,
+      fitted.views.train, int8_tune.tail_steps(fitted),
+      fitted.schedule.class_learning_rate * tune.learning_rate_scale,
       fitted.schedule.box_learning_rate_scale)
   return pipeline.export_model(fitted.model, fitted.views, fitted.training.labels, ExportConfig(),
                                (export.INT8,))
@@ -72,8 +73,10 @@ def one_subset(tasks, root: Path, args, shots, seed: int, tails, test) -> dict:
     started = time.monotonic()
     row[name] = score(int8_tune.tail_int8(fitted, ExportConfig()), labels, test)
     row[f'{name} s'] = round(time.monotonic() - started, 1)
+  fitted.config = dataclasses.replace(
+      fitted.config, int8_tune=dataclasses.replace(Int8TuneConfig(), **tails[0][1]))
   with int8_tune.weights_kept(fitted.model):
-    again = plain_steps(fitted, dataclasses.replace(Int8TuneConfig(), **tails[0][1]))
+    again = plain_steps(fitted)
   row['plain steps float'] = score(again['float'], labels, test)
   row['plain steps int8'] = score(again['int8'], labels, test)
   log.info('%s images, seed %d: %s', shots, seed,

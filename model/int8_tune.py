@@ -62,6 +62,11 @@ def weights_kept(model):
       weight.assign(value)
 
 
+def tail_steps(fitted) -> int:
+  """The tail's steps: `Int8TuneConfig.steps_fraction` of those the run trained."""
+  return max(1, round(fitted.report.steps * fitted.config.int8_tune.steps_fraction))
+
+
 def tail_int8(fitted, export_config, progress=None) -> bytes:
   """The int8 file of a quantization-aware tail from `fitted`'s trained weights.
 
@@ -74,7 +79,7 @@ def tail_int8(fitted, export_config, progress=None) -> bytes:
   model, views, schedule = fitted.model, fitted.views, fitted.schedule
   tune = fitted.config.int8_tune
   config = fitted.config.with_overrides({'compression.quantization_aware': True})
-  steps = max(1, round(fitted.report.steps * tune.steps_fraction))
+  steps = tail_steps(fitted)
   started = time.monotonic()
   with weights_kept(model):
     try:

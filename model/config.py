@@ -446,10 +446,20 @@ class ScheduleConfig:
   extractor_scale: float = 0.1
   warmup_fraction: float = 0.1
   new_image_share: float = 0.5
+  # Where 'top' trains, the last this share of the steps train the heads alone,
+  # on the extractor's feature maps computed once (`train.heads_only_steps`):
+  # by then the cosine has brought its rate under a third of the peak, and a
+  # heads-only step costs a fifth of one through the top. Not where those maps
+  # of every view would take more than `heads_only_max_mb`, nor where the
+  # lowest map trains ('upper': BCCD lost 0.007-0.016; choices.md).
+  heads_only_tail: float = 0.4
+  heads_only_max_mb: float = 1024.0
 
   def __post_init__(self):
     if not 0.0 <= self.new_image_share <= 1.0:
       raise ValueError(f'new_image_share must be in [0, 1], not {self.new_image_share}')
+    if not 0.0 <= self.heads_only_tail < 1.0:
+      raise ValueError(f'heads_only_tail must be in [0, 1), not {self.heads_only_tail}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -209,6 +209,36 @@ class LearningRates:
       self.peaks[part].assign(peak)
 
 
+def heads_alone_ruled_out(split: ExtractorSplit, config: TrainConfig) -> str | None:
+  """Why no run of this split and config ends training the heads alone, or None."""
+  if split.trainable is None:
+    return 'only the heads train'
+  if config.trainable != 'top':
+    return (f'"{config.trainable}" trains the lowest feature map, which finds the smallest '
+            'objects: frozen for the last steps, it cost BCCD and the small shapes mAP')
+  if config.compression.active:
+    return 'quantization-aware or pruned training wraps the extractor to the end'
+  if not config.schedule.heads_only_tail:
+    return 'schedule.heads_only_tail is 0'
+  return None
+
+
+def heads_only_steps(split: ExtractorSplit, views: int, steps: int, config: TrainConfig
+                     ) -> tuple[int, str]:
+  """How many of a run's last steps train the heads alone, on feature maps
+  computed once (`ScheduleConfig.heads_only_tail`), and why."""
+  share, limit_mb = config.schedule.heads_only_tail, config.schedule.heads_only_max_mb
+  ruled_out = heads_alone_ruled_out(split, config)
+  if ruled_out:
+    return 0, ruled_out
+  megabytes = views * sum(math.prod(o.shape[1:]) for o in split.trainable.outputs) * 2 / 1e6
+  if megabytes > limit_mb:
+    return 0, f'the feature maps of {views} views would take {megabytes:.0f} MB (over {limit_mb:g})'
+  count = int(steps * share)
+  return count, (f'the last {share:.0%} of the steps, where the extractor\'s rate has decayed: '
+                 f'its feature maps of {views} views computed once ({megabytes:.0f} MB)')
+
+
 class Trainer:
   """Trains the heads (and what `split` leaves trainable of the extractor) on cached views.
 
@@ -232,6 +262,11 @@ class Trainer:
     self.variables = self.box_variables + self.class_variables + self.extractor_variables
     self.rates = LearningRates()
     self.step = self._step_fn()
+    # Heads-only steps on feature maps computed once (`frozen_maps`), for the
+    # end of a run that trains the top (`heads_only_steps`); made here to be
+    # traced ahead where the config will use them, else when a run asks.
+    self.heads_step = (None if heads_alone_ruled_out(split, config)
+                       else self._step_fn(heads_only=True))
 
   def reset(self, config: TrainConfig) -> None:
     """Readies a trainer (and its traced step) for another run of the same model
@@ -243,15 +278,21 @@ class Trainer:
         variable.assign(tf.zeros_like(variable))
 
   def trace(self) -> None:
-    """Traces the train step (a second or two; it needs no views, so callers
-    overlap it with making them). Else the first step traces it."""
+    """Traces the train steps (a second or two; they need no views, so callers
+    overlap it with making them). Else each one's first step traces it."""
     started = time.monotonic()
     self.step.get_concrete_function()
+    if self.heads_step is not None:
+      self.heads_step.get_concrete_function()
     log.info('Traced the train step in %.1f s', time.monotonic() - started)
 
   def losses(self, cached, class_targets, box_targets, training=False):
-    """Mean per-positive (class loss, box loss) of a batch."""
-    features = self.split.feature_maps(cached, training=training)
+    """Mean per-positive (class loss, box loss) of a batch of cached views."""
+    return self.head_losses(self.split.feature_maps(cached, training=training), class_targets,
+                            box_targets)
+
+  def head_losses(self, features, class_targets, box_targets):
+    """Mean per-positive (class loss, box loss) of a batch of feature maps."""
     class_logits = self.model.class_head(features)
     box_encodings = self.model.box_head(features)
     valid = tf.cast(class_targets >= 0, tf.float32)
@@ -265,32 +306,44 @@ class Trainer:
     ) / normalizer
     return class_loss, box_loss
 
-  def _step_fn(self):
+  def _step_fn(self, heads_only: bool = False):
     # The cache is handed over whole each step (no copy); the batch is gathered
-    # inside the graph.
-    frozen = self.split.frozen.outputs
+    # inside the graph. `heads_only`: the cache holds the feature maps, and the
+    # extractor does not train.
+    inputs = self.model.feature_extractor.outputs if heads_only else self.split.frozen.outputs
     anchors = self.model.config.num_anchors()
     signature = [tf.TensorSpec([None], tf.int32),
-                 [tf.TensorSpec([None, *output.shape[1:]], tf.float16) for output in frozen],
+                 [tf.TensorSpec([None, *tensor.shape[1:]], tf.float16) for tensor in inputs],
                  tf.TensorSpec([None, anchors], tf.int32),
                  tf.TensorSpec([None, anchors, 4], tf.float32)]
     optimizers = self.rates.optimizers
+    extractor_variables = [] if heads_only else self.extractor_variables
 
     @tf.function(input_signature=signature)
     def step(index, features, class_targets, box_targets):
       batch = [tf.cast(tf.gather(f, index), tf.float32) for f in features]
       with tf.GradientTape() as tape:
-        class_loss, box_loss = self.losses(batch, tf.gather(class_targets, index),
-                                           tf.gather(box_targets, index), training=True)
+        maps = batch if heads_only else self.split.feature_maps(batch, training=True)
+        class_loss, box_loss = self.head_losses(maps, tf.gather(class_targets, index),
+                                                tf.gather(box_targets, index))
         loss = class_loss + self.config.loss.box_weight * box_loss
       class_grads, box_grads, extractor_grads = tape.gradient(
-          loss, [self.class_variables, self.box_variables, self.extractor_variables])
+          loss, [self.class_variables, self.box_variables, extractor_variables])
       optimizers['class'].apply_gradients(zip(class_grads, self.class_variables))
       optimizers['box'].apply_gradients(zip(box_grads, self.box_variables))
-      if self.extractor_variables:
-        optimizers['extractor'].apply_gradients(zip(extractor_grads, self.extractor_variables))
+      if extractor_variables:
+        optimizers['extractor'].apply_gradients(zip(extractor_grads, extractor_variables))
       return loss
     return step
+
+  def frozen_maps(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The feature maps of every cached view, float16, through the extractor as it is now."""
+    split = self.split
+    source = features[1] if split.passes_first_map else features[0]
+    parts = [split.trainable(tf.cast(source[start:start + 32], tf.float32))
+             for start in range(0, source.shape[0], 32)]
+    maps = [tf.cast(tf.concat(column, 0), tf.float16) for column in zip(*parts)]
+    return [features[0], *maps] if split.passes_first_map else maps
 
   def _validation_loss(self, views: CachedViews) -> float:
     total, count = 0.0, 0
@@ -306,12 +359,15 @@ class Trainer:
 
   def train(self, train_views: CachedViews, steps: int, learning_rate: float,
             box_learning_rate_scale: float, validation: CachedViews | None = None,
-            progress: ProgressCallback | None = None) -> TrainReport:
+            progress: ProgressCallback | None = None, heads_only: int = 0) -> TrainReport:
     """Trains `steps` steps (fewer when early stopping ends the run).
 
     Args:
       learning_rate: the class head's peak learning rate.
       box_learning_rate_scale: the box head's, relative to it (0 freezes it).
+      heads_only: the last this many steps train the heads alone on the
+        extractor's maps of the views, computed once when they begin
+        (`heads_only_steps`).
     """
     config = self.config
     self.rates.set(steps, {'class': learning_rate,
@@ -332,9 +388,14 @@ class Trainer:
     if odds is not None:
       log.info('Views of new or changed images: %d of %d, drawn as %.0f%% of each batch',
                np.sum(~train_views.carried), len(train_views), new_share * 100)
+    step_fn = self.step
+    if heads_only and self.heads_step is None:
+      self.heads_step = self._step_fn(heads_only=True)
     for step in range(1, steps + 1):
+      if step == steps - heads_only + 1:
+        step_fn, cache = self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])
       index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch, p=odds)
-      loss = self.step(tf.constant(index, tf.int32), *cache)
+      loss = step_fn(tf.constant(index, tf.int32), *cache)
       losses.append(float(loss))
       if validation is not None and (step % config.early_stopping.every == 0 or step == steps):
         value = self._validation_loss(validation)

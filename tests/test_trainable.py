@@ -112,6 +112,54 @@ def test_a_model_kept_from_the_last_iteration_trains_as_a_new_one(base_paths, sh
     np.testing.assert_array_equal(kept.numpy(), new.numpy(), err_msg=kept.name)
 
 
+def test_the_last_steps_train_the_heads_alone_on_the_extractor_s_maps(trained_by_mode):
+  """The run's last `heads_only_tail` of the steps (4 of 10) are heads-only steps
+  on feature maps computed once: the losses they see are those of the steps
+  through the extractor, and they leave the extractor as it is."""
+  import tensorflow as tf
+  from model.int8_tune import weights_kept
+  from model.train import Trainer
+  fitted = trained_by_mode['top']
+  assert fitted.all_choices()['heads_only_steps']['value'] == 4
+  assert trained_by_mode['heads'].all_choices()['heads_only_steps'] == {
+      'value': 0, 'why': 'only the heads train'}
+  views, model = fitted.views, fitted.model
+  trainer = Trainer(model, views.split, fitted.config)
+  features = [tf.constant(f) for f in views.train.features]
+  maps = trainer.frozen_maps(features)
+  targets = tf.constant(views.train.class_targets[:6]), tf.constant(views.train.box_targets[:6])
+  through = trainer.losses([tf.cast(f[:6], tf.float32) for f in features], *targets)
+  heads = trainer.head_losses([tf.cast(m[:6], tf.float32) for m in maps], *targets)
+  np.testing.assert_allclose(np.array(heads), np.array(through), rtol=1e-2)
+
+  extractor = [w.numpy() for w in model.feature_extractor.weights]
+  class_head = [w.numpy() for w in model.class_head.weights]
+  with weights_kept(model):  # the fixture's model stays as it trained
+    trainer.train(views.train, 3, 1e-3, 0.1, heads_only=3)
+    for before, after in zip(extractor, model.feature_extractor.weights):
+      np.testing.assert_array_equal(before, after.numpy())
+    assert any(not np.array_equal(b, a.numpy())
+               for b, a in zip(class_head, model.class_head.weights))
+
+
+def test_heads_only_steps_follow_the_tail_share_and_the_memory_they_need(trained_by_mode):
+  from model.train import heads_only_steps
+  fitted = trained_by_mode['top']
+  split, config = fitted.views.split, fitted.config
+  assert heads_only_steps(split, 100, 325, config)[0] == 130
+  upper = trained_by_mode['upper']
+  count, why = heads_only_steps(upper.views.split, 100, 325, upper.config)
+  assert count == 0 and 'lowest feature map' in why
+  count, why = heads_only_steps(split, 100, 325, config.with_overrides(
+      {'schedule.heads_only_max_mb': 1.0}))
+  assert count == 0 and 'MB' in why
+  assert heads_only_steps(split, 100, 325, config.with_overrides(
+      {'schedule.heads_only_tail': 0.0})) == (0, 'schedule.heads_only_tail is 0')
+  qat = config.with_overrides({'compression.quantization_aware': True})
+  assert heads_only_steps(split, 100, 325, qat) == (
+      0, 'quantization-aware or pruned training wraps the extractor to the end')
+
+
 def test_split_extractor_reproduces_the_feature_maps(base_model):
   extractor = base_model[0].feature_extractor
   trunk, top = ssd_lib.split_extractor(extractor)

@@ -448,11 +448,12 @@ class ScheduleConfig:
   new_image_share: float = 0.5
   # Where 'top' trains, the last this share of the steps train the heads alone,
   # on the extractor's feature maps computed once (`train.heads_only_steps`):
-  # by then the cosine has brought its rate under a third of the peak, and a
-  # heads-only step costs a fifth of one through the top. Not where those maps
-  # of every view would take more than `heads_only_max_mb`, nor where the
-  # lowest map trains ('upper': BCCD lost 0.007-0.016; choices.md).
-  heads_only_tail: float = 0.4
+  # a heads-only step costs under a third of one through the top, and what the
+  # top learns late changed nothing measurable (raccoon, and 'top' forced on
+  # BCCD, the crowd and the small shapes). Not where those maps of every view
+  # would take more than `heads_only_max_mb`, nor where the lowest map trains
+  # ('upper': BCCD lost 0.007-0.016; benchmarks/results/choices.md).
+  heads_only_tail: float = 0.6
   heads_only_max_mb: float = 1024.0
 
   def __post_init__(self):

@@ -235,8 +235,8 @@ def heads_only_steps(split: ExtractorSplit, views: int, steps: int, config: Trai
   if megabytes > limit_mb:
     return 0, f'the feature maps of {views} views would take {megabytes:.0f} MB (over {limit_mb:g})'
   count = int(steps * share)
-  return count, (f'the last {share:.0%} of the steps, where the extractor\'s rate has decayed: '
-                 f'its feature maps of {views} views computed once ({megabytes:.0f} MB)')
+  return count, (f'the last {share:.0%} of the steps, on the extractor\'s feature maps of '
+                 f'{views} views computed once ({megabytes:.0f} MB)')
 
 
 class Trainer:

@@ -113,14 +113,14 @@ def test_a_model_kept_from_the_last_iteration_trains_as_a_new_one(base_paths, sh
 
 
 def test_the_last_steps_train_the_heads_alone_on_the_extractor_s_maps(trained_by_mode):
-  """The run's last `heads_only_tail` of the steps (4 of 10) are heads-only steps
+  """The run's last `heads_only_tail` of the steps (6 of 10) are heads-only steps
   on feature maps computed once: the losses they see are those of the steps
   through the extractor, and they leave the extractor as it is."""
   import tensorflow as tf
   from model.int8_tune import weights_kept
   from model.train import Trainer
   fitted = trained_by_mode['top']
-  assert fitted.all_choices()['heads_only_steps']['value'] == 4
+  assert fitted.all_choices()['heads_only_steps']['value'] == 6
   assert trained_by_mode['heads'].all_choices()['heads_only_steps'] == {
       'value': 0, 'why': 'only the heads train'}
   views, model = fitted.views, fitted.model
@@ -146,7 +146,7 @@ def test_heads_only_steps_follow_the_tail_share_and_the_memory_they_need(trained
   from model.train import heads_only_steps
   fitted = trained_by_mode['top']
   split, config = fitted.views.split, fitted.config
-  assert heads_only_steps(split, 100, 325, config)[0] == 130
+  assert heads_only_steps(split, 100, 325, config)[0] == 195
   upper = trained_by_mode['upper']
   count, why = heads_only_steps(upper.views.split, 100, 325, upper.config)
   assert count == 0 and 'lowest feature map' in why

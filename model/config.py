@@ -446,14 +446,15 @@ class ScheduleConfig:
   extractor_scale: float = 0.1
   warmup_fraction: float = 0.1
   new_image_share: float = 0.5
-  # Where 'top' trains, the last this share of the steps train the heads alone,
-  # on the extractor's feature maps computed once (`train.heads_only_steps`):
-  # a heads-only step costs under a third of one through the top, and what the
-  # top learns late changed nothing measurable (raccoon, and 'top' forced on
-  # BCCD, the crowd and the small shapes). Not where those maps of every view
-  # would take more than `heads_only_max_mb`, nor where the lowest map trains
-  # ('upper': BCCD lost 0.007-0.016; benchmarks/results/choices.md).
-  heads_only_tail: float = 0.6
+  # Where 'top' trains, the last this share of the steps may train the heads
+  # alone, on the extractor's feature maps computed once
+  # (`train.heads_only_steps`): a heads-only step costs under a third of one
+  # through the top. Off: fresh runs scored the same with 0.6 in ~0.85x the
+  # command's time, but warm starts from such runs scored 0.010-0.018 lower
+  # (raccoon, six subsets; benchmarks/results/choices.md). Never where those
+  # maps of every view would take more than `heads_only_max_mb`, nor where the
+  # lowest map trains ('upper': BCCD lost 0.007-0.016).
+  heads_only_tail: float = 0.0
   heads_only_max_mb: float = 1024.0
 
   def __post_init__(self):

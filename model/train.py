@@ -211,6 +211,8 @@ class LearningRates:
 
 def heads_alone_ruled_out(split: ExtractorSplit, config: TrainConfig) -> str | None:
   """Why no run of this split and config ends training the heads alone, or None."""
+  if not config.schedule.heads_only_tail:
+    return 'off (schedule.heads_only_tail is 0)'
   if split.trainable is None:
     return 'only the heads train'
   if config.trainable != 'top':
@@ -218,8 +220,6 @@ def heads_alone_ruled_out(split: ExtractorSplit, config: TrainConfig) -> str | N
             'objects: frozen for the last steps, it cost BCCD and the small shapes mAP')
   if config.compression.active:
     return 'quantization-aware or pruned training wraps the extractor to the end'
-  if not config.schedule.heads_only_tail:
-    return 'schedule.heads_only_tail is 0'
   return None
 
 

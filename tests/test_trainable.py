@@ -14,7 +14,7 @@ from model.tasks import load_tasks_file
 from tests.conftest import SMALL_INPUT
 
 SHORT = {'budget.base': 10, 'budget.per_first_image': 0, 'budget.max': 10, 'input.size': SMALL_INPUT,
-         'views.max_per_image': 4}
+         'views.max_per_image': 4, 'schedule.heads_only_tail': 0.6}
 
 
 def top_layer_names() -> set[str]:
@@ -113,7 +113,7 @@ def test_a_model_kept_from_the_last_iteration_trains_as_a_new_one(base_paths, sh
 
 
 def test_the_last_steps_train_the_heads_alone_on_the_extractor_s_maps(trained_by_mode):
-  """The run's last `heads_only_tail` of the steps (6 of 10) are heads-only steps
+  """With `heads_only_tail` 0.6, the run's last 6 of 10 steps are heads-only steps
   on feature maps computed once: the losses they see are those of the steps
   through the extractor, and they leave the extractor as it is."""
   import tensorflow as tf
@@ -153,8 +153,8 @@ def test_heads_only_steps_follow_the_tail_share_and_the_memory_they_need(trained
   count, why = heads_only_steps(split, 100, 325, config.with_overrides(
       {'schedule.heads_only_max_mb': 1.0}))
   assert count == 0 and 'MB' in why
-  assert heads_only_steps(split, 100, 325, config.with_overrides(
-      {'schedule.heads_only_tail': 0.0})) == (0, 'schedule.heads_only_tail is 0')
+  assert heads_only_steps(split, 100, 325, TrainConfig(trainable='top')) == (
+      0, 'off (schedule.heads_only_tail is 0)')  # the default
   qat = config.with_overrides({'compression.quantization_aware': True})
   assert heads_only_steps(split, 100, 325, qat) == (
       0, 'quantization-aware or pruned training wraps the extractor to the end')

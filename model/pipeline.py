@@ -534,11 +534,8 @@ class Fitted:
 
 def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
         previous: Path | None = None, config: TrainConfig = TrainConfig(),
-        max_images: int | None = None, progress=None, on_views=None) -> Fitted:
-  """load_examples -> build_model -> make_views -> start_class_head -> train_model.
-
-  `on_views(training, views, config)` is called once the views are made.
-  """
+        max_images: int | None = None, progress=None) -> Fitted:
+  """load_examples -> build_model -> make_views -> start_class_head -> train_model."""
   import tensorflow as tf
   tf.random.set_seed(config.seed)
   with clock.stage('load_examples'):
@@ -554,8 +551,6 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
   model, trainer = built.model, built.trainer
   with clock.stage('make_views'), traced_meanwhile(None if built.reused else trainer):
     views = make_views(model, built.split, training, config, previous)
-  if on_views is not None:
-    on_views(training, views, config)
   with clock.stage('start_class_head'):
     columns = start_class_head(model, training.labels, sources, views, config)
   schedule = plan_schedule(len(training.fit), columns, config, views)
@@ -621,37 +616,26 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     tasks_lib.TaskError: malformed tasks.
   """
   out_dir = Path(out_dir)
+  if out_dir.exists():
+    raise RunError(f'{out_dir} already exists: each iteration gets a new folder')
   clock = Stopwatch(on_stage)
-  # The run folder is staged from the start: the views are written into it while
-  # the model trains, and it takes its name once everything is there.
-  with run_folder.published_folder(out_dir) as staging, \
-      concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='views') as writer:
-    views_saved = []
-
-    def save_views(training, views, config):
-      stored = config.views.carry_over and views.stored(training.labels, config.views.max_cached)
-      if stored:
-        views_saved.append(writer.submit(stored.save, RunPaths(staging).views))
-
-    fitted = fit(tasks, images_root, model_dir, clock, previous=previous, config=config,
-                 max_images=max_images, progress=progress, on_views=save_views)
-    model, training, views = fitted.model, fitted.training, fitted.views
-    with clock.stage('export'):
-      files = export_model(model, views, training.labels, export_config, export_kinds)
-    with clock.stage('evaluate'):
-      evaluation, history, samples = evaluate_model(
-          model, training, run_folder.read_history(previous), files)
-    if 'int8' in files:
-      with clock.stage('tune_int8'):
-        files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,
-                                                           export_config, progress)
-    record = Record(fitted, evaluation, history, samples, files)
-    later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
-    with clock.stage('publish'):
-      publish(staging, record, clock, previous=previous, export_config=export_config,
-              pending=later)
-      for saved in views_saved:
-        saved.result()
+  fitted = fit(tasks, images_root, model_dir, clock, previous=previous, config=config,
+               max_images=max_images, progress=progress)
+  model, training, views = fitted.model, fitted.training, fitted.views
+  with clock.stage('export'):
+    files = export_model(model, views, training.labels, export_config, export_kinds)
+  with clock.stage('evaluate'):
+    evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous),
+                                                  files)
+  if 'int8' in files:
+    with clock.stage('tune_int8'):
+      files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,
+                                                         export_config, progress)
+  record = Record(fitted, evaluation, history, samples, files)
+  later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
+  with clock.stage('publish'):
+    publish(out_dir, record, clock, previous=previous, export_config=export_config,
+            pending=later)
   log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
   if previous is not None:  # its views moved on to this iteration: keep one copy per chain
     RunPaths(previous).views.unlink(missing_ok=True)
@@ -679,21 +663,24 @@ class Record:
   files: dict[str, bytes]
 
 
-def publish(staging: Path, record: Record, clock: Stopwatch, *, previous: Path | None,
+def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path | None,
             export_config: ExportConfig, pending: tuple[str, ...] = ()) -> None:
-  """Writes the run folder's files (but the views) into its staging folder."""
+  """Writes the run folder into a staging folder and renames it into place."""
   from model import base_weights, compression, ssd as ssd_lib
   from model.report import write_report
   fitted, files = record.fitted, record.files
   model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
   columns, schedule, report = fitted.columns, fitted.schedule, fitted.report
   names = {run_folder.TFLITE_FILES[kind]: data for kind, data in files.items()}
-  with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix='publish') as pool:
+  with run_folder.published_folder(out_dir) as staging, \
+      concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix='publish') as pool:
     staged = RunPaths(staging)
-    # zlib and file writes let go of the interpreter lock: the files compress
-    # while the report is drawn and the rest is written.
+    # zlib and file writes let go of the interpreter lock: the files compress and
+    # the views are written while the report is drawn and the rest is written.
     gzipped = pool.submit(lambda: {name: compression.gzipped_size(data)
                                    for name, data in names.items()})
+    stored = config.views.carry_over and views.stored(training.labels, config.views.max_cached)
+    views_saved = pool.submit(stored.save, staged.views) if stored else None
     reported = pool.submit(write_report, staged.report, report.losses, report.validation,
                            record.history, record.samples)
     ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
@@ -732,6 +719,8 @@ def publish(staging: Path, record: Record, clock: Stopwatch, *, previous: Path |
         'task_stats': dataclasses.asdict(training.stats),
     })
     reported.result()
+    if views_saved is not None:
+      views_saved.result()
     if pending:
       run_folder.mark_pending(staging, [staged.tflite(kind).name for kind in pending])
     run_folder.write_json(staged.run_info, {

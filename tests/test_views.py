@@ -121,6 +121,11 @@ def test_reused_views_take_their_cached_outputs_where_the_frozen_part_is_the_sam
   np.testing.assert_array_equal(again.peaks[:6], cached.peaks[:6] + 1)
   # the second image as it is (view 0) comes out of `frozen`, as it did the first time
   np.testing.assert_array_equal(again.features[0][6], cached.features[0][6])
+  # The images in the other order: each takes its own stored rows.
+  _, swapped = make([examples[1], examples[0]], [images[1], images[0]],
+                    ids, frozen=tiny_frozen(), reuse=stored, fingerprints=fingerprints[::-1])
+  np.testing.assert_array_equal(swapped.features[0][6:], marked[0][:6])
+  np.testing.assert_array_equal(swapped.peaks[6:], cached.peaks[:6] + 1)
   # Another frozen part: every output is computed again.
   _, other = make(examples, images, ids, frozen=tiny_frozen(tf_keras.layers.MaxPooling2D),
                   reuse=stored, fingerprints=fingerprints)

@@ -19,6 +19,7 @@ Synthetic scenes (made once under --work, deterministic):
   small    3 classes, 4 per image, 12-28 px (6-13 px at 300)
   partial  like crowd, but a third of the training boxes left unlabeled
   small-many  like small, with 150 training images (many images of small objects)
+  crowd-many  like crowd, with 150 training images
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -53,6 +54,12 @@ ALL = 'all'
 TEST_IMAGES = 20
 
 
+# kind -> (shape sides in px, shapes per image, training images)
+SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
+             'partial': ((30, 60), 12, 60), 'small-many': ((12, 28), 4, 150),
+             'crowd-many': ((30, 60), 12, 150)}
+
+
 def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
   """Makes (once) a synthetic task set of `kind` in `folder`; returns the folder."""
   from tests.synthetic import make_task_set
@@ -60,9 +67,7 @@ def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
   if tasks_file.is_file():
     return folder
   shapes = ('disc', 'square', 'triangle')
-  sides, per_image, images = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
-                               'partial': ((30, 60), 12, 60),
-                               'small-many': ((12, 28), 4, 150)}[kind]
+  sides, per_image, images = SYNTHETIC[kind]
   common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image)
   train = make_task_set(folder, images, split='train', seed=11, **common)
   test = make_task_set(folder, test_images, split='test', seed=12, start_id=1000, **common)
@@ -77,7 +82,7 @@ def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
 def dataset_folder(name: str, work: Path, test_images: int = TEST_IMAGES) -> Path:
   """A shared data set's folder, or a synthetic one's with `test_images` test images
   (the same training images whatever that count)."""
-  if name in ('crowd', 'small', 'partial', 'small-many'):
+  if name in SYNTHETIC:
     suffix = '' if test_images == TEST_IMAGES else f'-test{test_images}'
     return synthetic(name, work / f'synthetic-{name}{suffix}', test_images)
   return SHARED / name

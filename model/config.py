@@ -431,9 +431,10 @@ class LossConfig:
 class ScheduleConfig:
   """Adam with a linear warm-up then cosine decay, one optimizer per part.
 
-  `learning_rate` (the class head's peak) and `box_scale` (the box head's,
-  relative to it) None: chosen from the data (`class_learning_rate`,
-  `box_learning_rate_scale`); `extractor_scale`: the extractor's, relative.
+  `learning_rate` (the class head's peak), `box_scale` (the box head's,
+  relative to it) and `extractor_scale` (the extractor's, relative) None:
+  chosen from the data (`class_learning_rate`, `box_learning_rate_scale`,
+  `choose_extractor_scale`).
   `batch_size` 8: as good as 16 at about 0.65x the training time
   (benchmarks/results/choices.md). `new_image_share`: in a warm start, the
   views of images the previous iteration did not train on (new or changed)
@@ -443,7 +444,15 @@ class ScheduleConfig:
   batch_size: int = 8
   learning_rate: float | None = None
   box_scale: float | None = None
-  extractor_scale: float = 0.1
+  extractor_scale: float | None = None
+  # The extractor moves gently (0.3 lost raccoon's boxes and small shapes at
+  # 10 images), but where images are many and most boxes fit the lowest map,
+  # whose features the base never made at that scale, it moves faster: BCCD
+  # with all images 0.832 -> 0.840, int8 0.829 -> 0.844; the many small
+  # shapes 0.845 -> 0.844, int8 0.803 -> 0.816; the many crowded ones at
+  # their ceiling either way (3 seeds each; benchmarks/results/choices.md).
+  usual_extractor_scale: float = 0.1
+  many_small_extractor_scale: float = 0.3
   warmup_fraction: float = 0.1
   new_image_share: float = 0.5
   # Where 'top' trains, the last this share of the steps may train the heads
@@ -607,6 +616,21 @@ class TrainConfig:
                        'which the top does not make')
     return 'top', (f'{num_images} training images (under {self.upper_from_images}), '
                    f'{lowest_map_share:.0%} of the boxes on the lowest map')
+
+  def choose_extractor_scale(self, num_images: int, lowest_map_share: float
+                             ) -> tuple[float, str]:
+    """The extractor's learning rate relative to the class head's, and why."""
+    schedule = self.schedule
+    if schedule.extractor_scale is not None:
+      return schedule.extractor_scale, 'set'
+    if self.views.many(num_images) and lowest_map_share > self.upper_from_lowest_map_share:
+      return schedule.many_small_extractor_scale, (
+          f'{num_images} training images (from {self.views.many_images} on) and '
+          f'{lowest_map_share:.0%} of the boxes on the lowest feature map')
+    return schedule.usual_extractor_scale, (
+        f'{num_images} training images, {lowest_map_share:.0%} of the boxes on the lowest '
+        f'feature map (faster from {self.views.many_images} images on where over '
+        f'{self.upper_from_lowest_map_share:.0%} are)')
 
   def class_learning_rate(self, num_images: int, any_fresh_column: bool) -> float:
     """A column started from a fitting base class is already good and one

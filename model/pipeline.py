@@ -162,15 +162,18 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
   size, size_why = config.input.choose(sides)
   if size != config.input.size:
     log.info('Input size %d: %s', size, size_why)
-  trainable, trainable_why = config.choose_trainable(
-      len(training.fit),
-      lowest_map_share(examples, dataclasses.replace(config.input, size=size).ssd_config(1)))
+  on_lowest_map = lowest_map_share(
+      examples, dataclasses.replace(config.input, size=size).ssd_config(1))
+  trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map)
+  extractor_scale, extractor_why = config.choose_extractor_scale(len(training.fit), on_lowest_map)
   adaptive, adaptive_why = config.matching.choose_adaptive(
       min(sides.values(), default=1.0), config.input.anchors.lowest_layer_scale)
   return (config.with_overrides({'input.size': size, 'trainable': trainable,
+                                 'schedule.extractor_scale': extractor_scale,
                                  'matching.adaptive_views': adaptive}),
           {'input_size': {'value': size, 'why': size_why},
            'trainable': {'value': trainable, 'why': trainable_why},
+           'extractor_learning_rate_scale': {'value': extractor_scale, 'why': extractor_why},
            'adaptive_matching': {'value': adaptive, 'why': adaptive_why}})
 
 

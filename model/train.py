@@ -370,9 +370,12 @@ class Trainer:
         (`heads_only_steps`).
     """
     config = self.config
+    extractor_scale = config.schedule.extractor_scale
+    if extractor_scale is None:  # not chosen from the data (`choose_extractor_scale`)
+      extractor_scale = config.schedule.usual_extractor_scale
     self.rates.set(steps, {'class': learning_rate,
                            'box': learning_rate * box_learning_rate_scale,
-                           'extractor': learning_rate * config.schedule.extractor_scale},
+                           'extractor': learning_rate * extractor_scale},
                    config.schedule.warmup_fraction)
     cache = ([tf.constant(f) for f in train_views.features],
              tf.constant(train_views.class_targets), tf.constant(train_views.box_targets))

@@ -105,6 +105,20 @@ def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
   assert TrainConfig(trainable='heads').choose_trainable(500, 1.0) == ('heads', 'set')
 
 
+def test_the_extractor_moves_faster_only_with_many_images_of_boxes_on_the_lowest_map():
+  config = TrainConfig()
+  usual, faster = config.schedule.usual_extractor_scale, config.schedule.many_small_extractor_scale
+  assert faster > usual
+  many = config.views.many_images
+  scale, why = config.choose_extractor_scale(many, lowest_map_share=0.94)  # BCCD's cells
+  assert scale == faster and '94%' in why
+  assert config.choose_extractor_scale(many - 1, 0.94)[0] == usual  # few images: small shapes lost
+  assert config.choose_extractor_scale(160, 0.0)[0] == usual  # raccoon's large boxes loosened
+  assert config.choose_extractor_scale(500, 0.5)[0] == usual
+  set_ = config.with_overrides({'schedule.extractor_scale': 0.2})
+  assert set_.choose_extractor_scale(500, 1.0) == (0.2, 'set')
+
+
 
 def test_adaptive_matching_on_zoom_outs_only_for_objects_the_anchors_cover():
   matching = TrainConfig().matching

@@ -124,7 +124,11 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   validation = []
   hold_out_from = config.early_stopping.min_images
   if hold_out_from is not None and len(train_examples) >= hold_out_from:
-    count = max(2, round(config.early_stopping.validation_fraction * len(train_examples)))
+    stopping = config.early_stopping
+    count = round(stopping.validation_fraction * len(train_examples))
+    if stopping.max_validation_images is not None:
+      count = min(count, stopping.max_validation_images)
+    count = max(2, count)
     validation = sorted(rng.permutation(len(train_examples))[:count].tolist())
   fit = [i for i in range(len(train_examples)) if i not in set(validation)]
   log.info('Training on %d images (%d held out for early stopping), labels %s',

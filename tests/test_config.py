@@ -145,6 +145,18 @@ def test_a_tenth_is_held_out_from_20_images_on_unless_told_never(tmp_path):
   assert (len(never.fit), never.validation) == (20, [])
 
 
+def test_the_held_out_images_are_capped_and_the_cap_keeps_the_same_draw(tmp_path):
+  from model import pipeline
+  from tests.synthetic import make_task_set
+  tasks = make_task_set(tmp_path, 40, ('disc',), 'train', seed=22)
+  tenth = pipeline.load_examples(tasks, tmp_path, TrainConfig())
+  capped = pipeline.load_examples(
+      tasks, tmp_path, TrainConfig().with_overrides({'early_stopping.max_validation_images': 3}))
+  assert (len(tenth.validation), len(capped.validation)) == (4, 3)
+  assert set(capped.validation) < set(tenth.validation)  # the same seed's draw, shortened
+  assert len(capped.fit) == 37
+
+
 def test_the_class_logits_bound_never_reaches_a_score_that_is_reported():
   assert ExportConfig().min_class_logit == -8.0
   ExportConfig(min_class_logit=None)

@@ -122,9 +122,8 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   if not labels:
     raise RunError('the training tasks hold no boxes: label some objects first')
   validation = []
-  hold_out_from = config.early_stopping.min_images
-  if hold_out_from is not None and len(train_examples) >= hold_out_from:
-    stopping = config.early_stopping
+  stopping = config.early_stopping
+  if stopping.min_images is not None and len(train_examples) >= stopping.min_images:
     count = round(stopping.validation_fraction * len(train_examples))
     if stopping.max_validation_images is not None:
       count = min(count, stopping.max_validation_images)

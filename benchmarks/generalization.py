@@ -12,7 +12,8 @@ data set shows what it does to the others.
 
 With all images there is one subset; `--all-seeds N` trains it N times with
 different seeds, which tells a choice's effect from the training's own spread
-(0.03-0.05 mAP@0.5 on small-many).
+(0.03-0.05 mAP@0.5 on small-many). Over 10 images (`--shots 50`) the same
+option draws N subsets.
 
 Synthetic scenes (made once under --work, deterministic):
   crowd    3 classes of shapes, 12 per 640x480 image, 30-60 px (14-28 px at 300)
@@ -133,11 +134,12 @@ def subset_count(shots: str) -> int | str:
 
 
 def seeds_for(count, seeds: int, all_seeds: int = 1) -> range:
-  """Several subsets where they are small (10 images or fewer), one otherwise;
-  with all images, `all_seeds` runs that differ in their training's seed only."""
-  if count == ALL:
-    return range(all_seeds)
-  return range(seeds) if count <= 10 else range(1)
+  """`seeds` subsets where they are small (10 images or fewer), `all_seeds`
+  otherwise: with all images those runs differ in their training's seed only,
+  with more than 10 in the subset drawn too."""
+  if count != ALL and count <= 10:
+    return range(seeds)
+  return range(all_seeds)
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> None:
@@ -147,7 +149,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> 
   parser.add_argument('--shots', nargs='+', default=shots)
   parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
   parser.add_argument('--all-seeds', type=int, default=1,
-                      help='runs with all images, each with its own training seed')
+                      help='runs with all images, or more than 10, each with its own seed')
   parser.add_argument('--model-dir', type=Path,
                       default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')

@@ -63,22 +63,24 @@ def one_subset(tasks, root: Path, args, shots, seed: int, tails, test) -> dict:
                                 (export.INT8,))
   row = {'seed': seed, 'steps': fitted.report.steps,
          'float': score(files['float'], labels, test), 'int8': score(files['int8'], labels, test)}
-  inputs = pipeline.calibration_inputs(fitted.model, fitted.views, ExportConfig())
-  row['converter calibrator int8'] = score(export.export_files(
-      fitted.model, (export.INT8,), labels, ExportConfig(), inputs,
-      int8_model=fitted.model)[export.INT8], labels, test)
+  if args.controls:
+    inputs = pipeline.calibration_inputs(fitted.model, fitted.views, ExportConfig())
+    row['converter calibrator int8'] = score(export.export_files(
+        fitted.model, (export.INT8,), labels, ExportConfig(), inputs,
+        int8_model=fitted.model)[export.INT8], labels, test)
   for name, fields in tails:
     fitted.config = dataclasses.replace(
         fitted.config, int8_tune=dataclasses.replace(Int8TuneConfig(), **fields))
     started = time.monotonic()
     row[name] = score(int8_tune.tail_int8(fitted, ExportConfig()), labels, test)
     row[f'{name} s'] = round(time.monotonic() - started, 1)
-  fitted.config = dataclasses.replace(
-      fitted.config, int8_tune=dataclasses.replace(Int8TuneConfig(), **tails[0][1]))
-  with int8_tune.weights_kept(fitted.model):
-    again = plain_steps(fitted)
-  row['plain steps float'] = score(again['float'], labels, test)
-  row['plain steps int8'] = score(again['int8'], labels, test)
+  if args.controls:
+    fitted.config = dataclasses.replace(
+        fitted.config, int8_tune=dataclasses.replace(Int8TuneConfig(), **tails[0][1]))
+    with int8_tune.weights_kept(fitted.model):
+      again = plain_steps(fitted)
+    row['plain steps float'] = score(again['float'], labels, test)
+    row['plain steps int8'] = score(again['int8'], labels, test)
   log.info('%s images, seed %d: %s', shots, seed,
            ', '.join(f'{k} {v}' for k, v in row.items() if k != 'seed'))
   return row
@@ -109,6 +111,8 @@ def main():
   parser.add_argument('--tail', action='append', default=[],
                       help="'name:steps_fraction=...,learning_rate_scale=...' (Int8TuneConfig); "
                            'the first also sets the plain steps; default: the defaults')
+  parser.add_argument('--no-controls', dest='controls', action='store_false',
+                      help='the tails alone, without the plain steps and the converter\'s calibrator')
   args = parser.parse_args()
   set_up_logging()
   logging.getLogger('tensorflow').setLevel(logging.ERROR)

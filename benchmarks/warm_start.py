@@ -11,6 +11,10 @@ times; mAP@0.5 of the float .tflite on the test split. A's own row
   .venv/bin/python benchmarks/warm_start.py --datasets raccoon bccd --seeds 2 \\
       --variant 'warm, views made afresh:views.carry_over=false' --variant 'warm:'
 
+`--datasets` takes the shared data sets and `generalization.py`'s synthetic
+ones (crowd, small, ...); `--seed-from 6 --seeds 6` adds subsets 6-11 to
+those the last results hold.
+
 Results: benchmarks/results/warm_start.{json,md}.
 """
 
@@ -27,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from active_learning import MODEL_DIR, RESULTS, SHARED, Dataset
-from generalization import parse_variant, set_up_logging
+from active_learning import MODEL_DIR, RESULTS, Dataset
+from generalization import dataset_folder, parse_variant, set_up_logging
 
 from model import pipeline
 from model.config import TrainConfig
@@ -79,6 +83,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd'])
   parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--seed-from', type=int, default=0,
+                      help='the first subset; from 1 on, the subsets join those of the last results')
   parser.add_argument('--first', type=int, default=5,
                       help='images of the first iteration, of the 10 (rows "<data set>, <first> first")')
   parser.add_argument('--variant', action='append', default=[],
@@ -92,10 +98,12 @@ def main():
   if (RESULTS / 'warm_start.json').is_file():  # data sets not run now keep their last result
     results = json.loads((RESULTS / 'warm_start.json').read_text())
   for name in args.datasets:
-    dataset = Dataset(SHARED / name)
+    dataset = Dataset(dataset_folder(name, args.work))
     key = name if args.first == 5 else f'{name}, {args.first} first'
-    results['datasets'][key] = [one_subset(dataset, variants, seed, args.work, args.first)
-                                for seed in range(args.seeds)]
+    earlier = results['datasets'].get(key, [])[:args.seed_from]
+    results['datasets'][key] = earlier + [
+        one_subset(dataset, variants, seed, args.work, args.first)
+        for seed in range(args.seed_from, args.seed_from + args.seeds)]
     write(results)
   print((RESULTS / 'warm_start.md').read_text())
 

@@ -332,7 +332,9 @@ class ViewsConfig:
   of each side, no zoom-outs) and the cache grows to `many_cached` views, so
   that 1000 steps do not run ~15 epochs over each image and its mirror (BCCD
   with all images 0.824 -> 0.832, the many small shapes 0.815 -> 0.845;
-  benchmarks/results/choices.md "Many images").
+  benchmarks/results/choices.md "Many images"). Small objects (most boxes on
+  the lowest map) get them from `small_objects_many_images` on
+  (`TrainConfig.choose_many_images`; None: from `many_images` like the rest).
 
   With `carry_over`, a run folder keeps its views and the frozen part's
   outputs (when there are at most `max_cached`; ~0.75 MB each at 300 px with
@@ -346,6 +348,9 @@ class ViewsConfig:
   max_per_image: int = 16
   max_cached: int = 480
   many_images: int = 100
+  # Small objects want them sooner: BCCD at 50 images 0.740 -> 0.782, while
+  # raccoon's large ones lost there (benchmarks/results/choices.md).
+  small_objects_many_images: int | None = 40
   many_cached: int = 1800  # ~2 GB at 512 px with 'upper'
   many_crop_min_scale: float = 0.7
   carry_over: bool = True
@@ -621,6 +626,16 @@ class TrainConfig:
                        'which the top does not make')
     return 'top', (f'{num_images} training images (under {self.upper_from_images}), '
                    f'{lowest_map_share:.0%} of the boxes on the lowest map')
+
+  def choose_many_images(self, lowest_map_share: float) -> tuple[int, str]:
+    """From how many training images on the views stay close to the photos
+    (`ViewsConfig.many`), and why: sooner for small objects."""
+    views, small = self.views, self.views.small_objects_many_images
+    share = f'{lowest_map_share:.0%} of the boxes on the lowest feature map'
+    if (small is not None and small < views.many_images
+        and lowest_map_share > self.upper_from_lowest_map_share):
+      return small, f'{share}: small objects, from {small} images on (else {views.many_images})'
+    return views.many_images, share
 
   def choose_extractor_scale(self, num_images: int, lowest_map_share: float
                              ) -> tuple[float, str]:

@@ -167,6 +167,8 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
     log.info('Input size %d: %s', size, size_why)
   on_lowest_map = lowest_map_share(
       examples, dataclasses.replace(config.input, size=size).ssd_config(1))
+  many, many_why = config.choose_many_images(on_lowest_map)
+  config = config.with_overrides({'views.many_images': many})  # the extractor's rate follows it
   trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map)
   extractor_scale, extractor_why = config.choose_extractor_scale(len(training.fit), on_lowest_map)
   adaptive, adaptive_why = config.matching.choose_adaptive(
@@ -177,7 +179,8 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
           {'input_size': {'value': size, 'why': size_why},
            'trainable': {'value': trainable, 'why': trainable_why},
            'extractor_learning_rate_scale': {'value': extractor_scale, 'why': extractor_why},
-           'adaptive_matching': {'value': adaptive, 'why': adaptive_why}})
+           'adaptive_matching': {'value': adaptive, 'why': adaptive_why},
+           'many_views_from_images': {'value': many, 'why': many_why}})
 
 
 @dataclasses.dataclass

@@ -120,6 +120,21 @@ def test_the_extractor_moves_faster_only_with_many_images_of_boxes_on_the_lowest
 
 
 
+def test_small_objects_get_the_many_image_views_sooner():
+  config = TrainConfig()
+  small, usual = config.views.small_objects_many_images, config.views.many_images
+  assert small < usual
+  value, why = config.choose_many_images(lowest_map_share=0.94)  # BCCD's cells
+  assert value == small and '94%' in why
+  assert config.choose_many_images(0.01)[0] == usual  # raccoon's large ones lost at 50 images
+  assert config.choose_many_images(0.5)[0] == usual
+  off = config.with_overrides({'views.small_objects_many_images': None})
+  assert off.choose_many_images(0.94)[0] == usual
+  # The extractor's faster rate follows the views (`choose_settings` sets the threshold first).
+  chosen = config.with_overrides({'views.many_images': small})
+  assert chosen.choose_extractor_scale(small, 0.94)[0] == config.schedule.many_small_extractor_scale
+
+
 def test_adaptive_matching_on_zoom_outs_only_for_objects_the_anchors_cover():
   matching = TrainConfig().matching
   # ducky's duck (0.156 of the image) and raccoons: zoom-outs shrink them under the 0.1 anchor

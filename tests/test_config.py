@@ -119,7 +119,6 @@ def test_the_extractor_moves_faster_only_with_many_images_of_boxes_on_the_lowest
   assert set_.choose_extractor_scale(500, 1.0) == (0.2, 'set')
 
 
-
 def test_small_objects_get_the_many_image_views_sooner():
   config = TrainConfig()
   small, usual = config.views.small_objects_many_images, config.views.many_images

@@ -604,6 +604,11 @@ class TrainConfig:
     largest = max(size for size in (self.input.size, *self.input.sizes) if size is not None)
     return math.ceil(largest / self.views.crop_min_scale)
 
+  def small_objects(self, lowest_map_share: float) -> bool:
+    """Whether most labeled boxes fit the lowest feature map best (more than
+    `upper_from_lowest_map_share`): what several choices treat as small objects."""
+    return lowest_map_share > self.upper_from_lowest_map_share
+
   def choose_trainable(self, num_images: int, lowest_map_share: float = 0.0
                        ) -> tuple[str, str]:
     """What trains, and why: more of the extractor once images are many enough to
@@ -621,7 +626,7 @@ class TrainConfig:
       return self.trainable, 'set'
     if num_images >= self.upper_from_images:
       return 'upper', f'{num_images} training images (from {self.upper_from_images} on)'
-    if lowest_map_share > self.upper_from_lowest_map_share:
+    if self.small_objects(lowest_map_share):
       return 'upper', (f'{lowest_map_share:.0%} of the boxes fit the lowest feature map, '
                        'which the top does not make')
     return 'top', (f'{num_images} training images (under {self.upper_from_images}), '
@@ -632,8 +637,7 @@ class TrainConfig:
     (`ViewsConfig.many`), and why: sooner for small objects."""
     views, small = self.views, self.views.small_objects_many_images
     share = f'{lowest_map_share:.0%} of the boxes on the lowest feature map'
-    if (small is not None and small < views.many_images
-        and lowest_map_share > self.upper_from_lowest_map_share):
+    if small is not None and small < views.many_images and self.small_objects(lowest_map_share):
       return small, f'{share}: small objects, from {small} images on (else {views.many_images})'
     return views.many_images, share
 
@@ -643,7 +647,7 @@ class TrainConfig:
     schedule = self.schedule
     if schedule.extractor_scale is not None:
       return schedule.extractor_scale, 'set'
-    if self.views.many(num_images) and lowest_map_share > self.upper_from_lowest_map_share:
+    if self.views.many(num_images) and self.small_objects(lowest_map_share):
       return schedule.many_small_extractor_scale, (
           f'{num_images} training images (from {self.views.many_images} on) and '
           f'{lowest_map_share:.0%} of the boxes on the lowest feature map')

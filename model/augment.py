@@ -10,8 +10,10 @@ times more). Zoom-outs are shrunk with Pillow's antialiasing: TensorFlow's
 bilinear resize skips pixels when it shrinks, and small objects alias.
 
 The random ops run as traced TensorFlow functions (`Augmenter`): eagerly, the
-crop's retry loop alone cost ~100 ms a view in op dispatch. One `Augmenter`
-per training run, made after the run's seed is set, keeps runs reproducible.
+crop's retry loop alone cost ~100 ms a view in op dispatch. Tracing them
+takes ~0.5 s, so a process keeps one per crop scale (`shared_augmenter`); setting
+the run's seed before its views resets their random ops, so runs stay
+reproducible.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class Augmenter:
     self.jitter = tf.function(_flip_and_jitter, input_signature=signature)
 
 
+@functools.lru_cache(maxsize=8)
+def shared_augmenter(crop_min_scale: float = ViewsConfig.crop_min_scale) -> Augmenter:
+  """The process's `Augmenter` for this crop scale, traced on its first views."""
+  return Augmenter(crop_min_scale)
+
+
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
                input_size: int, zoom_outs: int = 0,
                zoom_out_scale: tuple[float, float] = ViewsConfig.zoom_out_scale,
@@ -73,14 +81,14 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     input_size: side of the model input.
     zoom_outs: number of views of the image shrunk onto a canvas.
     zoom_out_scale: range of the shrink factor.
-    augmenter: the run's traced ops (a new one when None).
+    augmenter: the traced ops (`shared_augmenter()` when None).
 
   Returns:
     (uint8 pixels [S, S, 3] as the model sees them (`images.pixels_to_input`),
     boxes [K', 4], class ids [K']) per view.
     Randomness comes from TensorFlow's global seed (set once per training).
   """
-  augmenter = augmenter or Augmenter()
+  augmenter = augmenter or shared_augmenter()
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
   class_ids = np.asarray(class_ids, np.int32).reshape(-1)
   ids = tf.constant(class_ids)

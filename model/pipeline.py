@@ -290,12 +290,13 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   take them from there.
   """
   from model import anchors as anchors_lib, views as views_lib
-  from model.targets import TargetAssigner
-  assigner = TargetAssigner(anchors_lib.anchors_yxyx(model.config),
-                            model.config.box_scale_factors, config.matching.positive_iou,
-                            config.matching.negative_iou,
-                            0 if config.matching.adaptive_views == 'none' else config.matching.adaptive_top_k,
-                            config.matching.adaptive_views)
+  from model.targets import shared_assigner
+  matching = config.matching
+  assigner = shared_assigner(anchors_lib.anchors_yxyx(model.config),
+                             model.config.box_scale_factors, matching.positive_iou,
+                             matching.negative_iou,
+                             0 if matching.adaptive_views == 'none' else matching.adaptive_top_k,
+                             matching.adaptive_views)
   label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
   images = len(training.fit)
   views_each = config.views.per_image(images)
@@ -592,7 +593,7 @@ def _warm_up_once() -> None:
   from model import augment
   for name in ('model.export', 'model.train', 'model.views', 'model.warm_start'):
     importlib.import_module(name)
-  augmenter = augment.Augmenter()
+  augmenter = augment.shared_augmenter()
   pixels, boxes = tf.zeros([32, 32, 3], tf.uint8), tf.constant([[0.2, 0.2, 0.8, 0.8]])
   augmenter.crop(pixels, boxes, tf.constant([1]))
   augmenter.jitter(pixels, boxes, tf.constant([1]))

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from model.augment import make_views
+from model.augment import Augmenter, make_views, shared_augmenter
 from model.config import TrainConfig
 from model.images import pixels_to_input
 
@@ -100,3 +100,21 @@ def test_int8_calibration_takes_every_image_as_it_is_before_any_augmented_view()
   views = CachedViews([np.zeros((6, 1), np.float16)], np.zeros((6, 1), np.int32),
                       np.zeros((6, 1, 4), np.float32), per_image=3)
   assert views.originals_first().tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_the_shared_augmenter_draws_what_a_new_one_draws_after_the_seed_is_set():
+  """Iterations of one process share the traced ops; each run's seed still decides its views."""
+  image, box = red_square_image()
+
+  def views(augmenter, seed=5):
+    tf.random.set_seed(seed)
+    made = make_views(image, box, np.array([1], np.int32), 5, SIZE, zoom_outs=2,
+                      augmenter=augmenter)
+    return np.stack([pixels for pixels, _, _ in made]), np.concatenate([b for _, b, _ in made])
+
+  assert shared_augmenter(0.3) is shared_augmenter(0.3)
+  first = views(shared_augmenter(0.3))
+  for other in (views(shared_augmenter(0.3)), views(Augmenter(0.3))):
+    np.testing.assert_array_equal(first[0], other[0])
+    np.testing.assert_array_equal(first[1], other[1])
+  assert not np.array_equal(first[0], views(shared_augmenter(0.3), seed=6)[0])

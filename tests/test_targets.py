@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from model.targets import IGNORE, TargetAssigner
+from model.targets import IGNORE, TargetAssigner, shared_assigner
 
 # Three anchors (normalized yxyx): one on the object, one half over it, one far away.
 ANCHORS = np.array([[0.1, 0.1, 0.5, 0.5], [0.1, 0.3, 0.5, 0.7], [0.6, 0.6, 0.9, 0.9]], np.float32)
@@ -87,3 +87,14 @@ def test_traced_targets_equal_eager_ones_on_random_boxes():
     np.testing.assert_array_equal(classes, eager[0].numpy())
     np.testing.assert_allclose(encoded, eager[1].numpy(), atol=1e-5)
     assert (classes > 0).any()
+
+
+def test_the_shared_assigner_is_one_per_anchors_and_settings():
+  box, ids = np.array([[0.0, 0.3, 0.6, 0.9]], np.float32), np.array([1])
+  shared = shared_assigner(ANCHORS, SCALES, 0.5, 0.3)
+  assert shared is shared_assigner(ANCHORS.copy(), list(SCALES), 0.5, 0.3)
+  assert shared is not shared_assigner(ANCHORS, SCALES, 0.6, 0.3)
+  assert shared is not shared_assigner(ANCHORS[:2], SCALES, 0.5, 0.3)
+  own = TargetAssigner(ANCHORS, SCALES, 0.5, 0.3).assign(box, ids)
+  for made, expected in zip(shared.assign(box, ids), own):
+    np.testing.assert_array_equal(made, expected)

@@ -154,3 +154,19 @@ def test_the_pipeline_makes_views_by_the_rule_for_its_number_of_training_images(
   # same two get mild crops, no zoom-outs.
   assert settings() == {'views_each': 16, 'zoom_outs': 7, 'crop_min_scale': 0.3}
   assert settings(many_images=2) == {'views_each': 16, 'zoom_outs': 0, 'crop_min_scale': 0.7}
+
+
+def test_the_frozen_parts_outputs_are_traced_once_and_do_not_keep_the_model():
+  import gc
+  import weakref
+  frozen = tiny_frozen()
+  pixels = np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3), dtype=np.uint8)
+  first, _ = views_lib.cache_features(frozen, pixels)
+  traced = views_lib._traced_outputs(frozen, SIZE)  # pylint: disable=protected-access
+  again, _ = views_lib.cache_features(frozen, pixels[::-1])
+  assert views_lib._traced_outputs(frozen, SIZE) is traced  # pylint: disable=protected-access
+  np.testing.assert_array_equal(first[0], again[0][::-1])
+  gone = weakref.ref(frozen)
+  del frozen, traced
+  gc.collect()
+  assert gone() is None

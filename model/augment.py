@@ -11,9 +11,10 @@ bilinear resize skips pixels when it shrinks, and small objects alias.
 
 The random ops run as traced TensorFlow functions (`Augmenter`): eagerly, the
 crop's retry loop alone cost ~100 ms a view in op dispatch. Tracing them
-takes ~0.5 s, so a process keeps one per crop scale (`shared_augmenter`); setting
-the run's seed before its views resets their random ops, so runs stay
-reproducible.
+takes ~0.5 s, so a process keeps one per crop scale and global seed
+(`shared_augmenter`): a traced op's seed is fixed when it is traced, from the
+global seed, and setting that seed again restarts its draws, so a run draws
+what a new `Augmenter` would.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ class Augmenter:
     self.jitter = tf.function(_flip_and_jitter, input_signature=signature)
 
 
-@functools.lru_cache(maxsize=8)
 def shared_augmenter(crop_min_scale: float = ViewsConfig.crop_min_scale) -> Augmenter:
-  """The process's `Augmenter` for this crop scale, traced on its first views."""
+  """The process's `Augmenter` for this crop scale under the global seed set now."""
+  from tensorflow.python.eager import context  # pylint: disable=import-outside-toplevel
+  return _augmenter(crop_min_scale, context.global_seed())
+
+
+@functools.lru_cache(maxsize=8)
+def _augmenter(crop_min_scale: float, seed: int | None) -> Augmenter:  # pylint: disable=unused-argument
   return Augmenter(crop_min_scale)
 
 

@@ -21,6 +21,8 @@ Synthetic scenes (made once under --work, deterministic):
   partial  like crowd, but a third of the training boxes left unlabeled
   small-many  like small, with 150 training images (many images of small objects)
   crowd-many  like crowd, with 150 training images
+  mixed    3 classes, 4 per image, 16-240 px (8-113 px at 300), every scale as
+           common: everyday photos with near and far objects
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -58,7 +60,8 @@ TEST_IMAGES = 20
 # kind -> (shape sides in px, shapes per image, training images)
 SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
              'partial': ((30, 60), 12, 60), 'small-many': ((12, 28), 4, 150),
-             'crowd-many': ((30, 60), 12, 150)}
+             'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60)}
+LOG_SIDES = {'mixed'}  # sides drawn uniform in their logarithm
 
 
 def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
@@ -69,7 +72,8 @@ def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
     return folder
   shapes = ('disc', 'square', 'triangle')
   sides, per_image, images = SYNTHETIC[kind]
-  common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image)
+  common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image,
+                log_sides=kind in LOG_SIDES)
   train = make_task_set(folder, images, split='train', seed=11, **common)
   test = make_task_set(folder, test_images, split='test', seed=12, start_id=1000, **common)
   if kind == 'partial':  # every third box of the training images goes unlabeled

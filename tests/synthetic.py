@@ -59,11 +59,13 @@ def draw_shape(pixels: np.ndarray, shape: str, box) -> None:
 
 def make_task_set(folder: Path, count: int, shapes=('disc',), split: str | None = 'train',
                   seed: int = 0, width: int = 320, height: int = 240, start_id: int = 1,
-                  sides: tuple[int, int] = (60, 120), per_image: int = 1) -> list[dict]:
+                  sides: tuple[int, int] = (60, 120), per_image: int = 1,
+                  log_sides: bool = False) -> list[dict]:
   """Images with `per_image` planted shapes each (cycling through `shapes`) and their tasks.
 
   Shapes are squares-ish of a side drawn from `sides` (pixels, high end
-  excluded), placed without overlapping. Returns Label Studio tasks (JSON
+  excluded; uniform in its logarithm with `log_sides`, so that each scale
+  is as common), placed without overlapping where a free spot is found. Returns Label Studio tasks (JSON
   export format) whose data.image paths are relative to `folder`; images are
   written under folder/images.
   """
@@ -75,7 +77,8 @@ def make_task_set(folder: Path, count: int, shapes=('disc',), split: str | None 
     pixels = textured_background(width, height, seed=seed * 1000 + i)
     boxes = []
     for _ in range(per_image):
-      side = int(rng.integers(*sides))
+      side = (int(np.exp(rng.uniform(*np.log(sides)))) if log_sides
+              else int(rng.integers(*sides)))
       for _ in range(100):  # a free spot
         x1 = int(rng.integers(0, width - side))
         y1 = int(rng.integers(0, height - side))

@@ -23,6 +23,8 @@ Synthetic scenes (made once under --work, deterministic):
   crowd-many  like crowd, with 150 training images
   mixed    3 classes, 4 per image, 16-240 px (8-113 px at 300), every scale as
            common: everyday photos with near and far objects
+  large    3 classes, 2 per image, 120-300 px (56-141 px at 300): large objects
+           no base class fits
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -60,7 +62,8 @@ TEST_IMAGES = 20
 # kind -> (shape sides in px, shapes per image, training images)
 SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
              'partial': ((30, 60), 12, 60), 'small-many': ((12, 28), 4, 150),
-             'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60)}
+             'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60),
+             'large': ((120, 300), 2, 60)}
 LOG_SIDES = {'mixed'}  # sides drawn uniform in their logarithm
 
 

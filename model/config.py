@@ -469,13 +469,19 @@ class ScheduleConfig:
   # maps of every view would take more than `heads_only_max_mb`, nor where the
   # lowest map trains ('upper': BCCD lost 0.007-0.016).
   heads_only_tail: float = 0.0
+  # Where a class column starts fresh, the first this share of the steps train
+  # the heads alone on the restored extractor's maps, computed once (linear
+  # probing, then fine-tuning): the fresh column's first, random gradients
+  # would move the extractor and the box head (`train.heads_first_steps`).
+  heads_first: float = 0.3
   heads_only_max_mb: float = 1024.0
 
   def __post_init__(self):
     if not 0.0 <= self.new_image_share <= 1.0:
       raise ValueError(f'new_image_share must be in [0, 1], not {self.new_image_share}')
-    if not 0.0 <= self.heads_only_tail < 1.0:
-      raise ValueError(f'heads_only_tail must be in [0, 1), not {self.heads_only_tail}')
+    for name in ('heads_only_tail', 'heads_first'):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f'{name} must be in [0, 1), not {getattr(self, name)}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -355,12 +355,14 @@ class Schedule:
   steps_why: str = 'step budget for the images'
   heads_only_steps: int = 0  # the last steps, which train the heads alone
   heads_only_why: str = ''
+  heads_first_steps: int = 0  # the first steps, which train the heads alone
+  heads_first_why: str = ''
 
 
 def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Views) -> Schedule:
   """Steps and learning rates; a warm start that knows every label already trains
   less, the less of its images are new."""
-  from model.train import heads_only_steps
+  from model.train import heads_first_steps, heads_only_steps
   from model.warm_start import KEPT
   new_share = views.train.new_share()
   warm = all(c.reason == KEPT for c in columns)
@@ -376,7 +378,8 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Vi
   return Schedule(steps,
                   config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why,
-                  *heads_only_steps(views.split, len(views.train), steps, config))
+                  *heads_only_steps(views.split, len(views.train), steps, config),
+                  *heads_first_steps(views.split, len(views.train), steps, config, fresh))
 
 
 def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None,
@@ -399,12 +402,15 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   if views.split.optimized:
     log.info('%s', 'Quantization-aware training' if views.split.optimized.kind == 'qat' else
              f'Pruning the extractor\'s trained part to {config.compression.prune_sparsity:.0%} zeros')
+  if schedule.heads_first_steps:
+    log.info('The first %d steps train the heads alone: %s', schedule.heads_first_steps,
+             schedule.heads_first_why)
   if schedule.heads_only_steps:
     log.info('The last %d steps train the heads alone: %s', schedule.heads_only_steps,
              schedule.heads_only_why)
   report = trainer.train(views.train, schedule.steps, schedule.class_learning_rate,
                          schedule.box_learning_rate_scale, views.validation, progress,
-                         schedule.heads_only_steps)
+                         schedule.heads_only_steps, schedule.heads_first_steps)
   log.info('Trained %d steps in %.1f s (%.0f views/s)%s', report.steps, report.seconds,
            report.views_per_s, ', stopped early' if report.stopped_early else '')
   return report
@@ -534,6 +540,8 @@ class Fitted:
             'steps': {'value': self.schedule.steps, 'why': self.schedule.steps_why},
             'heads_only_steps': {'value': self.schedule.heads_only_steps,
                                  'why': self.schedule.heads_only_why},
+            'heads_first_steps': {'value': self.schedule.heads_first_steps,
+                                  'why': self.schedule.heads_first_why},
             'class_learning_rate': {'value': self.schedule.class_learning_rate},
             'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
             'views_per_image': {'value': self.views.train.per_image,

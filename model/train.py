@@ -213,11 +213,16 @@ def heads_alone_ruled_out(split: ExtractorSplit, config: TrainConfig) -> str | N
   """Why no run of this split and config ends training the heads alone, or None."""
   if not config.schedule.heads_only_tail:
     return 'off (schedule.heads_only_tail is 0)'
+  return _extractor_trains_throughout(split, config)
+
+
+def _extractor_trains_throughout(split: ExtractorSplit, config: TrainConfig) -> str | None:
+  """Why the extractor's trained part trains in every step (or never), or None."""
   if split.trainable is None:
     return 'only the heads train'
   if config.trainable != 'top':
     return (f'"{config.trainable}" trains the lowest feature map, which finds the smallest '
-            'objects: frozen for the last steps, it cost BCCD and the small shapes mAP')
+            'objects: frozen for some steps, it cost the small shapes mAP')
   if config.compression.active:
     return 'quantization-aware or pruned training wraps the extractor to the end'
   return None
@@ -227,16 +232,44 @@ def heads_only_steps(split: ExtractorSplit, views: int, steps: int, config: Trai
                      ) -> tuple[int, str]:
   """How many of a run's last steps train the heads alone, on feature maps
   computed once (`ScheduleConfig.heads_only_tail`), and why."""
-  share, limit_mb = config.schedule.heads_only_tail, config.schedule.heads_only_max_mb
-  ruled_out = heads_alone_ruled_out(split, config)
+  ruled_out = heads_alone_ruled_out(split, config) or _maps_too_large(split, views, config)
   if ruled_out:
     return 0, ruled_out
+  share = config.schedule.heads_only_tail
+  return int(steps * share), (f'the last {share:.0%} of the steps, on the extractor\'s feature '
+                              f'maps of {views} views computed once')
+
+
+def heads_first_steps(split: ExtractorSplit, views: int, steps: int, config: TrainConfig,
+                      fresh_column: bool) -> tuple[int, str]:
+  """How many of a run's first steps train the heads alone, on the restored
+  extractor's feature maps computed once (`ScheduleConfig.heads_first`), and why."""
+  ruled_out = (_heads_first_ruled_out(config, fresh_column)
+               or _extractor_trains_throughout(split, config)
+               or _maps_too_large(split, views, config))
+  if ruled_out:
+    return 0, ruled_out
+  share = config.schedule.heads_first
+  return int(steps * share), (f'the first {share:.0%} of the steps, before the extractor '
+                              'trains: a fresh class column learns on features it cannot '
+                              'yet disturb')
+
+
+def _heads_first_ruled_out(config: TrainConfig, fresh_column: bool) -> str | None:
+  if not config.schedule.heads_first:
+    return 'off (schedule.heads_first is 0)'
+  if not fresh_column:
+    return 'every class column starts from a fitted one'
+  return None
+
+
+def _maps_too_large(split: ExtractorSplit, views: int, config: TrainConfig) -> str | None:
+  """Why the extractor's feature maps of every view cannot be held, or None."""
+  limit_mb = config.schedule.heads_only_max_mb
   megabytes = views * sum(math.prod(o.shape[1:]) for o in split.trainable.outputs) * 2 / 1e6
   if megabytes > limit_mb:
-    return 0, f'the feature maps of {views} views would take {megabytes:.0f} MB (over {limit_mb:g})'
-  count = int(steps * share)
-  return count, (f'the last {share:.0%} of the steps, on the extractor\'s feature maps of '
-                 f'{views} views computed once ({megabytes:.0f} MB)')
+    return f'the feature maps of {views} views would take {megabytes:.0f} MB (over {limit_mb:g})'
+  return None
 
 
 class Trainer:
@@ -359,7 +392,8 @@ class Trainer:
 
   def train(self, train_views: CachedViews, steps: int, learning_rate: float,
             box_learning_rate_scale: float, validation: CachedViews | None = None,
-            progress: ProgressCallback | None = None, heads_only: int = 0) -> TrainReport:
+            progress: ProgressCallback | None = None, heads_only: int = 0,
+            heads_first: int = 0) -> TrainReport:
     """Trains `steps` steps (fewer when early stopping ends the run).
 
     Args:
@@ -368,6 +402,8 @@ class Trainer:
       heads_only: the last this many steps train the heads alone on the
         extractor's maps of the views, computed once when they begin
         (`heads_only_steps`).
+      heads_first: the first this many steps do, on the maps of the extractor
+        as restored (`heads_first_steps`).
     """
     config = self.config
     extractor_scale = config.schedule.extractor_scale
@@ -391,10 +427,14 @@ class Trainer:
     if odds is not None:
       log.info('Views of new or changed images: %d of %d, drawn as %.0f%% of each batch',
                np.sum(~train_views.carried), len(train_views), new_share * 100)
-    step_fn = self.step
-    if heads_only and self.heads_step is None:
+    step_fn, whole = self.step, cache
+    if (heads_only or heads_first) and self.heads_step is None:
       self.heads_step = self._step_fn(heads_only=True)
+    if heads_first:
+      step_fn, cache = self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])
     for step in range(1, steps + 1):
+      if heads_first and step == heads_first + 1:
+        step_fn, cache = self.step, whole
       if step == steps - heads_only + 1:
         step_fn, cache = self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])
       index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch, p=odds)

@@ -94,6 +94,12 @@ def test_a_warm_start_draws_its_new_images_views_for_at_least_their_share():
     TrainConfig().with_overrides({'schedule.new_image_share': 1.5})
 
 
+def test_the_heads_alone_take_a_share_of_the_steps_under_one():
+  for name in ('heads_first', 'heads_only_tail'):
+    with pytest.raises(ValueError, match=name):
+      TrainConfig().with_overrides({f'schedule.{name}': 1.0})
+
+
 def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
   config = TrainConfig()
   assert config.choose_trainable(10)[0] == 'top'

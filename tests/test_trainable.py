@@ -160,6 +160,45 @@ def test_heads_only_steps_follow_the_tail_share_and_the_memory_they_need(trained
       0, 'quantization-aware or pruned training wraps the extractor to the end')
 
 
+def test_a_fresh_column_s_first_steps_train_the_heads_alone(trained_by_mode):
+  """The shapes' columns start fresh: with `heads_first` 0.3 the first 3 of 10
+  steps train the heads on the restored extractor's maps, leaving it as it is;
+  the steps after them train it."""
+  from model.int8_tune import weights_kept
+  from model.train import Trainer
+  fitted = trained_by_mode['top']
+  assert any(column.head is None for column in fitted.columns)
+  assert fitted.all_choices()['heads_first_steps']['value'] == 3
+  views, model = fitted.views, fitted.model
+  trainer = Trainer(model, views.split, fitted.config)
+
+  def extractor_moves(steps, heads_first):
+    before = [w.numpy() for w in model.feature_extractor.weights]
+    with weights_kept(model):  # the fixture's model stays as it trained
+      trainer.train(views.train, steps, 1e-3, 0.1, heads_first=heads_first)
+      return any(not np.array_equal(b, a.numpy())
+                 for b, a in zip(before, model.feature_extractor.weights))
+  assert not extractor_moves(3, heads_first=3)
+  assert extractor_moves(3, heads_first=2)
+
+
+def test_heads_first_steps_only_where_a_column_starts_fresh_and_the_top_trains(
+    trained_by_mode):
+  from model.train import heads_first_steps
+  split, config = trained_by_mode['top'].views.split, TrainConfig(trainable='top')
+  assert heads_first_steps(split, 100, 330, config, fresh_column=True)[0] == 99
+  assert heads_first_steps(split, 100, 330, config, fresh_column=False) == (
+      0, 'every class column starts from a fitted one')
+  assert heads_first_steps(trained_by_mode['heads'].views.split, 100, 330, config, True) == (
+      0, 'only the heads train')
+  upper = trained_by_mode['upper']
+  count, why = heads_first_steps(upper.views.split, 100, 330, upper.config, True)
+  assert count == 0 and 'lowest feature map' in why
+  count, why = heads_first_steps(split, 100, 330, config.with_overrides(
+      {'schedule.heads_only_max_mb': 1.0}), True)
+  assert count == 0 and 'MB' in why
+
+
 def test_split_extractor_reproduces_the_feature_maps(base_model):
   extractor = base_model[0].feature_extractor
   trunk, top = ssd_lib.split_extractor(extractor)

@@ -237,7 +237,8 @@ def heads_only_steps(split: ExtractorSplit, views: int, steps: int, config: Trai
     return 0, ruled_out
   share = config.schedule.heads_only_tail
   return int(steps * share), (f'the last {share:.0%} of the steps, on the extractor\'s feature '
-                              f'maps of {views} views computed once')
+                              f'maps of {views} views computed once '
+                              f'({_maps_megabytes(split, views):.0f} MB)')
 
 
 def heads_first_steps(split: ExtractorSplit, views: int, steps: int, config: TrainConfig,
@@ -263,10 +264,15 @@ def _heads_first_ruled_out(config: TrainConfig, fresh_column: bool) -> str | Non
   return None
 
 
+def _maps_megabytes(split: ExtractorSplit, views: int) -> float:
+  """What the extractor's feature maps of `views` views take as float16."""
+  return views * sum(math.prod(o.shape[1:]) for o in split.trainable.outputs) * 2 / 1e6
+
+
 def _maps_too_large(split: ExtractorSplit, views: int, config: TrainConfig) -> str | None:
   """Why the extractor's feature maps of every view cannot be held, or None."""
   limit_mb = config.schedule.heads_only_max_mb
-  megabytes = views * sum(math.prod(o.shape[1:]) for o in split.trainable.outputs) * 2 / 1e6
+  megabytes = _maps_megabytes(split, views)
   if megabytes > limit_mb:
     return f'the feature maps of {views} views would take {megabytes:.0f} MB (over {limit_mb:g})'
   return None

@@ -89,9 +89,9 @@ def cache_features(frozen, pixels: np.ndarray, batch_size: int = 16
     float16 halves the cache (about 0.7 MB per view for the six maps at
     300x300); training runs in float32 on it.
   """
-  extract, outputs = _traced_outputs(frozen, pixels.shape[1])
+  extract, peak_count = _traced_outputs(frozen)
   # Filled in place: with hundreds of views, stacking copies cost seconds.
-  features, peaks = None, np.empty([len(pixels), outputs], np.float32)
+  features, peaks = None, np.empty([len(pixels), peak_count], np.float32)
   for start in range(0, len(pixels), batch_size):
     maps, inner = extract(tf.constant(pixels[start:start + batch_size]))
     if features is None:
@@ -102,22 +102,21 @@ def cache_features(frozen, pixels: np.ndarray, batch_size: int = 16
   return features, peaks
 
 
-# frozen model -> {input size: (its traced outputs, the number of peaks)}. Tracing
-# takes ~0.25 s, twice an iteration with held-out images; a pooled model
-# (`model_pool`) keeps its frozen part, and the next iteration its traces. Weak:
+# frozen model -> (its traced outputs, the number of peaks). Tracing takes
+# ~0.25 s, twice an iteration with held-out images; a pooled model
+# (`model_pool`) keeps its frozen part, and the next iteration its trace. Weak:
 # the traced function holds the frozen part's layers, not the model.
 _traced = weakref.WeakKeyDictionary()
 
 
-def _traced_outputs(frozen, size: int):
+def _traced_outputs(frozen):
   """(uint8 views [B, S, S, 3] -> (the frozen part's outputs, peaks [B, T]), T)."""
-  by_size = _traced.setdefault(frozen, {})
-  if size not in by_size:
-    by_size[size] = _trace_outputs(frozen, size)
-  return by_size[size]
+  if frozen not in _traced:
+    _traced[frozen] = _trace_outputs(frozen)
+  return _traced[frozen]
 
 
-def _trace_outputs(frozen, size: int):
+def _trace_outputs(frozen):
   import tf_keras
   from model.export import peaks_of, unbounded_outputs
   unbounded = unbounded_outputs(frozen)
@@ -128,9 +127,10 @@ def _trace_outputs(frozen, size: int):
     outputs = tf.nest.flatten(probe(tf.cast(batch, tf.float32) / 127.5 - 1.0, training=False))
     return outputs[:maps], (peaks_of(outputs[maps:]) if unbounded
                             else tf.zeros([tf.shape(batch)[0], 0]))
-  # Traced: about 8 ms per view at 2 threads, five times faster than eager.
-  return (tf.function(extract, input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)]),
-          len(unbounded))
+  # Traced: about 8 ms per view at 2 threads, five times faster than eager. The
+  # frozen part's input has its side fixed, so one trace serves every call.
+  views = tf.TensorSpec([None, *frozen.input.shape[1:]], tf.uint8)
+  return tf.function(extract, input_signature=[views]), len(unbounded)
 
 
 def fingerprint(example: Example, image: Image.Image) -> str:

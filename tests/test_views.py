@@ -162,9 +162,9 @@ def test_the_frozen_parts_outputs_are_traced_once_and_do_not_keep_the_model():
   frozen = tiny_frozen()
   pixels = np.random.default_rng(0).integers(0, 255, (3, SIZE, SIZE, 3), dtype=np.uint8)
   first, _ = views_lib.cache_features(frozen, pixels)
-  traced = views_lib._traced_outputs(frozen, SIZE)  # pylint: disable=protected-access
+  traced = views_lib._traced_outputs(frozen)  # pylint: disable=protected-access
   again, _ = views_lib.cache_features(frozen, pixels[::-1])
-  assert views_lib._traced_outputs(frozen, SIZE) is traced  # pylint: disable=protected-access
+  assert views_lib._traced_outputs(frozen) is traced  # pylint: disable=protected-access
   np.testing.assert_array_equal(first[0], again[0][::-1])
   gone = weakref.ref(frozen)
   del frozen, traced

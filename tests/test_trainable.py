@@ -217,3 +217,17 @@ def test_split_extractor_reproduces_the_feature_maps(base_model):
 def test_an_unknown_mode_is_refused():
   with pytest.raises(ValueError, match='trainable'):
     TrainConfig(trainable='backbone')
+
+
+def test_a_trainer_s_steps_are_traced_once(trained_by_mode):
+  """Adam's moments exist before the step is traced: a tf.function whose trace
+  creates variables is traced twice, which cost a second an iteration."""
+  from model.train import Trainer
+  fitted = trained_by_mode['top']
+  trainer = Trainer(fitted.model, fitted.views.split, fitted.config)
+  trainer.trace()
+  assert trainer.step.experimental_get_tracing_count() == 1
+  assert trainer.heads_step.experimental_get_tracing_count() == 1
+  moments = sum(len(v) for v in (trainer.class_variables, trainer.box_variables,
+                                 trainer.extractor_variables)) * 2
+  assert sum(len(o.variables) for o in trainer.rates.optimizers.values()) == moments + 3

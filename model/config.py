@@ -274,8 +274,9 @@ class WarmStartConfig:
 class BudgetConfig:
   """Training steps: `base` + `per_first_image` for each of the first
   `first_images` + `per_further_image` for each further one, at most `max`
-  (75 / 275 / 325 / 1000 for 1 / 5 / 10 / 160 images, 75 / 330 / 330 / 1000 with a
-  fresh class column; why: benchmarks/results/choices.md)."""
+  (75 / 275 / 325 / 1000 for 1 / 5 / 10 / 160 images), then scaled by how the
+  class columns start: 75 / 137 / 187 / 1000 where every column starts fitted,
+  75 / 330 / 330 / 1000 where one starts fresh (why: benchmarks/results/choices.md)."""
 
   base: int = 25
   per_first_image: int = 50
@@ -296,18 +297,33 @@ class BudgetConfig:
   # images the budget is what it was (10 images: 330 steps, not 390, since the
   # 10-image time is the fast-iterations issue's; benchmarks/results/choices.md).
   fresh_factor: float = 1.2
+  # Every class column fitted (from a base class that already finds the label's
+  # boxes, or the previous iteration): the first images' budget times this, from
+  # two images on. Raccoon (six subsets each) scored the same at 0.36-1.0x
+  # (10 images 0.934 / 0.930 / 0.931, 5 images 0.915 / 0.913 / 0.914 at 0.36x /
+  # 0.55x / 1.0x) and its int8 file better with fewer steps (10 images 0.931 /
+  # 0.936 / 0.922), as its weights stay closer to the base.
+  fitted_factor: float = 0.5
 
   def __post_init__(self):
     if self.max < 1:
       raise ValueError(f'the step cap must be 1 or more, not {self.max}')
+    if not 0 < self.fitted_factor <= 1:
+      raise ValueError(f'fitted_factor must be in (0, 1], not {self.fitted_factor}')
 
   def steps(self, num_images: int, warm: bool = False, new_share: float = 1.0,
-            fresh_column: bool = False) -> int:
+            fresh_column: bool = False, fitted_columns: bool = False) -> int:
+    """Steps for `num_images`: a warm start's share of the budget (`warm_share`),
+    else the budget for a run with a `fresh_column` or with only `fitted_columns`
+    (neither: the budget as it is)."""
     first = min(num_images, self.first_images)
     first_budget = self.base + self.per_first_image * first
     steps = first_budget + self.per_further_image * (num_images - first)
-    if fresh_column and not warm and num_images > 1:
-      steps = max(steps, round(first_budget * self.fresh_factor))
+    if not warm and num_images > 1:
+      if fresh_column:
+        steps = max(steps, round(first_budget * self.fresh_factor))
+      elif fitted_columns:
+        steps -= round(first_budget * (1 - self.fitted_factor))
     steps = min(self.max, steps)
     if not warm:
       return steps

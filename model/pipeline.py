@@ -367,14 +367,18 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Vi
   new_share = views.train.new_share()
   warm = all(c.reason == KEPT for c in columns)
   fresh = any(c.head is None for c in columns)
-  steps = config.budget.steps(num_images, warm, new_share, fresh)
+  budget = config.budget
+  steps = budget.steps(num_images, warm, new_share, fresh, fitted_columns=not fresh)
   why = 'step budget for the images'
   if warm:
-    why += (f', x{config.budget.warm_share(new_share):g}: the previous iteration knows every '
+    why += (f', x{budget.warm_share(new_share):g}: the previous iteration knows every '
             f'label and {new_share:.0%} of the images are new')
-  elif steps != config.budget.steps(num_images, warm, new_share):
-    why += (f', at least x{config.budget.fresh_factor:g} the first images\' budget: '
+  elif steps != budget.steps(num_images) and fresh:
+    why += (f', at least x{budget.fresh_factor:g} the first images\' budget: '
             'a class column starts fresh')
+  elif steps != budget.steps(num_images):
+    why += (f', x{budget.fitted_factor:g} the first images\' budget: every class column '
+            'starts from a fitted one, which finds the boxes already')
   return Schedule(steps,
                   config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why,

@@ -231,3 +231,24 @@ def test_a_trainer_s_steps_are_traced_once(trained_by_mode):
   moments = sum(len(v) for v in (trainer.class_variables, trainer.box_variables,
                                  trainer.extractor_variables)) * 2
   assert sum(len(o.variables) for o in trainer.rates.optimizers.values()) == moments + 3
+
+
+def test_fitted_columns_train_half_the_first_images_budget_and_say_so(trained_by_mode):
+  """The shapes' columns start fresh; were they fitted from base classes, a run
+  from the base would train half its first images' budget (no heads-first steps),
+  and a warm start its share of the budget as before."""
+  import dataclasses
+  from model.config import TrainConfig
+  from model.warm_start import KEPT
+  fitted = trained_by_mode['top']
+  config, views = TrainConfig(trainable='top'), fitted.views
+  fresh = pipeline.plan_schedule(10, fitted.columns, config, views)
+  base_fit = [dataclasses.replace(c, head=object(), reason='base class "Dog" fits')
+              for c in fitted.columns]
+  from_base = pipeline.plan_schedule(10, base_fit, config, views)
+  kept = pipeline.plan_schedule(10, [dataclasses.replace(c, reason=KEPT) for c in base_fit],
+                                config, views)
+  assert (fresh.steps, from_base.steps, kept.steps) == (330, 187, 162)
+  assert 'a class column starts fresh' in fresh.steps_why and fresh.heads_first_steps == 99
+  assert 'every class column starts from a fitted one' in from_base.steps_why
+  assert from_base.heads_first_steps == 0

@@ -299,10 +299,10 @@ class BudgetConfig:
   fresh_factor: float = 1.2
   # Every class column fitted (from a base class that already finds the label's
   # boxes, or the previous iteration): the first images' budget times this, from
-  # two images on. Raccoon (six subsets each) scored the same at 0.36-1.0x
-  # (10 images 0.934 / 0.930 / 0.931, 5 images 0.915 / 0.913 / 0.914 at 0.36x /
-  # 0.55x / 1.0x) and its int8 file better with fewer steps (10 images 0.931 /
-  # 0.936 / 0.922), as its weights stay closer to the base.
+  # two images on. Raccoon, six subsets, at 0.36x / 0.5x / 1.0x: 10 images
+  # 0.934 / 0.931 / 0.931, 5 images 0.902 / 0.892 / 0.897, and int8 better with
+  # fewer steps (10 images 0.931 / 0.935 / 0.922), its weights staying closer to
+  # the base's (benchmarks/results/choices.md).
   fitted_factor: float = 0.5
 
   def __post_init__(self):

@@ -36,7 +36,7 @@ from PIL import Image
 
 from model import run_folder
 from model import tasks as tasks_lib
-from model.config import AnchorConfig, ExportConfig, TrainConfig
+from model.config import AnchorConfig, BudgetConfig, ExportConfig, TrainConfig
 from model.run_folder import RunError, RunPaths
 
 log = logging.getLogger(__name__)
@@ -363,27 +363,37 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Vi
   """Steps and learning rates; a warm start that knows every label already trains
   less, the less of its images are new."""
   from model.train import heads_first_steps, heads_only_steps
-  from model.warm_start import KEPT
-  new_share = views.train.new_share()
-  warm = all(c.reason == KEPT for c in columns)
   fresh = any(c.head is None for c in columns)
-  budget = config.budget
-  steps = budget.steps(num_images, warm, new_share, fresh, fitted_columns=not fresh)
-  why = 'step budget for the images'
-  if warm:
-    why += (f', x{budget.warm_share(new_share):g}: the previous iteration knows every '
-            f'label and {new_share:.0%} of the images are new')
-  elif steps != budget.steps(num_images) and fresh:
-    why += (f', at least x{budget.fresh_factor:g} the first images\' budget: '
-            'a class column starts fresh')
-  elif steps != budget.steps(num_images):
-    why += (f', x{budget.fitted_factor:g} the first images\' budget: every class column '
-            'starts from a fitted one, which finds the boxes already')
+  steps, why = plan_steps(num_images, columns, config.budget, views.train.new_share())
   return Schedule(steps,
                   config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why,
                   *heads_only_steps(views.split, len(views.train), steps, config),
                   *heads_first_steps(views.split, len(views.train), steps, config, fresh))
+
+
+def plan_steps(num_images: int, columns: list, budget: BudgetConfig,
+               new_share: float) -> tuple[int, str]:
+  """The run's steps and why: a warm start's share of the budget, more where a
+  class column starts fresh, less where every one starts from a good fit."""
+  from model.warm_start import KEPT
+  plain, why = budget.steps(num_images), 'step budget for the images'
+  if all(c.reason == KEPT for c in columns):
+    return budget.steps(num_images, True, new_share), (
+        f'{why}, x{budget.warm_share(new_share):g}: the previous iteration knows every '
+        f'label and {new_share:.0%} of the images are new')
+  if any(c.head is None for c in columns):
+    steps = budget.steps(num_images, fresh_column=True)
+    return steps, why if steps == plain else (
+        f'{why}, at least x{budget.fresh_factor:g} the first images\' budget: a class '
+        'column starts fresh')
+  if any(c.score is not None and c.score < budget.fitted_min_score for c in columns):
+    return plain, (f'{why}: a class column\'s base class scores under '
+                   f'{budget.fitted_min_score:g} on its boxes, a weak start')
+  steps = budget.steps(num_images, fitted_columns=True)
+  return steps, why if steps == plain else (
+      f'{why}, x{budget.fitted_factor:g} the first images\' budget: every class column '
+      'starts from a fitted one, which finds the boxes already')
 
 
 def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, progress=None,

@@ -42,6 +42,9 @@ class ColumnSource:
   index: int
   reason: str
   blend: tuple[tuple[int, float], ...] = ()
+  # A base class chosen by its fit: its mean score on the label's boxes (None:
+  # named, kept or fresh).
+  score: float | None = None
 
 
 def restore_parts(model: ssd_lib.SSD, checkpoint_prefix: Path, parts: tuple[str, ...]) -> None:
@@ -124,7 +127,8 @@ def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
         names = ' + '.join(f'"{base_labels[i]}"' for i in top)
         sources[label] = ColumnSource(
             base_head, best, f'base class {names} fits its boxes best '
-            f'(anchor AP {fit[best]:.2f}, score {on_boxes[best]:.2f})', mix)
+            f'(anchor AP {fit[best]:.2f}, score {on_boxes[best]:.2f})', mix,
+            float(on_boxes[best]))
         continue
     sources[label] = ColumnSource(None, 0, 'fresh (no base class fits)')
   return sources

@@ -236,7 +236,7 @@ def test_a_trainer_s_steps_are_traced_once(trained_by_mode):
 def test_fitted_columns_train_half_the_first_images_budget_and_say_so(trained_by_mode):
   """The shapes' columns start fresh; were they fitted from base classes, a run
   from the base would train half its first images' budget (no heads-first steps),
-  and a warm start its share of the budget as before."""
+  all of it where a base class fits weakly, and a warm start its share as before."""
   import dataclasses
   from model.config import TrainConfig
   from model.warm_start import KEPT
@@ -248,7 +248,10 @@ def test_fitted_columns_train_half_the_first_images_budget_and_say_so(trained_by
   from_base = pipeline.plan_schedule(10, base_fit, config, views)
   kept = pipeline.plan_schedule(10, [dataclasses.replace(c, reason=KEPT) for c in base_fit],
                                 config, views)
-  assert (fresh.steps, from_base.steps, kept.steps) == (330, 187, 162)
+  weak = pipeline.plan_schedule(10, [dataclasses.replace(base_fit[0], score=0.06),
+                                     *base_fit[1:]], config, views)
+  assert (fresh.steps, from_base.steps, kept.steps, weak.steps) == (330, 187, 162, 325)
   assert 'a class column starts fresh' in fresh.steps_why and fresh.heads_first_steps == 99
   assert 'every class column starts from a fitted one' in from_base.steps_why
-  assert from_base.heads_first_steps == 0
+  assert 'scores under 0.1 on its boxes' in weak.steps_why
+  assert from_base.heads_first_steps == weak.heads_first_steps == 0

@@ -91,6 +91,8 @@ def test_class_fit_prefers_the_class_that_singles_out_the_boxes():
   assert np.argmax(fit[1:]) + 1 == 2
   sources = warm_start.choose_base_sources(['thing'], None, ['bg', 'a', 'b'], {'thing': (fit, on_boxes)})
   assert sources['thing'].index == 2
+  # Its score on the boxes goes with it (the step budget reads it): sigmoid(1).
+  assert sources['thing'].score == pytest.approx(1 / (1 + np.exp(-1.0)))
 
 
 def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run, tmp_path,

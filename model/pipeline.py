@@ -364,7 +364,7 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Vi
   less, the less of its images are new."""
   from model.train import heads_first_steps, heads_only_steps
   fresh = any(c.head is None for c in columns)
-  steps, why = plan_steps(num_images, columns, config.budget, views.train.new_share())
+  steps, why = plan_steps(num_images, columns, fresh, config.budget, views.train.new_share())
   return Schedule(steps,
                   config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why,
@@ -372,17 +372,17 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Vi
                   *heads_first_steps(views.split, len(views.train), steps, config, fresh))
 
 
-def plan_steps(num_images: int, columns: list, budget: BudgetConfig,
+def plan_steps(num_images: int, columns: list, fresh: bool, budget: BudgetConfig,
                new_share: float) -> tuple[int, str]:
   """The run's steps and why: a warm start's share of the budget, more where a
-  class column starts fresh, less where every one starts from a good fit."""
+  class column starts `fresh`, less where every one starts from a good fit."""
   from model.warm_start import KEPT
   plain, why = budget.steps(num_images), 'step budget for the images'
   if all(c.reason == KEPT for c in columns):
     return budget.steps(num_images, True, new_share), (
         f'{why}, x{budget.warm_share(new_share):g}: the previous iteration knows every '
         f'label and {new_share:.0%} of the images are new')
-  if any(c.head is None for c in columns):
+  if fresh:
     steps = budget.steps(num_images, fresh_column=True)
     return steps, why if steps == plain else (
         f'{why}, at least x{budget.fresh_factor:g} the first images\' budget: a class '

@@ -25,6 +25,14 @@ Synthetic scenes (made once under --work, deterministic):
            common: everyday photos with near and far objects
   large    3 classes, 2 per image, 120-300 px (56-141 px at 300): large objects
            no base class fits
+Derived from a shared set (made once under --work, same tasks and splits):
+  raccoon-faded  raccoon in grey, at a third of its contrast and blurred: a
+           label whose base class ("Dog") fits it, but less well
+  raccoon-fog    the same at a seventh of the contrast, blurred more: base
+           classes fit weakly (scores 0.12-0.16) or not at all
+  raccoon-fog-stretched  raccoon-fog as decoded, its contrast stretched 4x:
+           what a contrast stretch inside the model would see (int8's loss
+           on low-contrast images, choices.md)
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -65,6 +73,11 @@ SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
              'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60),
              'large': ((120, 300), 2, 60)}
 LOG_SIDES = {'mixed'}  # sides drawn uniform in their logarithm
+# name -> (the shared set it is made from, what each image goes through)
+DERIVED = {'raccoon-faded': ('raccoon', lambda image: faded(image, contrast=0.35, blur=3.0)),
+           'raccoon-fog': ('raccoon', lambda image: faded(image, contrast=0.15, blur=6.0)),
+           'raccoon-fog-stretched': ('raccoon', lambda image: stretched(
+               faded(image, contrast=0.15, blur=6.0), gain=4.0, centre=-0.118))}
 
 
 def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
@@ -87,12 +100,51 @@ def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
   return folder
 
 
+def faded(image, contrast: float, blur: float):
+  """`image` in grey, at `contrast` of its contrast, blurred by `blur` px."""
+  from PIL import ImageEnhance, ImageFilter, ImageOps
+  grey = ImageOps.grayscale(image).convert('RGB')
+  return ImageEnhance.Contrast(grey).enhance(contrast).filter(ImageFilter.GaussianBlur(blur))
+
+
+def stretched(image, gain: float, centre: float):
+  """`image` as a JPEG decodes it, its pixels in [-1, 1] moved `gain` times as far
+  from `centre`, clipped."""
+  import io
+  import numpy as np
+  from PIL import Image
+  encoded = io.BytesIO()
+  image.save(encoded, 'JPEG', quality=92)
+  pixels = np.asarray(Image.open(encoded).convert('RGB'), np.float32) / 127.5 - 1
+  pixels = np.clip((pixels - centre) * gain + centre, -1, 1)
+  return Image.fromarray(np.round((pixels + 1) * 127.5).astype(np.uint8))
+
+
+def derived(name: str, folder: Path) -> Path:
+  """Makes (once) `DERIVED[name]` in `folder`: the shared set's tasks, each image transformed."""
+  from PIL import Image
+  tasks_file = folder / 'tasks.json'
+  if tasks_file.is_file():
+    return folder
+  source, transform = DERIVED[name]
+  tasks = json.loads((SHARED / source / 'tasks.json').read_text())
+  for task in tasks:
+    image = Path(task['data']['image'])
+    (folder / image.parent).mkdir(parents=True, exist_ok=True)
+    with Image.open(SHARED / source / image) as original:
+      transform(original.convert('RGB')).save(folder / image, quality=92)
+  tasks_file.write_text(json.dumps(tasks))
+  return folder
+
+
 def dataset_folder(name: str, work: Path, test_images: int = TEST_IMAGES) -> Path:
-  """A shared data set's folder, or a synthetic one's with `test_images` test images
-  (the same training images whatever that count)."""
+  """A shared data set's folder, a derived one's, or a synthetic one's with
+  `test_images` test images (the same training images whatever that count)."""
   if name in SYNTHETIC:
     suffix = '' if test_images == TEST_IMAGES else f'-test{test_images}'
     return synthetic(name, work / f'synthetic-{name}{suffix}', test_images)
+  if name in DERIVED:
+    return derived(name, work / name)
   return SHARED / name
 
 

@@ -73,7 +73,8 @@ SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
              'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60),
              'large': ((120, 300), 2, 60)}
 LOG_SIDES = {'mixed'}  # sides drawn uniform in their logarithm
-# name -> (the shared set it is made from, what each image goes through)
+# name -> (the shared set it is made from, what each image goes through);
+# -0.118 is raccoon-fog's mean pixel in [-1, 1].
 DERIVED = {'raccoon-faded': ('raccoon', lambda image: faded(image, contrast=0.35, blur=3.0)),
            'raccoon-fog': ('raccoon', lambda image: faded(image, contrast=0.15, blur=6.0)),
            'raccoon-fog-stretched': ('raccoon', lambda image: stretched(

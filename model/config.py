@@ -253,17 +253,25 @@ class WarmStartConfig:
     class_init: a new label's class column: 'base-fit' (the base class that
       names or fits it) or 'fresh' (small random weights, prior 0.01).
     blend: a base-fit column is the mean of this many best-fitting classes.
+    min_fit_score: a base class starts a label's column only where its mean
+      score on the label's boxes reaches this (`warm_start.class_fit`).
   """
 
   restore: str = 'extractor+box'
   class_init: str = 'base-fit'
   blend: int = 2
+  # Weak fits (the synthetic shapes' best base classes, all under 0.05) start
+  # worse than a fresh column; fits of 0.06-0.09 (raccoon faded) about as well
+  # or better (why: benchmarks/results/choices.md).
+  min_fit_score: float = 0.05
 
   def __post_init__(self):
     if self.restore not in ('extractor+box', 'extractor', 'none'):
       raise ValueError(f'restore must be extractor+box, extractor or none, not {self.restore!r}')
     if self.class_init not in ('base-fit', 'fresh'):
       raise ValueError(f'class_init must be base-fit or fresh, not {self.class_init!r}')
+    if not 0 <= self.min_fit_score <= 1:
+      raise ValueError(f'min_fit_score must be in [0, 1], not {self.min_fit_score}')
 
   def restored_parts(self) -> tuple[str, ...]:
     return {'extractor+box': ('feature_extractor', 'box_head'),

@@ -340,9 +340,8 @@ def start_class_head(model, labels: list[str], sources: Sources, views: Views,
     return logits, views.train.class_targets[originals]
 
   return warm_start.start_class_head(model.class_head, labels, sources.head_sources(),
-                                     class_init=config.warm_start.class_init,
-                                     blend=config.warm_start.blend,
-                                     seed=config.seed, fit_data=fit_data)
+                                     config=config.warm_start, seed=config.seed,
+                                     fit_data=fit_data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,14 +20,12 @@ from typing import Callable
 import numpy as np
 
 from model import anchors as anchors_lib, ssd as ssd_lib
-from model.config import AnchorConfig, SSDConfig
+from model.config import AnchorConfig, SSDConfig, WarmStartConfig
 
 log = logging.getLogger(__name__)
 
 # Prior probability of a fresh class column: bias = log(p / (1 - p)), as in RetinaNet.
 FRESH_PRIOR = 0.01
-# A base class must score at least this on a label's boxes to be its start.
-MIN_MATCH_SCORE = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +106,11 @@ def class_fit(class_logits: np.ndarray, class_targets: np.ndarray,
 
 
 def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
-                        fits: dict[str, tuple[np.ndarray, np.ndarray]],
-                        blend: int = 1) -> dict[str, ColumnSource]:
-  """For each label: the base class it names, else the best-fitting one (`class_fit`), else fresh."""
+                        fits: dict[str, tuple[np.ndarray, np.ndarray]], blend: int = 1,
+                        min_score: float = WarmStartConfig.min_fit_score
+                        ) -> dict[str, ColumnSource]:
+  """For each label: the base class it names, else the best-fitting one (`class_fit`)
+  if it scores `min_score` or more on the label's boxes, else fresh."""
   sources = {}
   for label in labels:
     named = base_class_by_name(label, base_labels)
@@ -120,9 +120,9 @@ def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
     if label in fits:
       fit, on_boxes = fits[label]
       best = int(np.argmax(fit[1:])) + 1  # never the background
-      if on_boxes[best] >= MIN_MATCH_SCORE:
+      if on_boxes[best] >= min_score:
         top = [int(i) + 1 for i in np.argsort(-fit[1:])[:blend]]
-        top = [i for i in top if on_boxes[i] >= MIN_MATCH_SCORE]
+        top = [i for i in top if on_boxes[i] >= min_score]
         mix = tuple((i, 1.0 / len(top)) for i in top) if len(top) > 1 else ()
         names = ' + '.join(f'"{base_labels[i]}"' for i in top)
         sources[label] = ColumnSource(
@@ -248,14 +248,13 @@ class HeadSources:
 
 
 def start_class_head(head: ssd_lib.PredictionHead, labels: list[str], sources: HeadSources, *,
-                     class_init: str, blend: int, seed: int,
+                     config: WarmStartConfig, seed: int,
                      fit_data: Callable[[], tuple[np.ndarray, np.ndarray]]) -> list[ColumnSource]:
   """Fills every column of `head`: the background and kept labels from the previous
   iteration, new labels from the base class that names or fits them (or fresh).
 
   Args:
-    class_init: 'base-fit' or 'fresh' (`WarmStartConfig.class_init`).
-    blend: how many best-fitting base classes a base-fit column averages.
+    config: how new columns start (`class_init`, `blend`, `min_fit_score`).
     fit_data: () -> (base class logits [V, N, K], class targets [V, N]) on the
       training images as they are; called only when a new label needs a fit.
 
@@ -264,16 +263,18 @@ def start_class_head(head: ssd_lib.PredictionHead, labels: list[str], sources: H
   """
   previous = sources.previous_labels or []
   new_labels = [label for label in labels if label not in previous]
-  base_labels = sources.base_labels if class_init == 'base-fit' else []  # fresh: nothing fits
+  # class_init 'fresh': no base class fits anything.
+  base_labels = sources.base_labels if config.class_init == 'base-fit' else []
   fits = {}
   if base_labels and any(base_class_by_name(l, base_labels) is None for l in new_labels):
     fits = class_fit(*fit_data(), labels)
-  base_sources = choose_base_sources(new_labels, sources.base_head, base_labels, fits, blend)
+  base_sources = choose_base_sources(new_labels, sources.base_head, base_labels, fits,
+                                     config.blend, config.min_fit_score)
   columns = columns_for_labels(labels, sources.previous_labels, sources.previous_head,
                                base_sources)
   if sources.previous_head is not None:
     background = ColumnSource(sources.previous_head, 0, 'background')
-  elif class_init == 'fresh':
+  elif config.class_init == 'fresh':
     background = ColumnSource(None, 0, 'background, fresh')
   else:
     background = ColumnSource(sources.base_head, 0, 'background')

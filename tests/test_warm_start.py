@@ -93,6 +93,13 @@ def test_class_fit_prefers_the_class_that_singles_out_the_boxes():
   assert sources['thing'].index == 2
   # Its score on the boxes goes with it (the step budget reads it): sigmoid(1).
   assert sources['thing'].score == pytest.approx(1 / (1 + np.exp(-1.0)))
+  # A class scoring under the bar on the boxes starts nothing: the column is fresh.
+  weak = warm_start.choose_base_sources(['thing'], None, ['bg', 'a', 'b'],
+                                        {'thing': (fit, on_boxes)}, min_score=0.8)
+  assert weak['thing'].head is None and weak['thing'].reason.startswith('fresh')
+  assert TrainConfig().warm_start.min_fit_score == 0.05  # the bar a run uses
+  with pytest.raises(ValueError, match='min_fit_score'):
+    TrainConfig().with_overrides({'warm_start.min_fit_score': 1.5})
 
 
 def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run, tmp_path,

@@ -33,6 +33,10 @@ Derived from a shared set (made once under --work, same tasks and splits):
   raccoon-fog-stretched  raccoon-fog as decoded, its contrast stretched 4x:
            what a contrast stretch inside the model would see (int8's loss
            on low-contrast images, choices.md)
+  raccoon-shapes raccoon with a square and a triangle drawn on each photo
+           (10-22 % of its shorter side), labeled: one label a base class
+           fits ("Dog" + "Cat") beside two that start fresh, as in a project
+           of everyday objects
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -73,12 +77,14 @@ SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
              'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60),
              'large': ((120, 300), 2, 60)}
 LOG_SIDES = {'mixed'}  # sides drawn uniform in their logarithm
-# name -> (the shared set it is made from, what each image goes through);
-# -0.118 is raccoon-fog's mean pixel in [-1, 1].
-DERIVED = {'raccoon-faded': ('raccoon', lambda image: faded(image, contrast=0.35, blur=3.0)),
-           'raccoon-fog': ('raccoon', lambda image: faded(image, contrast=0.15, blur=6.0)),
-           'raccoon-fog-stretched': ('raccoon', lambda image: stretched(
-               faded(image, contrast=0.15, blur=6.0), gain=4.0, centre=-0.118))}
+# name -> (the shared set it is made from, what each image and its task go
+# through); -0.118 is raccoon-fog's mean pixel in [-1, 1].
+DERIVED = {'raccoon-faded': ('raccoon', lambda image, _: faded(image, contrast=0.35, blur=3.0)),
+           'raccoon-fog': ('raccoon', lambda image, _: faded(image, contrast=0.15, blur=6.0)),
+           'raccoon-fog-stretched': ('raccoon', lambda image, _: stretched(
+               faded(image, contrast=0.15, blur=6.0), gain=4.0, centre=-0.118)),
+           'raccoon-shapes': ('raccoon', lambda image, task: planted(
+               image, task, ('square', 'triangle'), sides=(0.1, 0.22)))}
 
 
 def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
@@ -121,6 +127,41 @@ def stretched(image, gain: float, centre: float):
   return Image.fromarray(np.round((pixels + 1) * 127.5).astype(np.uint8))
 
 
+def planted(image, task: dict, shapes: tuple[str, ...], sides: tuple[float, float]):
+  """`image` with one of each of `shapes` drawn on it (sides a share of its shorter
+  side), labeled in `task`: a label no base class knows beside one that fits.
+  Each shape goes where it overlaps no box if there is such a spot, else where it
+  overlaps no other shape."""
+  import numpy as np
+  from PIL import Image
+  from tests.synthetic import draw_shape
+  rng = np.random.default_rng(task['id'])
+  pixels = np.array(image)
+  height, width = pixels.shape[:2]
+  result = task['annotations'][0]['result']
+  scale = np.array([width, height, width, height]) / 100  # percent -> pixels
+  boxes = [tuple(scale * [v['x'], v['y'], v['x'] + v['width'], v['y'] + v['height']])
+           for v in (r['value'] for r in result)]
+  placed = []
+  for shape in shapes:
+    side = int(rng.uniform(*sides) * min(width, height))
+    spots = [(x, y, x + side, y + side) for x, y in zip(rng.integers(0, width - side, 200),
+                                                        rng.integers(0, height - side, 200))]
+    free = [b for b in spots if not any(_overlap(b, o) for o in boxes + placed)]
+    spot = (free or [b for b in spots if not any(_overlap(b, o) for o in placed)] or spots)[0]
+    draw_shape(pixels, shape, spot)
+    placed.append(spot)
+    x1, y1, x2, y2 = spot
+    result.append({**result[0], 'id': f'{shape}-{task["id"]}', 'value': {
+        'x': 100 * x1 / width, 'y': 100 * y1 / height, 'width': 100 * (x2 - x1) / width,
+        'height': 100 * (y2 - y1) / height, 'rotation': 0, 'rectanglelabels': [shape]}})
+  return Image.fromarray(pixels)
+
+
+def _overlap(a, b) -> bool:
+  return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def derived(name: str, folder: Path) -> Path:
   """Makes (once) `DERIVED[name]` in `folder`: the shared set's tasks, each image transformed."""
   from PIL import Image
@@ -133,7 +174,7 @@ def derived(name: str, folder: Path) -> Path:
     image = Path(task['data']['image'])
     (folder / image.parent).mkdir(parents=True, exist_ok=True)
     with Image.open(SHARED / source / image) as original:
-      transform(original.convert('RGB')).save(folder / image, quality=92)
+      transform(original.convert('RGB'), task).save(folder / image, quality=92)
   tasks_file.write_text(json.dumps(tasks))
   return folder
 
@@ -193,23 +234,25 @@ def subset_count(shots: str) -> int | str:
   return ALL if shots == ALL else int(shots)
 
 
-def seeds_for(count, seeds: int, all_seeds: int = 1) -> range:
+def seeds_for(count, seeds: int, all_seeds: int = 1, first: int = 0) -> range:
   """`seeds` subsets where they are small (10 images or fewer), `all_seeds`
   otherwise: with all images those runs differ in their training's seed only,
-  with more than 10 in the subset drawn too."""
+  with more than 10 in the subset drawn too. Seeds count from `first`."""
   if count != ALL and count <= 10:
-    return range(seeds)
-  return range(all_seeds)
+    return range(first, first + seeds)
+  return range(first, first + all_seeds)
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> None:
-  """--datasets, --shots, --seeds, --model-dir, --work: which subsets, and where."""
+  """--datasets, --shots, --seeds, --seed-from, --model-dir, --work: which subsets, and where."""
   parser.add_argument('--datasets', nargs='+', default=['raccoon', 'bccd', 'crowd', 'small',
                                                         'partial'])
   parser.add_argument('--shots', nargs='+', default=shots)
   parser.add_argument('--seeds', type=int, default=3, help='subsets for 10 images or fewer')
   parser.add_argument('--all-seeds', type=int, default=1,
                       help='runs with all images, or more than 10, each with its own seed')
+  parser.add_argument('--seed-from', type=int, default=0,
+                      help='the first seed: 3 with --seeds 3 adds subsets 3-5 to 0-2')
   parser.add_argument('--model-dir', type=Path,
                       default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
@@ -302,7 +345,7 @@ def main():
       for shots in args.shots:
         count = subset_count(shots)
         rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test)
-                for seed in seeds_for(count, args.seeds, args.all_seeds)]
+                for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
         results['datasets'].setdefault(name, {}).setdefault(variant, {})[str(shots)] = (
             summarize(rows))
         write(results)

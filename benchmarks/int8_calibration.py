@@ -113,7 +113,7 @@ def main():
       results.setdefault(name, {})[shots] = [
           one_subset(tasks, root, args.model_dir, args.work, count, seed, variants,
                      tuple(args.kinds), test)
-          for seed in seeds_for(count, args.seeds, args.all_seeds)]
+          for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
       write(results, [f'{v} {k}' for v, _ in variants for k in args.kinds], args.test_images)
   print((RESULTS / 'int8_calibration.md').read_text())
 

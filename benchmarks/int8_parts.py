@@ -119,7 +119,7 @@ def main():
       count = subset_count(shots)
       results.setdefault(name, {})[shots] = [
           one_subset(tasks, root, args, count, seed, test)
-          for seed in seeds_for(count, args.seeds, args.all_seeds)]
+          for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
       write(results, args.test_images)
   print((RESULTS / 'int8_parts.md').read_text())
 

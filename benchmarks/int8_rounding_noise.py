@@ -114,7 +114,7 @@ def main():
     root, tasks, test = load_dataset(name, args.work)
     for shots in args.shots:
       count = subset_count(shots)
-      seeds = seeds_for(count, args.seeds, args.all_seeds)
+      seeds = seeds_for(count, args.seeds, args.all_seeds, args.seed_from)
       results.setdefault(name, {})[shots] = [one_subset(tasks, root, args, count, seed, test)
                                               for seed in seeds]
       write(results, args.jitter)

@@ -127,7 +127,7 @@ def main():
       count = subset_count(shots)
       results.setdefault(name, {})[shots] = [
           one_subset(tasks, root, args, count, seed, tails, test)
-          for seed in seeds_for(count, args.seeds, args.all_seeds)]
+          for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
       write(results, columns, args.test_images)
   print((RESULTS / 'int8_tail.md').read_text())
 

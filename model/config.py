@@ -309,9 +309,10 @@ class BudgetConfig:
   # boxes, or the previous iteration): the first images' budget times this, from
   # two images on (100 of the first five images' 275 steps). Raccoon, six
   # subsets, at 0.364x / 0.5x / 1.0x: 10 images 0.934 / 0.931 / 0.931, 5 images
-  # 0.902 / 0.892 / 0.897; in grey at a third of the contrast 0.828 / 0.824 at
-  # 10, in fog (three fitted subsets) 0.757 / 0.727; int8 better with fewer
-  # steps, its weights closer to the base's (benchmarks/results/choices.md).
+  # 0.902 / 0.892 / 0.897 (twelve other subsets at 10: 0.920 / 0.926); in grey
+  # at a third of the contrast 0.828 / 0.824 at 10, in fog (three fitted
+  # subsets) 0.757 / 0.727; int8 better with fewer steps, its weights closer to
+  # the base's (benchmarks/results/choices.md).
   fitted_factor: float = 0.364
   # ... where every fitted base class scores at least this on its label's boxes
   # (raccoon's "Dog" 0.24). Weak fits want the whole budget: the crowd with

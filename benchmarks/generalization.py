@@ -252,7 +252,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> 
   parser.add_argument('--all-seeds', type=int, default=1,
                       help='runs with all images, or more than 10, each with its own seed')
   parser.add_argument('--seed-from', type=int, default=0,
-                      help='the first seed: 3 with --seeds 3 adds subsets 3-5 to 0-2')
+                      help='the first seed: 3 with --seeds 3 runs subsets 3-5 (a row run '
+                           'again holds only its new subsets; merge by hand)')
   parser.add_argument('--model-dir', type=Path,
                       default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')

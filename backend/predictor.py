@@ -9,6 +9,7 @@ log line, never a failed batch.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -19,10 +20,22 @@ from backend.errors import BackendError
 from backend.images import ImageFetcher
 from backend.label_config import RectangleTarget
 from backend.store import ModelStore, Version
-from model.tflite_detector import TFLiteDetector
+from model.config import ScoreThresholdConfig
 from model.images import ImageError
+from model.run_folder import read_score_thresholds
+from model.tflite_detector import TFLiteDetector
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+  """A version's detector, the lock it runs under, and its score thresholds
+  (label -> the score from which its boxes are shown; {} for the base)."""
+
+  detector: TFLiteDetector
+  lock: threading.Lock
+  thresholds: dict[str, float]
 
 
 class DetectorCache:
@@ -35,10 +48,10 @@ class DetectorCache:
 
   def __init__(self, num_threads: int = 2):
     self.num_threads = num_threads
-    self._detectors: dict[str, tuple[TFLiteDetector, threading.Lock]] = {}
+    self._detectors: dict[str, Loaded] = {}
     self._lock = threading.Lock()
 
-  def get(self, version: Version) -> tuple[TFLiteDetector, threading.Lock]:
+  def get(self, version: Version) -> Loaded:
     key = str(version.tflite)
     with self._lock:
       if key not in self._detectors:
@@ -48,8 +61,9 @@ class DetectorCache:
                  if Path(k).parent.parent == version.tflite.parent.parent]
         for stale in older:
           del self._detectors[stale]
-        self._detectors[key] = (TFLiteDetector(version.tflite, list(version.labels),
-                                               self.num_threads), threading.Lock())
+        self._detectors[key] = Loaded(
+            TFLiteDetector(version.tflite, list(version.labels), self.num_threads),
+            threading.Lock(), read_score_thresholds(version.path))
       return self._detectors[key]
 
   def loaded(self) -> list[str]:
@@ -57,6 +71,9 @@ class DetectorCache:
     with self._lock:
       return sorted(self._detectors)
 
+
+# A label's score threshold where neither SCORE_THRESHOLD nor its version sets one.
+DEFAULT_THRESHOLD = ScoreThresholdConfig.default
 
 # Detections this weak count towards a task's certainty (they are not shown):
 # an object the model half-sees shows up here before it crosses SCORE_THRESHOLD.
@@ -100,8 +117,10 @@ LATE = 'late'  # the deadline came first
 class Predictor:
   """Predictions for a batch of tasks, within a deadline."""
 
-  def __init__(self, store: ModelStore, fetcher: ImageFetcher, score_threshold: float,
+  def __init__(self, store: ModelStore, fetcher: ImageFetcher, score_threshold: float | None,
                fetch_concurrency: int, deadline_s: float = 60.0):
+    """score_threshold: every label's (SCORE_THRESHOLD); None: each version's own
+    per label where it chose them, else `DEFAULT_THRESHOLD`."""
     self.store = store
     self.fetcher = fetcher
     self.score_threshold = score_threshold
@@ -154,7 +173,9 @@ class Predictor:
     if version.is_base and not any(target.label_for(name) for name in version.labels):
       # The base knows none of this project's labels: nothing useful to say.
       return version.name, [self._empty(version.name) for _ in tasks]
-    version, (detector, lock) = self._loadable(project, version)
+    version, loaded = self._loadable(project, version)
+    floor = min(UNCERTAIN_FLOOR, self.score_threshold if self.score_threshold is not None
+                else UNCERTAIN_FLOOR)
     urls = [_image_url(task, target) for task in tasks]
     outcomes: list = [LATE] * len(tasks)
 
@@ -162,9 +183,9 @@ class Predictor:
       if image is None:
         outcomes[i] = UNREADABLE
         return
-      with lock:
-        found = detector.detect(image, min_score=min(UNCERTAIN_FLOOR, self.score_threshold))
-      outcomes[i] = self._prediction(version.name, found, target, image)
+      with loaded.lock:
+        found = loaded.detector.detect(image, min_score=floor)
+      outcomes[i] = self._prediction(version.name, found, target, image, loaded.thresholds)
 
     cached = [i for i, url in enumerate(urls) if url and self.fetcher.cached_path(url)]
     downloads = _Downloads(pool or self.pool, self.window, self._load,
@@ -182,12 +203,19 @@ class Predictor:
                   late, len(tasks), deadline_s)
     return version.name, outcomes
 
-  def _prediction(self, version: str, found: list, target: RectangleTarget, image) -> dict:
+  def _prediction(self, version: str, found: list, target: RectangleTarget, image,
+                  thresholds: dict[str, float]) -> dict:
     found = [d for d in found if target.label_for(d.label) is not None]
     regions = [to_region(d, target, target.label_for(d.label), image.width, image.height)
-               for d in found if d.score >= self.score_threshold]
+               for d in found if d.score >= self.threshold(d.label, thresholds)]
     return {'model_version': version, 'score': round(task_certainty([d.score for d in found]), 4),
             'result': regions}
+
+  def threshold(self, label: str, thresholds: dict[str, float]) -> float:
+    """The score from which `label`'s boxes are shown, given its version's `thresholds`."""
+    if self.score_threshold is not None:
+      return self.score_threshold
+    return thresholds.get(label, DEFAULT_THRESHOLD)
 
   def _loadable(self, project: int, version: Version):
     """The newest version whose model file loads, and its detector.

@@ -48,8 +48,9 @@ class Settings:
   port: int = 9090
   workers: int = 1
   threads: int = 8
-  # Regions below this score are not sent to Label Studio.
-  score_threshold: float = 0.25
+  # Regions below this score are not sent to Label Studio. None: each version's
+  # own per label (`model.score_thresholds`), else `predictor.DEFAULT_THRESHOLD`.
+  score_threshold: float | None = None
   # Which .tflite of a version serves predictions: int8 (faster) or float.
   model_variant: str = 'int8'
   # Images fetched at once for one /predict batch.

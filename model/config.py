@@ -139,6 +139,39 @@ class PostprocessConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScoreThresholdConfig:
+  """The score from which a pre-annotation shows a box, per label (`model.score_thresholds`).
+
+  Chosen from the grid `low`..`high` (step `step`) where an annotator's edits
+  cost least: on the held-out images where they hold `min_boxes` of the
+  label's boxes, else on up to `training_images` training images as they are,
+  not under `default` there; else `default`. Against 0.25 for every label,
+  this leaves 0.58-0.85 of the work on raccoon, BCCD and the shapes at 10 and
+  50 images, 1.05 on the crowded shapes at 50 (13 edits to 14 on 240 boxes;
+  why: benchmarks/results/score_thresholds.md).
+  """
+
+  default: float = 0.3
+  # Drawing a missed box costs this many deletions of a wrong one: drawing takes
+  # ~7 s, checking a shown box ~1.5 s and deleting a wrong one ~1 s more.
+  missed_cost: float = 2.0
+  low: float = 0.1
+  high: float = 0.9
+  step: float = 0.05
+  min_boxes: int = 3
+  training_images: int = 32
+
+  def __post_init__(self):
+    if not 0 < self.low <= self.default <= self.high < 1:
+      raise ValueError(f'score thresholds need 0 < low <= default <= high < 1, not '
+                       f'{self.low}, {self.default}, {self.high}')
+
+  def grid(self) -> list[float]:
+    count = round((self.high - self.low) / self.step)
+    return [round(self.low + i * self.step, 4) for i in range(count + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
 class BasePaths:
   """Where the converted base lives under the model directory.
 
@@ -615,6 +648,7 @@ class TrainConfig:
   early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
   compression: CompressionConfig = CompressionConfig()
   int8_tune: Int8TuneConfig = Int8TuneConfig()
+  score_thresholds: ScoreThresholdConfig = ScoreThresholdConfig()
 
   def __post_init__(self):
     if self.trainable not in (None, 'heads', 'top', 'upper', 'all'):

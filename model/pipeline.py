@@ -36,7 +36,8 @@ from PIL import Image
 
 from model import run_folder
 from model import tasks as tasks_lib
-from model.config import AnchorConfig, BudgetConfig, ExportConfig, TrainConfig
+from model.config import (AnchorConfig, BudgetConfig, ExportConfig, ScoreThresholdConfig,
+                          TrainConfig)
 from model.run_folder import RunError, RunPaths
 
 log = logging.getLogger(__name__)
@@ -443,10 +444,12 @@ def traced_meanwhile(trainer):
     traced.result()
 
 
-def evaluate_model(model, training: TrainingSet, history: list[dict], files: dict[str, bytes]):
-  """Validation mAP (when images are held out), the history with this iteration, report samples,
-  of the float .tflite when there is one (what serves; the checkpoint's detector would be
-  traced first, about a second), else of the checkpoint; the int8 file's held-out mAP too.
+def evaluate_model(model, training: TrainingSet, history: list[dict], files: dict[str, bytes],
+                   thresholds: ScoreThresholdConfig):
+  """Validation mAP (when images are held out), each label's score threshold, the
+  history with this iteration, report samples, of the float .tflite when there is one
+  (what serves; the checkpoint's detector would be traced first, about a second), else
+  of the checkpoint; the int8 file's held-out mAP too.
 
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
@@ -456,14 +459,16 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
   detect = (tflite_detect(float_file, training.labels) if float_file is not None
             else checkpoint_detect(model, training.labels))
   evaluation = {'of': 'float .tflite' if float_file is not None else 'checkpoint'}
+  held_out = training.part(training.validation)
+  found = detect(held_out[1]) if training.validation else []
   if training.validation:
-    held_out, held_images = training.part(training.validation)
-    evaluation['validation'] = coco_map(held_out, held_images, detect(held_images),
-                                        training.labels)
+    evaluation['validation'] = coco_map(*held_out, found, training.labels)
     log.info('Validation mAP@0.5 %.3f', evaluation['validation']['map50'])
     if 'int8' in files:
       evaluation['validation_int8'] = held_out_map(training, files['int8'])
       log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
+  evaluation['score_thresholds'] = choose_score_thresholds(training, held_out, found, detect,
+                                                           thresholds)
   history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
                         'map50': evaluation.get('validation', {}).get('map50')}]
   # A few images for the report: held-out ones when there are, else training ones.
@@ -471,6 +476,23 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
   samples = [(image, [d for d in found if d.score >= REPORT_MIN_SCORE])
              for image, found in zip(shown, detect(shown))]
   return evaluation, history, samples
+
+
+def choose_score_thresholds(training: TrainingSet, held_out, held_out_found, detect,
+                            config: ScoreThresholdConfig) -> dict:
+  """Each label's pre-annotation threshold (`score_thresholds.choose`): on the held-out
+  images, else on the first `config.training_images` training images."""
+  from model import score_thresholds
+  held = score_thresholds.match(*held_out, held_out_found, training.labels)
+  if all(outcome.boxes >= config.min_boxes for outcome in held.values()):
+    seen = {}  # the held-out images suffice
+  else:
+    examples, images = training.part(training.fit[:config.training_images])
+    seen = score_thresholds.match(examples, images, detect(images), training.labels)
+  chosen = score_thresholds.choose(held, seen, config)
+  log.info('Score thresholds for pre-annotations: %s',
+           ', '.join(f'{label} {c["value"]:g}' for label, c in chosen.items()))
+  return chosen
 
 
 def held_out_map(training: TrainingSet, tflite: bytes) -> dict:
@@ -657,7 +679,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     files = export_model(model, views, training.labels, export_config, export_kinds)
   with clock.stage('evaluate'):
     evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous),
-                                                  files)
+                                                  files, fitted.config.score_thresholds)
   if 'int8' in files:
     with clock.stage('tune_int8'):
       files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,
@@ -759,6 +781,9 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
         'anchors': dataclasses.asdict(model.config.anchors),
         'started_from': str(previous) if previous is not None else 'base',
         'base': base_weights.PACKAGE.spec, 'seed': config.seed,
+        # What a pre-annotation shows: each label's boxes from its threshold on.
+        run_folder.SCORE_THRESHOLDS_KEY: {label: chosen['value'] for label, chosen
+                                          in record.evaluation['score_thresholds'].items()},
         'train_config': dataclasses.asdict(config),
         'export_config': dataclasses.asdict(export_config),
     })

@@ -5,7 +5,8 @@
   labels.txt          real labels, one per line, in class-id order
   metrics.json        losses per step, wall time, choices made, evaluation, mAP history
   report.png          loss curve, mAP per iteration, a few detections
-  run.json            labels, input size, anchors, where it started from, settings
+  run.json            labels, input size, anchors, each label's score threshold for
+                      pre-annotations, where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
   views.npz           the training views and the frozen part's outputs, for the
                       next iteration (`model.views`);
@@ -39,6 +40,8 @@ REPORT_FILE = 'report.png'
 RUN_INFO_FILE = 'run.json'
 CHECKPOINT_PREFIX = 'ckpt'
 VIEWS_FILE = 'views.npz'
+# run.json's label -> the score from which pre-annotations show its boxes.
+SCORE_THRESHOLDS_KEY = 'score_thresholds'
 # Names the .tflite files a published run has yet to get (`add_file`) and the process
 # writing them; gone when none are left.
 PENDING_FILE = 'pending.json'
@@ -114,6 +117,19 @@ def read_run(run_dir: Path) -> tuple[RunPaths, list[str], dict]:
   if not paths.run_info.is_file() or not paths.labels.is_file():
     raise RunError(f'{run_dir} is not a finished run folder (no {RUN_INFO_FILE} / {LABELS_FILE})')
   return paths, read_labels_file(paths.labels), json.loads(paths.run_info.read_text())
+
+
+def read_score_thresholds(run_dir: Path) -> dict[str, float]:
+  """label -> the run's score threshold for pre-annotations; {} where run.json has
+  none (an older run) or cannot be read."""
+  try:
+    chosen = json.loads((Path(run_dir) / RUN_INFO_FILE).read_text()).get(SCORE_THRESHOLDS_KEY)
+  except (OSError, ValueError, AttributeError):
+    return {}
+  if not isinstance(chosen, dict):
+    return {}
+  return {str(label): float(value) for label, value in chosen.items()
+          if isinstance(value, (int, float)) and 0.0 <= value <= 1.0}
 
 
 def mark_pending(run_dir: Path, names: list[str]) -> None:

@@ -599,3 +599,40 @@ def test_predict_leaves_out_tasks_being_completed_and_those_past_its_cap(model_d
   assert answered == [0, 3, 4]
   assert all(r == {'model_version': 'fewshot-ssd-v1', 'pending': True}
              for i, r in enumerate(results) if i not in answered)
+
+
+def test_a_version_shows_each_label_from_its_own_threshold_unless_one_is_set(
+    model_dir, shapes_dataset, tmp_path):
+  """Without SCORE_THRESHOLD each label's boxes show from its version's threshold
+  (run.json); with it, from that one for every label."""
+  from backend.images import ImageFetcher
+  from backend.label_config import parse_label_config
+  from backend.predictor import Predictor
+  from backend.store import ModelStore
+  from model.run_folder import RUN_INFO_FILE, SCORE_THRESHOLDS_KEY
+
+  directory = tmp_path / 'models'
+  shutil.copytree(model_dir / 'projects' / '7' / 'versions' / 'v1',
+                  directory / 'projects' / '9' / 'versions' / 'v1')
+  settings = Settings(model_dir=directory, local_files_document_root=shapes_dataset)
+  tasks = [{'id': i, 'data': {'photo': str(path)}}
+           for i, path in enumerate(sorted(shapes_dataset.glob('images/test-*.jpg'))[:4])]
+
+  def shown(score_threshold):
+    predictor = Predictor(ModelStore(directory), ImageFetcher(settings), score_threshold,
+                          fetch_concurrency=2)
+    _, outcomes = predictor.predict_tasks(9, tasks, parse_label_config(CONFIG))
+    return sorted((r['value']['rectanglelabels'][0], r['score'])
+                  for outcome in outcomes for r in outcome['result'])
+
+  everything = shown(0.05)
+  discs = sorted({score for label, score in everything if label == 'disc'})
+  assert len(discs) >= 2, everything
+  middle = len(discs) // 2  # between two (rounded) disc scores: some shown, some not
+  cut = (discs[middle - 1] + discs[middle]) / 2
+  run_info = directory / 'projects' / '9' / 'versions' / 'v1' / RUN_INFO_FILE
+  info = json.loads(run_info.read_text())
+  run_info.write_text(json.dumps({**info, SCORE_THRESHOLDS_KEY: {'disc': cut, 'square': 0.05}}))
+  assert shown(None) == [(label, score) for label, score in everything
+                         if label == 'square' or score >= cut]
+  assert shown(0.05) == everything  # SCORE_THRESHOLD set: every label's, the version's ignored

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,10 +31,14 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
   assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]
-  # What serves; nothing held out, so nothing tells whether int8 needs a tail.
+  # What serves; nothing held out, so nothing tells whether int8 needs a tail, and
+  # the score thresholds come from the training images (from the default on).
+  thresholds = metrics['evaluation'].pop('score_thresholds')
   assert metrics['evaluation'] == {'of': 'float .tflite', 'int8_tune': {
       'ran': False, 'why': 'no held-out images to compare the int8 file with the float one on',
       'held_out_map50': None, 'kept': 'int8'}}
+  assert set(thresholds) == {'disc', 'square'}
+  assert all(0.3 <= t['value'] <= 0.9 and 'training boxes' in t['why'] for t in thresholds.values())
   # Every choice made from the data, with why (the shapes span a fifth of the image or more).
   assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
@@ -45,6 +50,7 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
       'value': 23, 'zoom_outs': 7, 'crop_min_scale': 0.3, 'why': 'up to 480 views'}
   run_info = json.loads((trained_run / 'run.json').read_text())
   assert run_info['train_config']['trainable'] == 'top'  # the choice made, not None
+  assert run_info['score_thresholds'] == {label: t['value'] for label, t in thresholds.items()}
   from PIL import Image
   with Image.open(trained_run / 'report.png') as report:
     assert report.width > 500 and report.height > 400
@@ -285,3 +291,10 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   first_map = json.loads(first.metrics.read_text())['evaluation']['validation']['map50']
   assert metrics['history'] == [{'iteration': 1, 'images': 18, 'map50': first_map},
                                 {'iteration': 2, 'images': 18, 'map50': held_out['map50']}]
+  # Pre-annotations show each label from the threshold its held-out boxes asked for
+  # (the training images' where two images hold too few), which run.json hands the backend.
+  (threshold,) = metrics['evaluation']['score_thresholds'].values()
+  assert re.match(r'least work on \d+ (held-out|training) boxes', threshold['why'])
+  assert 0.1 <= threshold['value'] <= 0.9
+  assert json.loads((second.root / 'run.json').read_text())['score_thresholds'] == {
+      'disc': threshold['value']}

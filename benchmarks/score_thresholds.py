@@ -1,0 +1,158 @@
+"""Pre-annotations an annotator fixes: the work each score-threshold policy leaves.
+
+An edit is a box shown wrongly (to delete) or an object with no box (to
+draw), matched as at mAP@0.5 (`model.score_thresholds`), on each data set's
+test split, from the float .tflite of a run trained on N images. Policies:
+fixed thresholds; each label's chosen on the run's held-out images, else on
+its training images as they are (what an iteration does: `run.json`'s
+`score_thresholds`), on the training images alone; and the best per label on
+the test split itself (the bound no choice beats). Work counts a missed box as
+`--missed-cost` wrong ones (one table each); the rows keep every label's edits
+at every threshold, so other costs need no new runs.
+
+  .venv/bin/python benchmarks/score_thresholds.py --datasets raccoon bccd raccoon-shapes \\
+      --shots 10 50 --seeds 2 --missed-cost 1 2 3
+
+Results: benchmarks/results/score_thresholds.{json,md}; rows not re-run keep theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from generalization import (ALL, RESULTS, add_dataset_arguments, load_dataset, seeds_for,
+                            set_up_logging, subset_count)
+
+from model import pipeline, score_thresholds
+from model.config import ScoreThresholdConfig, TrainConfig
+from model.evaluate import tflite_detect
+
+log = logging.getLogger('benchmark')
+
+FIXED = (0.25, 0.3, 0.4, 0.5)
+CHOSEN = ('held-out, else training images', 'training images', 'best on test')
+
+
+def curves(outcomes: dict, grid: list[float]) -> dict:
+  """label -> its boxes and [wrong, missed] at each threshold of `grid`."""
+  return {label: {'boxes': o.boxes, 'edits': [list(o.edits(t)) for t in grid]}
+          for label, o in outcomes.items()}
+
+
+def outcomes_from(curve: dict, grid: list[float]) -> score_thresholds.Outcomes:
+  """Outcomes with `curve`'s edits at every threshold of `grid` (what `choose` reads)."""
+  scores, right = [], []
+  previous = (0, 0)  # shown wrongly / rightly above the grid's top
+  for t, (wrong, missed) in reversed(list(zip(grid, curve['edits']))):
+    found = curve['boxes'] - missed
+    scores += [t] * (wrong - previous[0] + found - previous[1])
+    right += [False] * (wrong - previous[0]) + [True] * (found - previous[1])
+    previous = (wrong, found)
+  return score_thresholds.Outcomes(np.array(scores), np.array(right, bool), curve['boxes'])
+
+
+def one_run(root: Path, tasks: list, test, shots, seed: int, model_dir: Path,
+            work: Path) -> dict:
+  config, max_images = TrainConfig(seed=seed), None if shots == ALL else shots
+  out = Path(tempfile.mkdtemp(dir=work)) / 'run'
+  try:
+    run = pipeline.train_iteration(tasks, root, out, model_dir, config=config,
+                                   max_images=max_images, export_kinds=('float',))
+    training = pipeline.load_examples(tasks, root, config, max_images=max_images)
+    detect = tflite_detect(run.tflite('float'), training.labels)
+    metrics = json.loads(run.metrics.read_text())
+  finally:
+    shutil.rmtree(out.parent)
+  grid = ScoreThresholdConfig(low=0.05, high=0.95).grid()
+  parts = {'test': test, 'training images': training.part(
+      training.fit[:ScoreThresholdConfig().training_images])}
+  if training.validation:
+    parts['held-out'] = training.part(training.validation)
+  row = {'seed': seed, 'images': len(training.fit), 'held_out': len(training.validation),
+         'recorded': metrics['evaluation'].get('score_thresholds'), 'grid': grid,
+         'curves': {name: curves(score_thresholds.match(examples, images, detect(images),
+                                                        training.labels), grid)
+                    for name, (examples, images) in parts.items()}}
+  log.info('%s images seed %d: at 0.25 %s', shots, seed,
+           policy_edits(row, ScoreThresholdConfig())['fixed 0.25'])
+  return row
+
+
+def policy_edits(row: dict, config: ScoreThresholdConfig) -> dict[str, list[int]]:
+  """policy -> [wrong, missed] on the test split, summed over labels."""
+  grid, test = row['grid'], row['curves']['test']
+
+  def at(thresholds: dict) -> list[int]:
+    pairs = [test[label]['edits'][grid.index(t)] for label, t in thresholds.items()]
+    return [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
+
+  def outcomes(part: str) -> dict:
+    return {label: outcomes_from(c, grid) for label, c in row['curves'].get(part, {}).items()}
+
+  seen = outcomes('training images')
+  chosen_on = {'held-out, else training images': (outcomes('held-out'), seen, config),
+               'training images': ({}, seen, config),
+               'best on test': (outcomes('test'), {}, dataclasses.replace(config, min_boxes=0))}
+  result = {f'fixed {t}': at(dict.fromkeys(test, t)) for t in FIXED}
+  for name, (held_out, seen, rule) in chosen_on.items():
+    chosen = score_thresholds.choose(held_out, seen, rule)
+    result[name] = at({label: c['value'] for label, c in chosen.items()})
+  return result
+
+
+def write(results: dict, missed_costs: list[float]) -> None:
+  (RESULTS / 'score_thresholds.json').write_text(json.dumps(results, indent=1) + '\n')
+  policies = [f'fixed {t}' for t in FIXED] + list(CHOSEN)
+  lines = ['# Pre-annotation work by score-threshold policy', '',
+           'Boxes shown wrongly + objects missed on the test split (IoU 0.5), summed over '
+           'subsets, and the work they make with a missed box costing as many wrong ones '
+           'as the table says (against the fixed 0.25 in brackets). Thresholds chosen '
+           'per label as `ScoreThresholdConfig` says, at that cost. '
+           '`benchmarks/score_thresholds.py` writes this.']
+  for cost in missed_costs:
+    config = ScoreThresholdConfig(missed_cost=cost)
+    lines += ['', f'## A missed box costs {cost:g} wrong ones', '',
+              '| data set | images | subsets | test boxes | ' + ' | '.join(policies) + ' |',
+              '|---|---|---|---|' + '---|' * len(policies)]
+    for dataset, by_shots in sorted(results['datasets'].items()):
+      for shots, rows in by_shots.items():
+        edits = [policy_edits(row, config) for row in rows]
+        total = {p: [sum(e[p][i] for e in edits) for i in (0, 1)]
+                 for p in policies if all(p in e for e in edits)}
+        work = {p: w + cost * m for p, (w, m) in total.items()}
+        cells = [f'{total[p][0]} + {total[p][1]} ({work[p] / work["fixed 0.25"]:.2f})'
+                 if p in total else '–' for p in policies]
+        boxes = sum(c['boxes'] for row in rows for c in row['curves']['test'].values())
+        lines.append(f'| {dataset} | {shots} | {len(rows)} | {boxes} | ' + ' | '.join(cells) + ' |')
+  (RESULTS / 'score_thresholds.md').write_text('\n'.join(lines) + '\n')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_dataset_arguments(parser, ['10', '50'])
+  parser.add_argument('--missed-cost', type=float, nargs='+', default=[1.0, 2.0, 3.0])
+  args = parser.parse_args()
+  set_up_logging()
+  args.work.mkdir(parents=True, exist_ok=True)
+  path = RESULTS / 'score_thresholds.json'
+  results = json.loads(path.read_text()) if path.is_file() else {'datasets': {}}
+  for name in args.datasets:
+    root, tasks, test = load_dataset(name, args.work)
+    for shots in map(subset_count, args.shots):
+      rows = [one_run(root, tasks, test, shots, seed, args.model_dir, args.work)
+              for seed in seeds_for(shots, args.seeds, args.all_seeds, args.seed_from)]
+      results['datasets'].setdefault(name, {})[str(shots)] = rows
+      write(results, args.missed_cost)
+  print((RESULTS / 'score_thresholds.md').read_text())
+
+
+if __name__ == '__main__':
+  main()

@@ -143,12 +143,11 @@ class ScoreThresholdConfig:
   """The score from which a pre-annotation shows a box, per label (`model.score_thresholds`).
 
   Chosen from the grid `low`..`high` (step `step`) where an annotator's edits
-  cost least: on the held-out images where they hold `min_boxes` of the
-  label's boxes, else on up to `training_images` training images as they are,
-  not under `default` there; else `default`. Against 0.25 for every label,
-  this leaves 0.58-0.85 of the work on raccoon, BCCD and the shapes at 10 and
-  50 images, 1.05 on the crowded shapes at 50 (13 edits to 14 on 240 boxes;
-  why: benchmarks/results/score_thresholds.md).
+  on the held-out images cost least, where they hold `min_boxes` of the
+  label's boxes; else `default`. Against 0.25 for every label, this left 0.58,
+  0.64 and 0.77 of the work at 50 images on raccoon, BCCD and raccoon with
+  shapes, 1.05 on crowded shapes (13 edits to 14 on 240 boxes); at 10 images
+  the default 0.3 left 0.76-0.92 (why: benchmarks/results/score_thresholds.md).
   """
 
   default: float = 0.3
@@ -159,7 +158,6 @@ class ScoreThresholdConfig:
   high: float = 0.9
   step: float = 0.05
   min_boxes: int = 3
-  training_images: int = 32
 
   def __post_init__(self):
     if not 0 < self.low <= self.default <= self.high < 1:

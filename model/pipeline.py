@@ -42,10 +42,6 @@ from model.run_folder import RunError, RunPaths
 
 log = logging.getLogger(__name__)
 
-# Detections scored at least this go into report.png.
-REPORT_MIN_SCORE = 0.3
-
-
 class Stopwatch:
   """Wall time per stage, logged as each stage ends; `on_stage(name)` as each begins."""
 
@@ -454,6 +450,7 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
   """
+  from model import score_thresholds
   from model.evaluate import checkpoint_detect, coco_map, tflite_detect
   float_file = files.get('float')
   detect = (tflite_detect(float_file, training.labels) if float_file is not None
@@ -467,32 +464,19 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
     if 'int8' in files:
       evaluation['validation_int8'] = held_out_map(training, files['int8'])
       log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
-  evaluation['score_thresholds'] = choose_score_thresholds(training, held_out, found, detect,
-                                                           thresholds)
+  evaluation['score_thresholds'] = score_thresholds.choose(
+      score_thresholds.match(*held_out, found, training.labels), thresholds)
+  log.info('Score thresholds for pre-annotations: %s', ', '.join(
+      f'{label} {c["value"]:g}' for label, c in evaluation['score_thresholds'].items()))
   history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
                         'map50': evaluation.get('validation', {}).get('map50')}]
-  # A few images for the report: held-out ones when there are, else training ones.
+  # A few images for the report, with the boxes a pre-annotation would show:
+  # held-out ones when there are, else training ones.
   shown = [training.images[i] for i in (training.validation or training.fit)[:3]]
-  samples = [(image, [d for d in found if d.score >= REPORT_MIN_SCORE])
+  chosen = evaluation['score_thresholds']
+  samples = [(image, [d for d in found if d.score >= chosen[d.label]['value']])
              for image, found in zip(shown, detect(shown))]
   return evaluation, history, samples
-
-
-def choose_score_thresholds(training: TrainingSet, held_out, held_out_found, detect,
-                            config: ScoreThresholdConfig) -> dict:
-  """Each label's pre-annotation threshold (`score_thresholds.choose`): on the held-out
-  images, else on the first `config.training_images` training images."""
-  from model import score_thresholds
-  held = score_thresholds.match(*held_out, held_out_found, training.labels)
-  if all(outcome.boxes >= config.min_boxes for outcome in held.values()):
-    seen = {}  # the held-out images suffice
-  else:
-    examples, images = training.part(training.fit[:config.training_images])
-    seen = score_thresholds.match(examples, images, detect(images), training.labels)
-  chosen = score_thresholds.choose(held, seen, config)
-  log.info('Score thresholds for pre-annotations: %s',
-           ', '.join(f'{label} {c["value"]:g}' for label, c in chosen.items()))
-  return chosen
 
 
 def held_out_map(training: TrainingSet, tflite: bytes) -> dict:

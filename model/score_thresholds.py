@@ -6,7 +6,7 @@ threshold shows part-boxes and background, too high hides objects; where the
 fewest edits lie depends on the data (crowded cells, a lone animal) and on the
 model, so an iteration with held-out images chooses it there, label by label, where
 the edits cost least; drawing a missed box takes longer than deleting a wrong
-one (why: benchmarks/results/score_thresholds.md).
+one (why: benchmarks/results/score_thresholds.md, choices.md).
 """
 
 from __future__ import annotations
@@ -80,37 +80,23 @@ def match(examples, images, detections, labels: list[str]) -> dict[str, Outcomes
           for label, cid in class_id.items()}
 
 
-def choose(held_out: dict[str, Outcomes], seen: dict[str, Outcomes],
-           config: ScoreThresholdConfig) -> dict[str, dict]:
-  """label -> {'value': its threshold, 'why'}.
-
-  Where the label's edits cost least (a missed box `config.missed_cost` wrong
-  ones; ties: the threshold nearest `config.default`) on the held-out images,
-  given `config.min_boxes` of its boxes there; else the same on the training
-  images as they are (`seen`), never under the default: the model has learned
-  them, and its wrong boxes score lower there than on new images; else the
-  default (no image tells).
-  """
+def choose(held_out: dict[str, Outcomes], config: ScoreThresholdConfig) -> dict[str, dict]:
+  """label -> {'value': its threshold, 'why'}: where its edits on the held-out images
+  cost least (a missed box `config.missed_cost` wrong ones; ties: the threshold
+  nearest `config.default`), given `config.min_boxes` of its boxes there; else the
+  default. (Not the training images: the model has learned them, and its right
+  boxes there score far above those on new images.)"""
   chosen = {}
-  for label in held_out.keys() | seen.keys():
-    for outcomes, where, floor in ((held_out, 'held-out', 0.0), (seen, 'training', config.default)):
-      outcome = outcomes.get(label)
-      if outcome is not None and outcome.boxes >= config.min_boxes:
-        chosen[label] = least_work(outcome, config, floor, where)
-        break
-    else:
-      chosen[label] = {'value': config.default,
-                       'why': f'under {config.min_boxes} boxes to choose on: the default'}
-  return dict(sorted(chosen.items()))
-
-
-def least_work(outcome: Outcomes, config: ScoreThresholdConfig, floor: float, where: str) -> dict:
-  """{'value', 'why'}: the threshold from `floor` on where `outcome`'s edits cost least."""
-  default = config.default
-  grid = [t for t in config.grid() if t >= floor]
-  best = min(grid, key=lambda t: (outcome.cost(t, config.missed_cost), abs(t - default)))
-  (wrong, missed), (wrong_0, missed_0) = outcome.edits(best), outcome.edits(default)
-  return {'value': best, 'why': (
-      f'least work on {outcome.boxes} {where} boxes: {wrong} wrong + {missed} missed '
-      f'(at {default:g}: {wrong_0} + {missed_0}; a missed box costs {config.missed_cost:g} '
-      f'wrong ones){"" if not floor else f", not under {floor:g} on training images"}')}
+  for label, outcome in sorted(held_out.items()):
+    if outcome.boxes < config.min_boxes:
+      chosen[label] = {'value': config.default, 'why': (
+          f'{outcome.boxes} of its boxes held out (under {config.min_boxes}): the default')}
+      continue
+    default = config.default
+    best = min(config.grid(), key=lambda t: (outcome.cost(t, config.missed_cost), abs(t - default)))
+    (wrong, missed), (wrong_0, missed_0) = outcome.edits(best), outcome.edits(default)
+    chosen[label] = {'value': best, 'why': (
+        f'least work on {outcome.boxes} held-out boxes: {wrong} wrong + {missed} missed '
+        f'(at {default:g}: {wrong_0} + {missed_0}; a missed box costs {config.missed_cost:g} '
+        'wrong ones)')}
+  return chosen

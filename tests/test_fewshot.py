@@ -31,14 +31,14 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['steps'] == len(metrics['loss_per_step']) > 100
   assert metrics['images_per_s'] > 0 and metrics['wall_time_s']['total_s'] > 0
   assert metrics['history'] == [{'iteration': 1, 'images': 12, 'map50': None}]
-  # What serves; nothing held out, so nothing tells whether int8 needs a tail, and
-  # the score thresholds come from the training images (from the default on).
+  # What serves; nothing held out, so nothing tells whether int8 needs a tail or
+  # where pre-annotations should stop showing boxes (the default).
   thresholds = metrics['evaluation'].pop('score_thresholds')
   assert metrics['evaluation'] == {'of': 'float .tflite', 'int8_tune': {
       'ran': False, 'why': 'no held-out images to compare the int8 file with the float one on',
       'held_out_map50': None, 'kept': 'int8'}}
-  assert set(thresholds) == {'disc', 'square'}
-  assert all(0.3 <= t['value'] <= 0.9 and 'training boxes' in t['why'] for t in thresholds.values())
+  assert thresholds == {label: {'value': 0.3, 'why': '0 of its boxes held out (under 3): the default'}
+                        for label in ('disc', 'square')}
   # Every choice made from the data, with why (the shapes span a fifth of the image or more).
   assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
@@ -292,9 +292,9 @@ def test_enough_images_hold_some_out_and_record_their_map_per_iteration(base_pat
   assert metrics['history'] == [{'iteration': 1, 'images': 18, 'map50': first_map},
                                 {'iteration': 2, 'images': 18, 'map50': held_out['map50']}]
   # Pre-annotations show each label from the threshold its held-out boxes asked for
-  # (the training images' where two images hold too few), which run.json hands the backend.
+  # (the default where two images hold too few), which run.json hands the backend.
   (threshold,) = metrics['evaluation']['score_thresholds'].values()
-  assert re.match(r'least work on \d+ (held-out|training) boxes', threshold['why'])
+  assert re.match(r'least work on \d+ held-out boxes|\d of its boxes held out', threshold['why'])
   assert 0.1 <= threshold['value'] <= 0.9
   assert json.loads((second.root / 'run.json').read_text())['score_thresholds'] == {
       'disc': threshold['value']}

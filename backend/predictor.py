@@ -55,7 +55,10 @@ class DetectorCache:
     key = str(version.tflite)
     with self._lock:
       if key not in self._detectors:
-        log.info('Loading %s (%s)', version.name, version.tflite)
+        thresholds = read_score_thresholds(version.path)
+        log.info('Loading %s (%s); score thresholds %s', version.name, version.tflite,
+                 ', '.join(f'{label} {value:g}' for label, value in thresholds.items())
+                 or f'{DEFAULT_THRESHOLD:g} (the default)')
         # Versions of one project share a parent folder (the base has its own).
         older = [k for k in self._detectors
                  if Path(k).parent.parent == version.tflite.parent.parent]
@@ -63,7 +66,7 @@ class DetectorCache:
           del self._detectors[stale]
         self._detectors[key] = Loaded(
             TFLiteDetector(version.tflite, list(version.labels), self.num_threads),
-            threading.Lock(), read_score_thresholds(version.path))
+            threading.Lock(), thresholds)
       return self._detectors[key]
 
   def loaded(self) -> list[str]:

@@ -146,8 +146,9 @@ class ScoreThresholdConfig:
   on the held-out images cost least, where they hold `min_boxes` of the
   label's boxes; else `default`. Against 0.25 for every label, this left 0.58,
   0.64 and 0.77 of the work at 50 images on raccoon, BCCD and raccoon with
-  shapes, 1.05 on crowded shapes (13 edits to 14 on 240 boxes); at 10 images
-  the default 0.3 left 0.76-0.92 (why: benchmarks/results/score_thresholds.md).
+  shapes, 1.05 on crowded shapes (12 edits against 13 on 240 boxes, more of
+  them missed); at 10 images the default 0.3 left 0.76-0.92 (why:
+  benchmarks/results/choices.md).
   """
 
   default: float = 0.3

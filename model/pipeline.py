@@ -42,6 +42,7 @@ from model.run_folder import RunError, RunPaths
 
 log = logging.getLogger(__name__)
 
+
 class Stopwatch:
   """Wall time per stage, logged as each stage ends; `on_stage(name)` as each begins."""
 
@@ -474,8 +475,8 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
   # held-out ones when there are, else training ones.
   shown = [training.images[i] for i in (training.validation or training.fit)[:3]]
   chosen = evaluation['score_thresholds']
-  samples = [(image, [d for d in found if d.score >= chosen[d.label]['value']])
-             for image, found in zip(shown, detect(shown))]
+  samples = [(image, [d for d in image_found if d.score >= chosen[d.label]['value']])
+             for image, image_found in zip(shown, detect(shown))]
   return evaluation, history, samples
 
 

@@ -152,8 +152,9 @@ class ScoreThresholdConfig:
   """
 
   default: float = 0.3
-  # Drawing a missed box costs this many deletions of a wrong one: drawing takes
-  # ~7 s, checking a shown box ~1.5 s and deleting a wrong one ~1 s more.
+  # A missed box costs this many wrong ones: drawing a box takes 7 s or more,
+  # checking a shown one ~1.6 s and deleting a wrong one ~1 s more
+  # (benchmarks/results/choices.md).
   missed_cost: float = 2.0
   low: float = 0.1
   high: float = 0.9

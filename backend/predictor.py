@@ -177,8 +177,9 @@ class Predictor:
       # The base knows none of this project's labels: nothing useful to say.
       return version.name, [self._empty(version.name) for _ in tasks]
     version, loaded = self._loadable(project, version)
-    floor = min(UNCERTAIN_FLOOR, self.score_threshold if self.score_threshold is not None
-                else UNCERTAIN_FLOOR)
+    # Down to the floor for the task's certainty, lower where a label is shown from lower.
+    floor = min(UNCERTAIN_FLOOR, *(self.threshold(label, loaded.thresholds)
+                                   for label in loaded.detector.labels))
     urls = [_image_url(task, target) for task in tasks]
     outcomes: list = [LATE] * len(tasks)
 

@@ -474,9 +474,10 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
   # A few images for the report, with the boxes a pre-annotation would show:
   # held-out ones when there are, else training ones.
   shown = [training.images[i] for i in (training.validation or training.fit)[:3]]
+  shown_found = found[:3] if training.validation else detect(shown)  # held out: detected above
   chosen = evaluation['score_thresholds']
   samples = [(image, [d for d in image_found if d.score >= chosen[d.label]['value']])
-             for image, image_found in zip(shown, detect(shown))]
+             for image, image_found in zip(shown, shown_found)]
   return evaluation, history, samples
 
 

@@ -4,15 +4,19 @@ An edit is a box shown wrongly (to delete) or an object with no box (to
 draw), matched as at mAP@0.5 (`model.score_thresholds`), on each data set's
 test split, from the float .tflite of a run trained on N images. Policies:
 fixed thresholds; each label's chosen on the run's held-out images, else the
-default (what an iteration does: `run.json`'s `score_thresholds`); chosen the
-same way on up to 32 training images as they are (tried, dropped: the model
-has learned them); and the best per label on the test split itself (the bound
-no choice beats). Work counts a missed box as `--missed-cost` wrong ones (one
+default; with `--previous K` (the run warm-starts from one on the first K of
+its N images, as the labeling loop does), on the held-out images, else halfway
+to the choice on the N - K images as the previous run detected them (all the
+way: dropped), else the default (what an iteration does: `run.json`'s
+`score_thresholds`); chosen the same way on up to
+32 training images as they are (tried, dropped: the model has learned them);
+and the best per label on the test split itself (the bound no choice beats). Work counts a missed box as `--missed-cost` wrong ones (one
 table each); the rows keep every label's edits at every threshold, so other
 costs and rules need no new runs.
 
   .venv/bin/python benchmarks/score_thresholds.py --datasets raccoon bccd raccoon-shapes \\
       --shots 10 50 --seeds 2 --missed-cost 1 2 3
+  .venv/bin/python benchmarks/score_thresholds.py --datasets raccoon --shots 10 --previous 5
 
 Results: benchmarks/results/score_thresholds.{json,md}; rows not re-run keep theirs.
 """
@@ -31,14 +35,17 @@ import numpy as np
 from generalization import (ALL, RESULTS, add_dataset_arguments, load_dataset, seeds_for,
                             set_up_logging, subset_count)
 
-from model import pipeline, score_thresholds
+from model import pipeline, run_folder, score_thresholds
 from model.config import ScoreThresholdConfig, TrainConfig
 from model.evaluate import tflite_detect
 
 log = logging.getLogger('benchmark')
 
 FIXED = (0.25, 0.3, 0.4, 0.5)
-CHOSEN = ('held-out, else the default', 'training images (dropped)', 'best on test')
+SINCE = 'held-out, then halfway by the previous run, else the default'
+SINCE_ALL = 'the same, all the way (dropped)'
+CHOSEN = ('held-out, else the default', SINCE, SINCE_ALL, 'training images (dropped)',
+          'best on test')
 # Training images a run's thresholds were tried on (the first of those that trained).
 TRAINING_IMAGES = 32
 
@@ -62,17 +69,24 @@ def outcomes_from(curve: dict, grid: list[float]) -> score_thresholds.Outcomes:
 
 
 def one_run(root: Path, tasks: list, test, shots, seed: int, model_dir: Path,
-            work: Path) -> dict:
+            work: Path, previous_images: int | None = None) -> dict:
   config, max_images = TrainConfig(seed=seed), None if shots == ALL else shots
-  out = Path(tempfile.mkdtemp(dir=work)) / 'run'
+  folder = Path(tempfile.mkdtemp(dir=work))
   try:
-    run = pipeline.train_iteration(tasks, root, out, model_dir, config=config,
-                                   max_images=max_images, export_kinds=('float',))
-    training = pipeline.load_examples(tasks, root, config, max_images=max_images)
-    detect = tflite_detect(run.tflite('float'), training.labels)
+    previous = None
+    if previous_images:  # the same seed draws its first K images among the first N
+      previous = pipeline.train_iteration(tasks, root, folder / 'previous', model_dir,
+                                          config=config, max_images=previous_images,
+                                          export_kinds=('float',)).root
+    run = pipeline.train_iteration(tasks, root, folder / 'run', model_dir, previous=previous,
+                                   config=config, max_images=max_images, export_kinds=('float',))
+    labels = run_folder.read_run(run.root)[1]  # a warm start keeps the previous run's order
+    training = pipeline.load_examples(tasks, root, config, labels, max_images)
+    detect = tflite_detect(run.tflite('float'), labels)
     metrics = json.loads(run.metrics.read_text())
+    since = pipeline.since_previous(training, previous)
   finally:
-    shutil.rmtree(out.parent)
+    shutil.rmtree(folder)
   grid = ScoreThresholdConfig(low=0.05, high=0.95).grid()
   parts = {'test': test, 'training images': training.part(training.fit[:TRAINING_IMAGES])}
   if training.validation:
@@ -82,6 +96,8 @@ def one_run(root: Path, tasks: list, test, shots, seed: int, model_dir: Path,
          'curves': {name: curves(score_thresholds.match(examples, images, detect(images),
                                                         training.labels), grid)
                     for name, (examples, images) in parts.items()}}
+  if previous_images:
+    row['curves']['since the previous run'] = curves(since, grid)
   log.info('%s images seed %d: at 0.25 %s', shots, seed,
            policy_edits(row, ScoreThresholdConfig())['fixed 0.25'])
   return row
@@ -101,12 +117,16 @@ def policy_edits(row: dict, config: ScoreThresholdConfig) -> dict[str, list[int]
     return {label: outcomes_from(curves_of[label], grid) if label in curves_of
             else score_thresholds.Outcomes(np.zeros(0), np.zeros(0, bool), 0) for label in test}
 
-  chosen_on = {'held-out, else the default': (outcomes('held-out'), config),
-               'training images (dropped)': (outcomes('training images'), config),
-               'best on test': (outcomes('test'), dataclasses.replace(config, min_boxes=0))}
+  chosen_on = {'held-out, else the default': (outcomes('held-out'), config, None),
+               'training images (dropped)': (outcomes('training images'), config, None),
+               'best on test': (outcomes('test'), dataclasses.replace(config, min_boxes=0), None)}
+  if 'since the previous run' in row['curves']:
+    chosen_on[SINCE] = (outcomes('held-out'), config, outcomes('since the previous run'))
+    chosen_on[SINCE_ALL] = (outcomes('held-out'), dataclasses.replace(config, previous_weight=1.0),
+                            outcomes('since the previous run'))
   result = {f'fixed {t}': at(dict.fromkeys(test, t)) for t in FIXED}
-  for name, (outcomes_of, rule) in chosen_on.items():
-    chosen = score_thresholds.choose(outcomes_of, rule)
+  for name, (outcomes_of, rule, since) in chosen_on.items():
+    chosen = score_thresholds.choose(outcomes_of, rule, since)
     result[name] = at({label: c['value'] for label, c in chosen.items()})
   return result
 
@@ -143,6 +163,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_dataset_arguments(parser, ['10', '50'])
   parser.add_argument('--missed-cost', type=float, nargs='+', default=[1.0, 2.0, 3.0])
+  parser.add_argument('--previous', type=int, default=None, metavar='K',
+                      help='warm-start each run from one on the first K of its images')
   args = parser.parse_args()
   set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
@@ -151,9 +173,10 @@ def main():
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work)
     for shots in map(subset_count, args.shots):
-      rows = [one_run(root, tasks, test, shots, seed, args.model_dir, args.work)
+      rows = [one_run(root, tasks, test, shots, seed, args.model_dir, args.work, args.previous)
               for seed in seeds_for(shots, args.seeds, args.all_seeds, args.seed_from)]
-      results['datasets'].setdefault(name, {})[str(shots)] = rows
+      key = f'{shots} after {args.previous}' if args.previous else str(shots)
+      results['datasets'].setdefault(name, {})[key] = rows
       write(results, args.missed_cost)
   print((RESULTS / 'score_thresholds.md').read_text())
 

@@ -144,10 +144,13 @@ class ScoreThresholdConfig:
 
   Chosen from the grid `low`..`high` (step `step`) where an annotator's edits
   on the held-out images cost least, where they hold `min_boxes` of the
-  label's boxes; else `default`. Against 0.25 for every label, this left 0.58,
+  label's boxes; else `previous_weight` of the way there from `default` by the
+  images labeled since the previous version, as it detected them, where they
+  hold as many; else `default`. Against 0.25 for every label, this left 0.58,
   0.64 and 0.77 of the work at 50 images on raccoon, BCCD and raccoon with
   shapes, 1.05 on crowded shapes (12 edits against 13 on 240 boxes, more of
-  them missed); at 10 images the default 0.3 left 0.76-0.92 (why:
+  them missed); at 10 images the default 0.3 left 0.76-0.92, and after a
+  version on 5 of them halfway by it 0.68-0.89 (why:
   benchmarks/results/choices.md).
   """
 
@@ -160,11 +163,18 @@ class ScoreThresholdConfig:
   high: float = 0.9
   step: float = 0.05
   min_boxes: int = 3
+  # Where nothing is held out, the previous version's detections of the images
+  # labeled since move a label's threshold this share of the way from the default
+  # to their least work: the new version scores otherwise, and a handful of boxes
+  # is noisy (all the way cost raccoon with shapes 13 % more work, halfway none).
+  previous_weight: float = 0.5
 
   def __post_init__(self):
     if not 0 < self.low <= self.default <= self.high < 1:
       raise ValueError(f'score thresholds need 0 < low <= default <= high < 1, not '
                        f'{self.low}, {self.default}, {self.high}')
+    if not 0 <= self.previous_weight <= 1:
+      raise ValueError(f'previous_weight is a share, 0 to 1, not {self.previous_weight}')
 
   def grid(self) -> list[float]:
     count = round((self.high - self.low) / self.step)

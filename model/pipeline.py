@@ -26,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -87,6 +88,12 @@ class TrainingSet:
   def part(self, indices: list[int]):
     """(examples, images) at `indices`."""
     return [self.examples[i] for i in indices], [self.images[i] for i in indices]
+
+  @functools.cached_property
+  def fingerprints(self) -> list[str]:
+    """Each image's `views.fingerprint` (its pixels, boxes and labels), aligned with `examples`."""
+    from model.views import fingerprint
+    return [fingerprint(*pair) for pair in zip(self.examples, self.images)]
 
 
 def ordered_labels(examples, previous_labels: list[str] | None) -> list[str]:
@@ -302,9 +309,7 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   crop_scale = config.views.crop_scale(images)
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
                                   crop_scale)
-  fingerprints, reuse = [], None  # hashing every image is for carrying views over only
-  if config.views.carry_over:
-    fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
+  fingerprints, reuse = [training.fingerprints[i] for i in training.fit], None
   if config.views.carry_over and previous is not None:
     reuse = views_lib.StoredViews.load(RunPaths(previous).views)
     reuse = reuse if reuse is not None and reuse.signature == signature else None
@@ -441,12 +446,13 @@ def traced_meanwhile(trainer):
     traced.result()
 
 
-def evaluate_model(model, training: TrainingSet, history: list[dict], files: dict[str, bytes],
+def evaluate_model(model, training: TrainingSet, previous: Path | None, files: dict[str, bytes],
                    thresholds: ScoreThresholdConfig):
   """Validation mAP (when images are held out), each label's score threshold, the
   history with this iteration, report samples, of the float .tflite when there is one
   (what serves; the checkpoint's detector would be traced first, about a second), else
-  of the checkpoint; the int8 file's held-out mAP too.
+  of the checkpoint; the int8 file's held-out mAP too. Thresholds also draw on the
+  `previous` run's detections of the images it did not train on.
 
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
@@ -466,9 +472,11 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
       evaluation['validation_int8'] = held_out_map(training, files['int8'])
       log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
   evaluation['score_thresholds'] = score_thresholds.choose(
-      score_thresholds.match(*held_out, found, training.labels), thresholds)
+      score_thresholds.match(*held_out, found, training.labels), thresholds,
+      since_previous(training, previous))
   log.info('Score thresholds for pre-annotations: %s', ', '.join(
       f'{label} {c["value"]:g}' for label, c in evaluation['score_thresholds'].items()))
+  history = run_folder.read_history(previous)
   history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
                         'map50': evaluation.get('validation', {}).get('map50')}]
   # A few images for the report, with the boxes a pre-annotation would show:
@@ -479,6 +487,32 @@ def evaluate_model(model, training: TrainingSet, history: list[dict], files: dic
   samples = [(image, [d for d in image_found if d.score >= chosen[d.label]['value']])
              for image, image_found in zip(shown, shown_found)]
   return evaluation, history, samples
+
+
+def since_previous(training: TrainingSet, previous: Path | None) -> dict:
+  """label -> `score_thresholds.Outcomes` of the previous run's detections on this
+  iteration's images it did not train on (labeled or changed since); {} where there
+  are none, or the run does not say what it trained on (an older run) or has no
+  readable .tflite (thresholds are not worth failing an iteration for)."""
+  from model import score_thresholds
+  from model.evaluate import tflite_detect
+  if previous is None:
+    return {}
+  trained_on, paths = run_folder.read_trained_on(previous), RunPaths(previous)
+  new = [i for i, name in enumerate(training.fingerprints) if name not in trained_on]
+  files = [paths.tflite(kind) for kind in run_folder.TFLITE_FILES if paths.tflite(kind).is_file()]
+  if not trained_on or not new or not files:
+    return {}
+  examples, images = training.part(new)
+  try:
+    labels = run_folder.read_labels_file(paths.labels)
+    found = tflite_detect(files[0], labels)(images)
+  except (OSError, ValueError, RuntimeError) as error:
+    log.warning('The previous run %s detects nothing for score thresholds: %s', previous, error)
+    return {}
+  log.info('%d images new to the previous run: its detections there stand in for held-out '
+           'ones in choosing score thresholds', len(new))
+  return score_thresholds.match(examples, images, found, labels)
 
 
 def held_out_map(training: TrainingSet, tflite: bytes) -> dict:
@@ -664,8 +698,8 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   with clock.stage('export'):
     files = export_model(model, views, training.labels, export_config, export_kinds)
   with clock.stage('evaluate'):
-    evaluation, history, samples = evaluate_model(model, training, run_folder.read_history(previous),
-                                                  files, fitted.config.score_thresholds)
+    evaluation, history, samples = evaluate_model(model, training, previous, files,
+                                                  fitted.config.score_thresholds)
   if 'int8' in files:
     with clock.stage('tune_int8'):
       files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,
@@ -770,6 +804,7 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
         # What a pre-annotation shows: each label's boxes from its threshold on.
         run_folder.SCORE_THRESHOLDS_KEY: {label: chosen['value'] for label, chosen
                                           in record.evaluation['score_thresholds'].items()},
+        run_folder.TRAINED_ON_KEY: [training.fingerprints[i] for i in training.fit],
         'train_config': dataclasses.asdict(config),
         'export_config': dataclasses.asdict(export_config),
     })

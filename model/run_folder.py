@@ -6,7 +6,8 @@
   metrics.json        losses per step, wall time, choices made, evaluation, mAP history
   report.png          loss curve, mAP per iteration, a few detections
   run.json            labels, input size, anchors, each label's score threshold for
-                      pre-annotations, where it started from, settings
+                      pre-annotations, the images it trained on (fingerprints),
+                      where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
   views.npz           the training views and the frozen part's outputs, for the
                       next iteration (`model.views`);
@@ -42,6 +43,9 @@ CHECKPOINT_PREFIX = 'ckpt'
 VIEWS_FILE = 'views.npz'
 # run.json's label -> the score from which pre-annotations show its boxes.
 SCORE_THRESHOLDS_KEY = 'score_thresholds'
+# run.json's fingerprints (`views.fingerprint`) of the images the run trained on: the
+# next iteration's new images are those it lacks.
+TRAINED_ON_KEY = 'trained_on'
 # Names the .tflite files a published run has yet to get (`add_file`) and the process
 # writing them; gone when none are left.
 PENDING_FILE = 'pending.json'
@@ -130,6 +134,16 @@ def read_score_thresholds(run_dir: Path) -> dict[str, float]:
     return {}
   return {str(label): float(value) for label, value in chosen.items()
           if isinstance(value, (int, float)) and 0.0 <= value <= 1.0}
+
+
+def read_trained_on(run_dir: Path) -> set[str]:
+  """Fingerprints of the images the run trained on; empty where run.json has none
+  (an older run) or cannot be read."""
+  try:
+    trained_on = json.loads((Path(run_dir) / RUN_INFO_FILE).read_text()).get(TRAINED_ON_KEY)
+  except (OSError, ValueError, AttributeError):
+    return set()
+  return {f for f in trained_on if isinstance(f, str)} if isinstance(trained_on, list) else set()
 
 
 def mark_pending(run_dir: Path, names: list[str]) -> None:

@@ -4,8 +4,10 @@ An annotator fixes a pre-annotation with one edit per box shown that is wrong
 (to delete) and one per object left without a box (to draw). Too low a
 threshold shows part-boxes and background, too high hides objects; where the
 fewest edits lie depends on the data (crowded cells, a lone animal) and on the
-model, so an iteration with held-out images chooses it there, label by label, where
-the edits cost least; drawing a missed box takes longer than deleting a wrong
+model, so an iteration chooses it label by label where the edits cost least on
+images it did not train on: its held-out ones, else those labeled since the
+previous version, as that version detected them (the pre-annotations the
+annotator just fixed). Drawing a missed box takes longer than deleting a wrong
 one (why: benchmarks/results/score_thresholds.md, choices.md).
 """
 
@@ -80,23 +82,43 @@ def match(examples, images, detections, labels: list[str]) -> dict[str, Outcomes
           for label, cid in class_id.items()}
 
 
-def choose(held_out: dict[str, Outcomes], config: ScoreThresholdConfig) -> dict[str, dict]:
-  """label -> {'value': its threshold, 'why'}: where its edits on the held-out images
-  cost least (a missed box `config.missed_cost` wrong ones; ties: the threshold
-  nearest `config.default`), given `config.min_boxes` of its boxes there; else the
-  default. (Not the training images: the model has learned them, and its right
-  boxes there score far above those on new images.)"""
+def choose(held_out: dict[str, Outcomes], config: ScoreThresholdConfig,
+           since_previous: dict[str, Outcomes] | None = None) -> dict[str, dict]:
+  """label -> {'value': its threshold, 'why'}: where its edits cost least (a missed box
+  `config.missed_cost` wrong ones; ties: the threshold nearest `config.default`) on the
+  held-out images, given `config.min_boxes` of its boxes there; else part of the way
+  there from the default (`config.previous_weight`) by the images labeled since the
+  previous version as that version detected them (`since_previous`: the edits its
+  pre-annotations left the annotator; this model scores otherwise), given as many
+  boxes; else the default. (Not the training images: the model has learned them,
+  and its right boxes there score far above those on new images.)"""
+  since_previous = since_previous or {}
   chosen = {}
   for label, outcome in sorted(held_out.items()):
-    if outcome.boxes < config.min_boxes:
+    previous = since_previous.get(label)
+    if outcome.boxes >= config.min_boxes:
+      chosen[label] = _least_work(outcome, config, 'held-out boxes')
+    elif previous is not None and previous.boxes >= config.min_boxes:
+      chosen[label] = _least_work(previous, config, 'boxes labeled since the previous '
+                                  'version, as it detected them', config.previous_weight)
+    else:
+      since = f', {previous.boxes} labeled since the previous version' if previous else ''
       chosen[label] = {'value': config.default, 'why': (
-          f'{outcome.boxes} of its boxes held out (under {config.min_boxes}): the default')}
-      continue
-    default = config.default
-    best = min(config.grid(), key=lambda t: (outcome.cost(t, config.missed_cost), abs(t - default)))
-    (wrong, missed), (wrong_0, missed_0) = outcome.edits(best), outcome.edits(default)
-    chosen[label] = {'value': best, 'why': (
-        f'least work on {outcome.boxes} held-out boxes: {wrong} wrong + {missed} missed '
-        f'(at {default:g}: {wrong_0} + {missed_0}; a missed box costs {config.missed_cost:g} '
-        'wrong ones)')}
+          f'{outcome.boxes} of its boxes held out{since} (under {config.min_boxes}): the default')}
   return chosen
+
+
+def _least_work(outcome: Outcomes, config: ScoreThresholdConfig, boxes: str,
+                weight: float = 1.0) -> dict:
+  """{'value', 'why'}: `weight` of the way from the default to where `outcome`'s edits
+  cost least (the nearest step of the grid, ties toward the default)."""
+  grid, default = config.grid(), config.default
+  best = min(grid, key=lambda t: (outcome.cost(t, config.missed_cost), abs(t - default)))
+  target = default + weight * (best - default)
+  value = min(grid, key=lambda t: (round(abs(t - target), 6), abs(t - default)))
+  (wrong, missed), (wrong_0, missed_0) = outcome.edits(best), outcome.edits(default)
+  way = '' if weight == 1.0 else f' ({weight:g} of the way from the default to {best:g})'
+  return {'value': value, 'why': (
+      f'least work on {outcome.boxes} {boxes}{way}: {wrong} wrong + {missed} missed '
+      f'(at {default:g}: {wrong_0} + {missed_0}; a missed box costs {config.missed_cost:g} '
+      'wrong ones)')}

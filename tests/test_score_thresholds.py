@@ -75,11 +75,36 @@ def test_choose_takes_the_least_work_on_held_out_images_and_the_default_on_too_f
   assert choose({'faint': faint}, dataclasses.replace(config, missed_cost=1.0))['faint']['value'] == 0.3
 
 
+def test_choose_falls_back_on_the_previous_versions_detections_of_the_images_new_to_it():
+  """Where too few boxes are held out, the boxes labeled since the previous version
+  decide, as that version detected them; held-out boxes come first where there are enough."""
+  config = ScoreThresholdConfig(default=0.3, missed_cost=2.0, low=0.1, high=0.9, step=0.05,
+                                min_boxes=3)
+  few = Outcomes(np.array([0.9]), np.array([True]), boxes=1)
+  enough = Outcomes(np.array([0.9, 0.8, 0.7, 0.35]), np.array([True, True, True, False]), boxes=3)
+  since = {'a': enough, 'b': enough, 'c': few}
+  chosen = choose({'a': few, 'b': enough, 'c': few, 'd': few}, config, since)
+  # Half the way from the default to their least work (0.4): that model scored them.
+  assert chosen['a'] == {'value': 0.35, 'why': (
+      'least work on 3 boxes labeled since the previous version, as it detected them (0.5 of '
+      'the way from the default to 0.4): 0 wrong + 0 missed (at 0.3: 1 + 0; a missed box '
+      'costs 2 wrong ones)')}
+  all_the_way = dataclasses.replace(config, previous_weight=1.0)
+  assert choose({'a': few}, all_the_way, since)['a']['value'] == 0.4
+  assert chosen['b']['why'].startswith('least work on 3 held-out boxes')
+  assert chosen['c'] == {'value': 0.3, 'why': (
+      '1 of its boxes held out, 1 labeled since the previous version (under 3): the default')}
+  # A label the previous version did not know.
+  assert chosen['d'] == {'value': 0.3, 'why': '1 of its boxes held out (under 3): the default'}
+
+
 def test_score_threshold_config_refuses_a_default_off_its_grid_and_makes_the_grid():
   assert ScoreThresholdConfig(low=0.2, high=0.4, step=0.1, default=0.3).grid() == [0.2, 0.3, 0.4]
   assert ScoreThresholdConfig().grid()[:3] == [0.1, 0.15, 0.2]
   with pytest.raises(ValueError, match='low <= default <= high'):
     ScoreThresholdConfig(default=0.05)
+  with pytest.raises(ValueError, match='previous_weight'):
+    ScoreThresholdConfig(previous_weight=1.5)
 
 
 def test_read_score_thresholds_keeps_what_is_valid_and_is_empty_for_older_runs(tmp_path):
@@ -91,3 +116,14 @@ def test_read_score_thresholds_keeps_what_is_valid_and_is_empty_for_older_runs(t
   assert run_folder.read_score_thresholds(tmp_path) == {'a': 0.4, 'd': 0.0}
   (tmp_path / run_folder.RUN_INFO_FILE).write_text('[1, 2')
   assert run_folder.read_score_thresholds(tmp_path) == {}
+
+
+def test_read_trained_on_is_empty_for_older_or_damaged_runs(tmp_path):
+  assert run_folder.read_trained_on(tmp_path) == set()
+  (tmp_path / run_folder.RUN_INFO_FILE).write_text(json.dumps({'labels': ['a']}))
+  assert run_folder.read_trained_on(tmp_path) == set()
+  (tmp_path / run_folder.RUN_INFO_FILE).write_text(json.dumps(
+      {run_folder.TRAINED_ON_KEY: ['f1', 2, None, 'f2']}))
+  assert run_folder.read_trained_on(tmp_path) == {'f1', 'f2'}
+  (tmp_path / run_folder.RUN_INFO_FILE).write_text(json.dumps({run_folder.TRAINED_ON_KEY: 'f1'}))
+  assert run_folder.read_trained_on(tmp_path) == set()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from model import anchors as anchors_lib, pipeline, run_folder, ssd as ssd_lib, warm_start
+from model import tasks as tasks_lib
 from model.config import AnchorConfig, SSDConfig, TrainConfig
 from tests.synthetic import make_task_set
 
@@ -107,7 +108,7 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
   previous, previous_labels = run_folder.load_run_model(trained_run)
   assert previous_labels == ['disc', 'square']
   # The label set changes: square removed, triangle added.
-  tasks = (make_task_set(tmp_path, 4, ('triangle', 'disc'), 'train', seed=5))
+  tasks = make_task_set(tmp_path, 6, ('triangle', 'disc'), 'train', seed=5)
   out = tmp_path / 'iteration-2'
   pipeline.train_iteration(tasks, tmp_path, out, base_paths.model_dir, previous=trained_run,
                             config=TINY, export_kinds=())
@@ -115,8 +116,16 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
   assert labels == ['disc', 'triangle']  # kept labels first, in their old order
   info = json.loads((out / 'run.json').read_text())
   assert info['started_from'] == str(trained_run)
-  history = json.loads((out / 'metrics.json').read_text())['history']
-  assert [h['iteration'] for h in history] == [1, 2]
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert [h['iteration'] for h in metrics['history']] == [1, 2]
+  # Nothing is held out of 6 images, and all 6 are new to the previous iteration: its
+  # detections there choose the kept label's threshold; the new label has the default.
+  discs = sum(e.labels.count('disc') for e in tasks_lib.parse_tasks(tasks)[0])
+  thresholds = metrics['evaluation']['score_thresholds']
+  assert discs >= 3 and thresholds['disc']['why'].startswith(
+      f'least work on {discs} boxes labeled since the previous version, as it detected them')
+  assert thresholds['triangle'] == {
+      'value': 0.3, 'why': '0 of its boxes held out (under 3): the default'}
   # The extractor started from the previous iteration's: the part below its
   # trained top ('top' for a handful of images) is still exactly that one.
   trunk, _ = ssd_lib.split_extractor(model.feature_extractor)

@@ -117,7 +117,8 @@ def _least_work(outcome: Outcomes, config: ScoreThresholdConfig, boxes: str,
   target = default + weight * (best - default)
   value = min(grid, key=lambda t: (round(abs(t - target), 6), abs(t - default)))
   (wrong, missed), (wrong_0, missed_0) = outcome.edits(best), outcome.edits(default)
-  way = '' if weight == 1.0 else f' ({weight:g} of the way from the default to {best:g})'
+  way = ('' if weight == 1.0 or best == default
+         else f' ({weight:g} of the way from the default to {best:g})')
   return {'value': value, 'why': (
       f'least work on {outcome.boxes} {boxes}{way}: {wrong} wrong + {missed} missed '
       f'(at {default:g}: {wrong_0} + {missed_0}; a missed box costs {config.missed_cost:g} '

@@ -84,7 +84,7 @@ def one_run(root: Path, tasks: list, test, shots, seed: int, model_dir: Path,
     training = pipeline.load_examples(tasks, root, config, labels, max_images)
     detect = tflite_detect(run.tflite('float'), labels)
     metrics = json.loads(run.metrics.read_text())
-    since = pipeline.since_previous(training, previous)
+    since = pipeline.since_previous(training, previous, config.score_thresholds.previous_images)
   finally:
     shutil.rmtree(folder)
   grid = ScoreThresholdConfig(low=0.05, high=0.95).grid()

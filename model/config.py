@@ -168,6 +168,8 @@ class ScoreThresholdConfig:
   # to their least work: the new version scores otherwise, and a handful of boxes
   # is noisy (all the way cost raccoon with shapes 13 % more work, halfway none).
   previous_weight: float = 0.5
+  # ... on at most this many of those images (each is detected again: ~10-30 ms).
+  previous_images: int = 32
 
   def __post_init__(self):
     if not 0 < self.low <= self.default <= self.high < 1:

@@ -471,9 +471,11 @@ def evaluate_model(model, training: TrainingSet, previous: Path | None, files: d
     if 'int8' in files:
       evaluation['validation_int8'] = held_out_map(training, files['int8'])
       log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
+  outcomes = score_thresholds.match(*held_out, found, training.labels)
+  lacking = any(o.boxes < thresholds.min_boxes for o in outcomes.values())
   evaluation['score_thresholds'] = score_thresholds.choose(
-      score_thresholds.match(*held_out, found, training.labels), thresholds,
-      since_previous(training, previous))
+      outcomes, thresholds,
+      since_previous(training, previous, thresholds.previous_images) if lacking else {})
   log.info('Score thresholds for pre-annotations: %s', ', '.join(
       f'{label} {c["value"]:g}' for label, c in evaluation['score_thresholds'].items()))
   history = run_folder.read_history(previous)
@@ -489,17 +491,18 @@ def evaluate_model(model, training: TrainingSet, previous: Path | None, files: d
   return evaluation, history, samples
 
 
-def since_previous(training: TrainingSet, previous: Path | None) -> dict:
+def since_previous(training: TrainingSet, previous: Path | None, at_most: int) -> dict:
   """label -> `score_thresholds.Outcomes` of the previous run's detections on this
-  iteration's images it did not train on (labeled or changed since); {} where there
-  are none, or the run does not say what it trained on (an older run) or has no
-  readable .tflite (thresholds are not worth failing an iteration for)."""
+  iteration's images it did not train on (labeled or changed since; the first
+  `at_most`); {} where there are none, or the run does not say what it trained on
+  (an older run) or has no readable .tflite (thresholds are not worth failing an
+  iteration for)."""
   from model import score_thresholds
   from model.evaluate import tflite_detect
   if previous is None:
     return {}
   trained_on, paths = run_folder.read_trained_on(previous), RunPaths(previous)
-  new = [i for i, name in enumerate(training.fingerprints) if name not in trained_on]
+  new = [i for i, name in enumerate(training.fingerprints) if name not in trained_on][:at_most]
   files = [paths.tflite(kind) for kind in run_folder.TFLITE_FILES if paths.tflite(kind).is_file()]
   if not trained_on or not new or not files:
     return {}

@@ -200,3 +200,19 @@ def test_a_run_whose_checkpoint_is_cut_short_is_a_run_error(trained_run, tmp_pat
   data.write_bytes(data.read_bytes()[:1000])
   with pytest.raises(run_folder.RunError, match='checkpoint unreadable'):
     run_folder.load_run_class_head(copy)
+
+
+def test_the_previous_run_detects_the_new_images_only_and_at_most_so_many(trained_run,
+                                                                          shapes_dataset, tmp_path):
+  """What stands in for held-out images in choosing score thresholds: the images the
+  previous run did not train on, as it detects them."""
+  trained = pipeline.load_examples(tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json'),
+                                   shapes_dataset, TrainConfig())
+  assert pipeline.since_previous(trained, trained_run, at_most=32) == {}  # none are new
+  new = pipeline.load_examples(make_task_set(tmp_path, 6, ('disc', 'square'), 'train', seed=8),
+                               tmp_path, TrainConfig())
+  outcomes = pipeline.since_previous(new, trained_run, at_most=4)
+  assert set(outcomes) == {'disc', 'square'}
+  assert sum(o.boxes for o in outcomes.values()) == 4  # one shape on each of the first 4
+  assert all(len(o.scores) > 0 for o in outcomes.values())
+  assert pipeline.since_previous(new, None, at_most=4) == {}

@@ -84,7 +84,8 @@ def one_run(root: Path, tasks: list, test, shots, seed: int, model_dir: Path,
     training = pipeline.load_examples(tasks, root, config, labels, max_images)
     detect = tflite_detect(run.tflite('float'), labels)
     metrics = json.loads(run.metrics.read_text())
-    since = pipeline.since_previous(training, previous, config.score_thresholds.previous_images)
+    later = pipeline.later_images(training, previous, config.score_thresholds.previous_images)
+    since = score_thresholds.match(*later.truth, later.found, later.labels) if later else {}
   finally:
     shutil.rmtree(folder)
   grid = ScoreThresholdConfig(low=0.05, high=0.95).grid()

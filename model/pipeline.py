@@ -451,8 +451,9 @@ def evaluate_model(model, training: TrainingSet, previous: Path | None, files: d
   """Validation mAP (when images are held out), each label's score threshold, the
   history with this iteration, report samples, of the float .tflite when there is one
   (what serves; the checkpoint's detector would be traced first, about a second), else
-  of the checkpoint; the int8 file's held-out mAP too. Thresholds also draw on the
-  `previous` run's detections of the images it did not train on.
+  of the checkpoint; the int8 file's held-out mAP too. Thresholds, and the previous
+  iteration's entry in the history, also draw on the `previous` run's detections of
+  the images it did not train on (`later_images`).
 
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
@@ -471,16 +472,12 @@ def evaluate_model(model, training: TrainingSet, previous: Path | None, files: d
     if 'int8' in files:
       evaluation['validation_int8'] = held_out_map(training, files['int8'])
       log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
-  outcomes = score_thresholds.match(*held_out, found, training.labels)
-  lacking = any(o.boxes < thresholds.min_boxes for o in outcomes.values())
-  evaluation['score_thresholds'] = score_thresholds.choose(
-      outcomes, thresholds,
-      since_previous(training, previous, thresholds.previous_images) if lacking else {})
-  log.info('Score thresholds for pre-annotations: %s', ', '.join(
-      f'{label} {c["value"]:g}' for label, c in evaluation['score_thresholds'].items()))
-  history = run_folder.read_history(previous)
-  history = [*history, {'iteration': len(history) + 1, 'images': len(training.fit),
-                        'map50': evaluation.get('validation', {}).get('map50')}]
+  later = later_images(training, previous, thresholds.previous_images)
+  evaluation['score_thresholds'] = choose_thresholds(
+      score_thresholds.match(*held_out, found, training.labels), later, thresholds)
+  history = earlier_history(previous, later)
+  history.append({'iteration': len(history) + 1, 'images': len(training.fit),
+                  'map50': evaluation.get('validation', {}).get('map50')})
   # A few images for the report, with the boxes a pre-annotation would show:
   # held-out ones when there are, else training ones.
   shown = [training.images[i] for i in (training.validation or training.fit)[:3]]
@@ -491,31 +488,70 @@ def evaluate_model(model, training: TrainingSet, previous: Path | None, files: d
   return evaluation, history, samples
 
 
-def since_previous(training: TrainingSet, previous: Path | None, at_most: int) -> dict:
-  """label -> `score_thresholds.Outcomes` of the previous run's detections on this
-  iteration's images it did not train on (labeled or changed since; the first
-  `at_most`); {} where there are none, or the run does not say what it trained on
-  (an older run) or has no readable .tflite (thresholds are not worth failing an
-  iteration for)."""
-  from model import score_thresholds
+@dataclasses.dataclass(frozen=True)
+class LaterImages:
+  """This iteration's images the previous run did not train on (labeled or changed
+  since), as it detects them: held-out images where nothing is held out."""
+
+  truth: tuple[list, list]  # (examples, images)
+  found: list
+  labels: list[str]  # the previous run's
+
+  def score(self) -> dict:
+    """{'images', 'map50'}: the previous run's mAP@0.5 on them (None: none of its labels)."""
+    from model.evaluate import coco_map
+    try:
+      map50 = round(coco_map(*self.truth, self.found, self.labels)['map50'], 4)
+    except ValueError:  # none of its labels among their boxes
+      map50 = None
+    return {'images': len(self.found), 'map50': map50}
+
+
+def later_images(training: TrainingSet, previous: Path | None, at_most: int) -> LaterImages | None:
+  """The first `at_most` of this iteration's images the `previous` run did not train
+  on; None where there are none, or the run does not say what it trained on (an older
+  run) or has no readable .tflite (this is not worth failing an iteration for)."""
   from model.evaluate import tflite_detect
   if previous is None:
-    return {}
+    return None
   trained_on, paths = run_folder.read_trained_on(previous), RunPaths(previous)
   new = [i for i, name in enumerate(training.fingerprints) if name not in trained_on][:at_most]
   files = [paths.tflite(kind) for kind in run_folder.TFLITE_FILES if paths.tflite(kind).is_file()]
   if not trained_on or not new or not files:
-    return {}
+    return None
   examples, images = training.part(new)
   try:
     labels = run_folder.read_labels_file(paths.labels)
     found = tflite_detect(files[0], labels)(images)
   except (OSError, ValueError, RuntimeError) as error:
-    log.warning('The previous run %s detects nothing for score thresholds: %s', previous, error)
-    return {}
-  log.info('%d images new to the previous run: its detections there stand in for held-out '
-           'ones in choosing score thresholds', len(new))
-  return score_thresholds.match(examples, images, found, labels)
+    log.warning('The previous run %s detects nothing on the new images: %s', previous, error)
+    return None
+  return LaterImages((examples, images), found, labels)
+
+
+def choose_thresholds(held_out: dict, later: LaterImages | None,
+                      thresholds: ScoreThresholdConfig) -> dict[str, dict]:
+  """Each label's score threshold (`score_thresholds.choose`): where too few of its boxes
+  are held out, the images labeled since the previous version decide."""
+  from model import score_thresholds
+  since = {}
+  if later and any(o.boxes < thresholds.min_boxes for o in held_out.values()):
+    since = score_thresholds.match(*later.truth, later.found, later.labels)
+  chosen = score_thresholds.choose(held_out, thresholds, since)
+  log.info('Score thresholds for pre-annotations: %s', ', '.join(
+      f'{label} {c["value"]:g}' for label, c in chosen.items()))
+  return chosen
+
+
+def earlier_history(previous: Path | None, later: LaterImages | None) -> list[dict]:
+  """The previous run's history, its own entry with how it did on the images labeled
+  after it (`later`: {'images', 'map50'}), where there are such."""
+  history = run_folder.read_history(previous)
+  if later and history:
+    history[-1] = {**history[-1], 'later': later.score()}
+    log.info('The previous version scores mAP@0.5 %s on the %d images labeled since',
+             history[-1]['later']['map50'], len(later.found))
+  return history
 
 
 def held_out_map(training: TrainingSet, tflite: bytes) -> dict:

@@ -16,7 +16,8 @@ def write_report(path: Path, losses: list[float], validation: list[tuple[int, fl
   Args:
     losses: training loss per step.
     validation: (step, held-out loss) pairs.
-    history: one dict per iteration so far, with 'iteration' and 'map50' (None if unmeasured).
+    history: one dict per iteration so far, with 'iteration' and 'map50' (None if
+      unmeasured), and where images were labeled after it, 'later': {'images', 'map50'}.
     samples: up to three images with their detections (pixel boxes).
   """
   # A bare Figure, not pyplot: no global state, so it draws in any thread.
@@ -35,14 +36,21 @@ def write_report(path: Path, losses: list[float], validation: list[tuple[int, fl
   curve.legend()
 
   maps = figure.add_subplot(grid[0, columns // 2 or 1:])
-  measured = [(h['iteration'], h['map50']) for h in history if h.get('map50') is not None]
-  if measured:
-    maps.plot(*zip(*measured), 'o-')
+  held_out = [(h['iteration'], h['map50']) for h in history if h.get('map50') is not None]
+  later = [(h['iteration'], h['later']['map50']) for h in history
+           if (h.get('later') or {}).get('map50') is not None]
+  for points, style, label in ((held_out, 'o-', 'held out'),
+                               (later, 's--', 'the images labeled next')):
+    if points:
+      maps.plot(*zip(*points), style, label=label)
+  if held_out or later:
     maps.set(ylim=(0, 1), xticks=[h['iteration'] for h in history])
+    maps.legend()
   else:
-    maps.text(0.5, 0.5, 'mAP needs a held-out split\n(20+ labeled images, TRAIN_HOLD_OUT_FROM)',
+    maps.text(0.5, 0.5, 'mAP needs a held-out split (20+ labeled images,\n'
+              'TRAIN_HOLD_OUT_FROM) or images labeled after an iteration',
               ha='center', va='center', transform=maps.transAxes)
-  maps.set(title='mAP@0.5 per iteration (held out)', xlabel='iteration')
+  maps.set(title='mAP@0.5 per iteration', xlabel='iteration')
 
   for i, (image, detections) in enumerate(samples[:columns]):
     axes = figure.add_subplot(grid[1, i])

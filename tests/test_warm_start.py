@@ -126,6 +126,10 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
       f'least work on {discs} boxes labeled since the previous version, as it detected them')
   assert thresholds['triangle'] == {
       'value': 0.3, 'why': '0 of its boxes held out (under 3): the default'}
+  # The previous iteration's entry says how it did on the 6 images it never saw (its
+  # discs: triangles are not its label).
+  later = metrics['history'][0]['later']
+  assert later['images'] == 6 and 0.5 <= later['map50'] <= 1.0, later
   # The extractor started from the previous iteration's: the part below its
   # trained top ('top' for a handful of images) is still exactly that one.
   trunk, _ = ssd_lib.split_extractor(model.feature_extractor)
@@ -208,11 +212,11 @@ def test_the_previous_run_detects_the_new_images_only_and_at_most_so_many(traine
   previous run did not train on, as it detects them."""
   trained = pipeline.load_examples(tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json'),
                                    shapes_dataset, TrainConfig())
-  assert pipeline.since_previous(trained, trained_run, at_most=32) == {}  # none are new
+  assert pipeline.later_images(trained, trained_run, at_most=32) is None  # none are new
   new = pipeline.load_examples(make_task_set(tmp_path, 6, ('disc', 'square'), 'train', seed=8),
                                tmp_path, TrainConfig())
-  outcomes = pipeline.since_previous(new, trained_run, at_most=4)
-  assert set(outcomes) == {'disc', 'square'}
-  assert sum(o.boxes for o in outcomes.values()) == 4  # one shape on each of the first 4
-  assert all(len(o.scores) > 0 for o in outcomes.values())
-  assert pipeline.since_previous(new, None, at_most=4) == {}
+  later = pipeline.later_images(new, trained_run, at_most=4)
+  assert later.labels == ['disc', 'square'] and len(later.found) == 4
+  assert [e.task_id for e in later.truth[0]] == [e.task_id for e in new.examples[:4]]
+  assert all(later.found) and later.score()['images'] == 4
+  assert pipeline.later_images(new, None, at_most=4) is None

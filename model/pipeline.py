@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -88,12 +87,6 @@ class TrainingSet:
   def part(self, indices: list[int]):
     """(examples, images) at `indices`."""
     return [self.examples[i] for i in indices], [self.images[i] for i in indices]
-
-  @functools.cached_property
-  def fingerprints(self) -> list[str]:
-    """Each image's `views.fingerprint` (its pixels, boxes and labels), aligned with `examples`."""
-    from model.views import fingerprint
-    return [fingerprint(*pair) for pair in zip(self.examples, self.images)]
 
 
 def ordered_labels(examples, previous_labels: list[str] | None) -> list[str]:
@@ -309,7 +302,9 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   crop_scale = config.views.crop_scale(images)
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
                                   crop_scale)
-  fingerprints, reuse = [training.fingerprints[i] for i in training.fit], None
+  fingerprints, reuse = [], None  # hashing every image is for carrying views over only
+  if config.views.carry_over:
+    fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
   if config.views.carry_over and previous is not None:
     reuse = views_lib.StoredViews.load(RunPaths(previous).views)
     reuse = reuse if reuse is not None and reuse.signature == signature else None
@@ -515,7 +510,8 @@ def later_images(training: TrainingSet, previous: Path | None, at_most: int) -> 
   if previous is None:
     return None
   trained_on, paths = run_folder.read_trained_on(previous), RunPaths(previous)
-  new = [i for i, name in enumerate(training.fingerprints) if name not in trained_on][:at_most]
+  new = [i for i, example in enumerate(training.examples)
+         if tasks_lib.example_key(example) not in trained_on][:at_most]
   files = [paths.tflite(kind) for kind in run_folder.TFLITE_FILES if paths.tflite(kind).is_file()]
   if not trained_on or not new or not files:
     return None
@@ -843,7 +839,8 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
         # What a pre-annotation shows: each label's boxes from its threshold on.
         run_folder.SCORE_THRESHOLDS_KEY: {label: chosen['value'] for label, chosen
                                           in record.evaluation['score_thresholds'].items()},
-        run_folder.TRAINED_ON_KEY: [training.fingerprints[i] for i in training.fit],
+        run_folder.TRAINED_ON_KEY: [tasks_lib.example_key(training.examples[i])
+                                    for i in training.fit],
         'train_config': dataclasses.asdict(config),
         'export_config': dataclasses.asdict(export_config),
     })

@@ -6,7 +6,7 @@
   metrics.json        losses per step, wall time, choices made, evaluation, mAP history
   report.png          loss curve, mAP per iteration, a few detections
   run.json            labels, input size, anchors, each label's score threshold for
-                      pre-annotations, the images it trained on (fingerprints),
+                      pre-annotations, the images it trained on (their keys),
                       where it started from, settings
   ckpt.index, ckpt.data-*   the three named parts, for the next iteration
   views.npz           the training views and the frozen part's outputs, for the
@@ -43,8 +43,8 @@ CHECKPOINT_PREFIX = 'ckpt'
 VIEWS_FILE = 'views.npz'
 # run.json's label -> the score from which pre-annotations show its boxes.
 SCORE_THRESHOLDS_KEY = 'score_thresholds'
-# run.json's fingerprints (`views.fingerprint`) of the images the run trained on: the
-# next iteration's new images are those it lacks.
+# run.json's keys (`tasks.example_key`) of the images the run trained on: the next
+# iteration's new images are those it lacks.
 TRAINED_ON_KEY = 'trained_on'
 # Names the .tflite files a published run has yet to get (`add_file`) and the process
 # writing them; gone when none are left.
@@ -137,7 +137,7 @@ def read_score_thresholds(run_dir: Path) -> dict[str, float]:
 
 
 def read_trained_on(run_dir: Path) -> set[str]:
-  """Fingerprints of the images the run trained on; empty where run.json has none
+  """Keys of the images the run trained on; empty where run.json has none
   (an older run) or cannot be read."""
   try:
     trained_on = json.loads((Path(run_dir) / RUN_INFO_FILE).read_text()).get(TRAINED_ON_KEY)

@@ -11,6 +11,7 @@ nothing usable is left (counted and logged).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -198,6 +199,15 @@ def evaluation_examples(examples: list[Example], split: str = TEST) -> list[Exam
   if not any(e.split for e in examples):
     return [e for e in examples if e.labeled]
   return [e for e in examples if e.labeled and e.split == split]
+
+
+def example_key(example: Example) -> str:
+  """Names a labeled image by its task, image reference, boxes and labels: what an
+  iteration trained on, for the next to tell which images are new to it (changed
+  boxes make a new key; the image's bytes are not read)."""
+  digest = hashlib.sha256(repr((example.task_id, example.image, example.labels)).encode())
+  digest.update(np.asarray(example.boxes, np.float32).tobytes())
+  return digest.hexdigest()[:32]
 
 
 def label_set(examples: Iterable[Example]) -> list[str]:

@@ -52,7 +52,7 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert run_info['train_config']['trainable'] == 'top'  # the choice made, not None
   assert run_info['score_thresholds'] == {label: t['value'] for label, t in thresholds.items()}
   # What it trained on, for the next iteration to tell which images are new to it.
-  assert len(set(run_info['trained_on'])) == 12
+  assert len(set(run_info['trained_on'])) == 12 == len(run_info['trained_on'])
   from PIL import Image
   with Image.open(trained_run / 'report.png') as report:
     assert report.width > 500 and report.height > 400

@@ -1,5 +1,6 @@
 """Label Studio tasks -> examples: which annotation, which boxes, which split."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -133,3 +134,15 @@ def test_training_images_larger_than_the_config_allows_are_shrunk(tmp_path):
   training = pipeline.load_examples([task(rect(10, 10, 20, 20), split='train')], tmp_path, config)
   assert training.images[0].size == (side, round(600 * side / (side + 500)))
   np.testing.assert_allclose(training.examples[0].boxes, [[0.1, 0.1, 0.3, 0.3]], atol=1e-6)
+
+
+def test_example_key_names_the_task_its_image_and_its_boxes():
+  from model.tasks import Example, example_key
+  example = Example(7, '/data/upload/1/cat.jpg', 'train',
+                    np.array([[0.1, 0.2, 0.5, 0.6]], np.float32), ('cat',), True)
+  assert example_key(example) == example_key(dataclasses.replace(example))
+  others = [dataclasses.replace(example, task_id=8),
+            dataclasses.replace(example, image='/data/upload/1/dog.jpg'),
+            dataclasses.replace(example, labels=('dog',)),
+            dataclasses.replace(example, boxes=np.array([[0.1, 0.2, 0.5, 0.7]], np.float32))]
+  assert len({example_key(e) for e in [example, *others]}) == 5

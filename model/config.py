@@ -144,17 +144,14 @@ class ScoreThresholdConfig:
 
   Chosen from the grid `low`..`high` (step `step`) where an annotator's edits
   on the held-out images cost least, where they hold `min_boxes` of the
-  label's boxes; else `previous_weight` of the way there from `default` by the
-  images labeled since the previous version, as it detected them, where they
-  hold as many; else `default`. Against 0.25 for every label, this left 0.58,
-  0.64 and 0.77 of the work at 50 images on raccoon, BCCD and raccoon with
-  shapes, 1.05 on crowded shapes (12 edits against 13 on 240 boxes, more of
-  them missed); at 10 images the default 0.3 left 0.76-0.92, and after a
-  version on 5 of them halfway by it 0.68-0.89 (why:
-  benchmarks/results/choices.md).
+  label's boxes; else `default`. Against 0.25 for every label, this left 0.58,
+  0.64 and 0.73 of the work at 50 images on raccoon, BCCD and raccoon with
+  shapes, 1.00 on crowded shapes; at 10 images the default 0.35 left 0.67-0.94
+  (0.3 before: better on 15 of 18 measured rows, 0.02 worse on the crowd's 2;
+  why: benchmarks/results/choices.md).
   """
 
-  default: float = 0.3
+  default: float = 0.35
   # A missed box costs this many wrong ones: drawing a box takes 7 s or more,
   # checking a shown one ~1.6 s and deleting a wrong one ~1 s more
   # (benchmarks/results/choices.md).
@@ -163,12 +160,14 @@ class ScoreThresholdConfig:
   high: float = 0.9
   step: float = 0.05
   min_boxes: int = 3
-  # Where nothing is held out, the previous version's detections of the images
-  # labeled since move a label's threshold this share of the way from the default
-  # to their least work: the new version scores otherwise, and a handful of boxes
-  # is noisy (all the way cost raccoon with shapes 13 % more work, halfway none).
-  previous_weight: float = 0.5
-  # ... on at most this many of those images (each is detected again: ~10-30 ms).
+  # Where too few boxes are held out, this share of the way from the default to
+  # the least work on the images labeled since the previous version, as it
+  # detected them. Off: halfway saved 10-14 % of the work on raccoon and BCCD
+  # against the default 0.3, none on average against 0.35 (raccoon -10 %, BCCD
+  # +5 % with 2 new images; choices.md).
+  previous_weight: float = 0.0
+  # The images labeled since the previous version it detects, at most (~10-30 ms
+  # each): for the history's `later` mAP, and the above.
   previous_images: int = 32
 
   def __post_init__(self):

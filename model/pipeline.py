@@ -528,10 +528,12 @@ def later_images(training: TrainingSet, previous: Path | None, at_most: int) -> 
 def choose_thresholds(held_out: dict, later: LaterImages | None,
                       thresholds: ScoreThresholdConfig) -> dict[str, dict]:
   """Each label's score threshold (`score_thresholds.choose`): where too few of its boxes
-  are held out, the images labeled since the previous version decide."""
+  are held out, the images labeled since the previous version decide, if
+  `thresholds.previous_weight` says so."""
   from model import score_thresholds
   since = {}
-  if later and any(o.boxes < thresholds.min_boxes for o in held_out.values()):
+  if (later and thresholds.previous_weight
+      and any(o.boxes < thresholds.min_boxes for o in held_out.values())):
     since = score_thresholds.match(*later.truth, later.found, later.labels)
   chosen = score_thresholds.choose(held_out, thresholds, since)
   log.info('Score thresholds for pre-annotations: %s', ', '.join(

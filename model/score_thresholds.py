@@ -4,11 +4,11 @@ An annotator fixes a pre-annotation with one edit per box shown that is wrong
 (to delete) and one per object left without a box (to draw). Too low a
 threshold shows part-boxes and background, too high hides objects; where the
 fewest edits lie depends on the data (crowded cells, a lone animal) and on the
-model, so an iteration chooses it label by label where the edits cost least on
-images it did not train on: its held-out ones, else those labeled since the
-previous version, as that version detected them (the pre-annotations the
-annotator just fixed). Drawing a missed box takes longer than deleting a wrong
-one (why: benchmarks/results/score_thresholds.md, choices.md).
+model, so an iteration with held-out images chooses it there, label by label,
+where the edits cost least (those labeled since the previous version, as that
+version detected them, can stand in: a setting, off); drawing a missed box takes
+longer than deleting a wrong one (why: benchmarks/results/score_thresholds.md,
+choices.md).
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def choose(held_out: dict[str, Outcomes], config: ScoreThresholdConfig,
            since_previous: dict[str, Outcomes] | None = None) -> dict[str, dict]:
   """label -> {'value': its threshold, 'why'}: where its edits cost least (a missed box
   `config.missed_cost` wrong ones; ties: the threshold nearest `config.default`) on the
-  held-out images, given `config.min_boxes` of its boxes there; else part of the way
-  there from the default (`config.previous_weight`) by the images labeled since the
-  previous version as that version detected them (`since_previous`: the edits its
-  pre-annotations left the annotator; this model scores otherwise), given as many
-  boxes; else the default. (Not the training images: the model has learned them,
+  held-out images, given `config.min_boxes` of its boxes there; else, where
+  `config.previous_weight` is set (off by default), that share of the way there from
+  the default by the images labeled since the previous version as that version
+  detected them (`since_previous`: the edits its pre-annotations left the annotator;
+  this model scores otherwise), given as many boxes; else the default. (Not the training images: the model has learned them,
   and its right boxes there score far above those on new images.)"""
   since_previous = since_previous or {}
   chosen = {}
@@ -98,11 +98,12 @@ def choose(held_out: dict[str, Outcomes], config: ScoreThresholdConfig,
     previous = since_previous.get(label)
     if outcome.boxes >= config.min_boxes:
       chosen[label] = _least_work(outcome, config, 'held-out boxes')
-    elif previous is not None and previous.boxes >= config.min_boxes:
+    elif previous is not None and previous.boxes >= config.min_boxes and config.previous_weight:
       chosen[label] = _least_work(previous, config, 'boxes labeled since the previous '
                                   'version, as it detected them', config.previous_weight)
     else:
-      since = f', {previous.boxes} labeled since the previous version' if previous else ''
+      since = (f', {previous.boxes} labeled since the previous version'
+               if previous and config.previous_weight else '')
       chosen[label] = {'value': config.default, 'why': (
           f'{outcome.boxes} of its boxes held out{since} (under {config.min_boxes}): the default')}
   return chosen

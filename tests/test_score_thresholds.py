@@ -75,11 +75,12 @@ def test_choose_takes_the_least_work_on_held_out_images_and_the_default_on_too_f
   assert choose({'faint': faint}, dataclasses.replace(config, missed_cost=1.0))['faint']['value'] == 0.3
 
 
-def test_choose_falls_back_on_the_previous_versions_detections_of_the_images_new_to_it():
-  """Where too few boxes are held out, the boxes labeled since the previous version
-  decide, as that version detected them; held-out boxes come first where there are enough."""
+def test_choose_can_fall_back_on_the_previous_versions_detections_of_the_images_new_to_it():
+  """Where too few boxes are held out and `previous_weight` says so, the boxes labeled
+  since the previous version move the threshold, as that version detected them;
+  held-out boxes come first where there are enough."""
   config = ScoreThresholdConfig(default=0.3, missed_cost=2.0, low=0.1, high=0.9, step=0.05,
-                                min_boxes=3)
+                                min_boxes=3, previous_weight=0.5)
   few = Outcomes(np.array([0.9]), np.array([True]), boxes=1)
   enough = Outcomes(np.array([0.9, 0.8, 0.7, 0.35]), np.array([True, True, True, False]), boxes=3)
   since = {'a': enough, 'b': enough, 'c': few}
@@ -91,6 +92,9 @@ def test_choose_falls_back_on_the_previous_versions_detections_of_the_images_new
       'costs 2 wrong ones)')}
   all_the_way = dataclasses.replace(config, previous_weight=1.0)
   assert choose({'a': few}, all_the_way, since)['a']['value'] == 0.4
+  # Off (the default): the images labeled since change nothing.
+  assert choose({'a': few}, dataclasses.replace(config, previous_weight=0.0), since)['a'] == {
+      'value': 0.3, 'why': '1 of its boxes held out (under 3): the default'}
   assert chosen['b']['why'].startswith('least work on 3 held-out boxes')
   assert chosen['c'] == {'value': 0.3, 'why': (
       '1 of its boxes held out, 1 labeled since the previous version (under 3): the default')}

@@ -147,8 +147,9 @@ class ScoreThresholdConfig:
   label's boxes; else `default`. Against 0.25 for every label, this left 0.58,
   0.64 and 0.73 of the work at 50 images on raccoon, BCCD and raccoon with
   shapes, 1.00 on crowded shapes; at 10 images the default 0.35 left 0.67-0.94
-  (0.3 before: 0.35 did better on 9 of 12 measured rows, the same on 1, 0.02
-  worse on two of the crowd's; why: benchmarks/results/choices.md).
+  (0.3 before: 0.35 left less work on every photo-based data set measured, 2-8 %
+  more on synthetic small shapes, whose models score lower; why:
+  benchmarks/results/choices.md).
   """
 
   default: float = 0.35

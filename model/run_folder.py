@@ -123,13 +123,18 @@ def read_run(run_dir: Path) -> tuple[RunPaths, list[str], dict]:
   return paths, read_labels_file(paths.labels), json.loads(paths.run_info.read_text())
 
 
+def _run_info_value(run_dir: Path, key: str):
+  """run.json's `key`, or None where it has none (an older run) or cannot be read."""
+  try:
+    return json.loads((Path(run_dir) / RUN_INFO_FILE).read_text()).get(key)
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def read_score_thresholds(run_dir: Path) -> dict[str, float]:
   """label -> the run's score threshold for pre-annotations; {} where run.json has
   none (an older run) or cannot be read."""
-  try:
-    chosen = json.loads((Path(run_dir) / RUN_INFO_FILE).read_text()).get(SCORE_THRESHOLDS_KEY)
-  except (OSError, ValueError, AttributeError):
-    return {}
+  chosen = _run_info_value(run_dir, SCORE_THRESHOLDS_KEY)
   if not isinstance(chosen, dict):
     return {}
   return {str(label): float(value) for label, value in chosen.items()
@@ -139,10 +144,7 @@ def read_score_thresholds(run_dir: Path) -> dict[str, float]:
 def read_trained_on(run_dir: Path) -> set[str]:
   """Keys of the images the run trained on; empty where run.json has none
   (an older run) or cannot be read."""
-  try:
-    trained_on = json.loads((Path(run_dir) / RUN_INFO_FILE).read_text()).get(TRAINED_ON_KEY)
-  except (OSError, ValueError, AttributeError):
-    return set()
+  trained_on = _run_info_value(run_dir, TRAINED_ON_KEY)
   return {f for f in trained_on if isinstance(f, str)} if isinstance(trained_on, list) else set()
 
 

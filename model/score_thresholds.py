@@ -90,8 +90,9 @@ def choose(held_out: dict[str, Outcomes], config: ScoreThresholdConfig,
   `config.previous_weight` is set (off by default), that share of the way there from
   the default by the images labeled since the previous version as that version
   detected them (`since_previous`: the edits its pre-annotations left the annotator;
-  this model scores otherwise), given as many boxes; else the default. (Not the training images: the model has learned them,
-  and its right boxes there score far above those on new images.)"""
+  this model scores otherwise), given as many boxes; else the default. (Not the
+  training images: the model has learned them, and its right boxes there score far
+  above those on new images.)"""
   since_previous = since_previous or {}
   chosen = {}
   for label, outcome in sorted(held_out.items()):

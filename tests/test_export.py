@@ -24,6 +24,19 @@ def three_class_tflite(tmp_path_factory):
   return path
 
 
+def test_the_file_lists_its_four_outputs_in_tflites_ssd_order(three_class_tflite):
+  """The order README's snippet and MediaPipe read: boxes, classes, scores, count,
+  by index, by the output listing and by the signature alike."""
+  from ai_edge_litert.interpreter import Interpreter
+  interpreter = Interpreter(str(three_class_tflite))
+  listed = interpreter.get_output_details()
+  assert [o['name'] for o in listed] == list(export.OUTPUT_NAMES)
+  assert [o['index'] for o in listed] == sorted(o['index'] for o in listed)
+  runner = interpreter.get_signature_runner(export.SIGNATURE_KEY)
+  outputs = runner(**{export.INPUT_NAME: np.zeros((1, 300, 300, 3), np.float32)})
+  assert [outputs[f'output_{i}'].shape for i in range(4)] == [(1, 100, 4), (1, 100), (1, 100), (1,)]
+
+
 @pytest.mark.parametrize('threads', [1, 2, 4])
 def test_the_last_class_is_reported_on_any_thread_count(three_class_tflite, threads):
   """TFLite's per-class NMS skips class column `num_threads` on several threads;

@@ -776,11 +776,11 @@ class Record:
 def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path | None,
             export_config: ExportConfig, pending: tuple[str, ...] = ()) -> None:
   """Writes the run folder into a staging folder and renames it into place."""
-  from model import base_weights, compression, ssd as ssd_lib
+  from model import compression, ssd as ssd_lib
   from model.report import write_report
   fitted, files = record.fitted, record.files
   model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
-  columns, schedule, report = fitted.columns, fitted.schedule, fitted.report
+  report = fitted.report
   names = {run_folder.TFLITE_FILES[kind]: data for kind, data in files.items()}
   with run_folder.published_folder(out_dir) as staging, \
       concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix='publish') as pool:
@@ -797,55 +797,72 @@ def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path |
     run_folder.write_labels_file(staged.labels, training.labels)
     for kind, data in files.items():
       staged.tflite(kind).write_bytes(data)
-    run_folder.write_json(staged.metrics, {
-        'labels': training.labels,
-        'images': {'train': len(training.fit), 'validation': len(training.validation),
-                   'views': len(views.train), 'zoom_outs': views.zoom_outs_per_image * len(training.fit),
-                   'reused_views': views.train.reused,
-                   'reused_view_outputs': views.train.reused_outputs,
-                   'new_view_share': round(report.new_view_share, 3)},
-        'steps': report.steps, 'planned_steps': report.planned_steps,
-        'best_step': report.best_step, 'stopped_early': report.stopped_early,
-        'loss_per_step': [round(v, 5) for v in report.losses],
-        'validation_loss': [[s, round(v, 5)] for s, v in report.validation],
-        'wall_time_s': {**{f'{k}_s': round(v, 2) for k, v in clock.seconds.items()},
-                        'train_loop_s': round(report.seconds, 2),
-                        'total_s': round(clock.total(), 2)},
-        'images_per_s': round(report.views_per_s, 1),
-        'learning_rate': {'class_head': schedule.class_learning_rate,
-                          'box_head': schedule.class_learning_rate * schedule.box_learning_rate_scale},
-        'class_head_init': {label: c.reason for label, c in zip(training.labels, columns)},
-        'file_bytes': {name: len(data) for name, data in names.items()},
-        'file_bytes_gzip': gzipped.result(),
-        'optimization': {
-            'quantization_aware': config.compression.quantization_aware,
-            'prune_sparsity': config.compression.prune_sparsity,
-            # zeros over the extractor's (depthwise) conv kernels, all of them
-            'extractor_sparsity': round(compression.kernel_sparsity(model.feature_extractor), 4)},
-        'tflite_metadata': bool(files) and _has_metadata(),
-        'choices': fitted.all_choices(),
-        'evaluation': record.evaluation,
-        'history': record.history,
-        'task_stats': dataclasses.asdict(training.stats),
-    })
+    run_folder.write_json(staged.metrics, _metrics(record, clock, gzipped.result()))
     reported.result()
     if views_saved is not None:
       views_saved.result()
     if pending:
       run_folder.mark_pending(staging, [staged.tflite(kind).name for kind in pending])
-    run_folder.write_json(staged.run_info, {
-        'labels': training.labels, 'input_size': config.input.size,
-        'anchors': dataclasses.asdict(model.config.anchors),
-        'started_from': str(previous) if previous is not None else 'base',
-        'base': base_weights.PACKAGE.spec, 'seed': config.seed,
-        # What a pre-annotation shows: each label's boxes from its threshold on.
-        run_folder.SCORE_THRESHOLDS_KEY: {label: chosen['value'] for label, chosen
-                                          in record.evaluation['score_thresholds'].items()},
-        run_folder.TRAINED_ON_KEY: [tasks_lib.example_key(training.examples[i])
-                                    for i in training.fit],
-        'train_config': dataclasses.asdict(config),
-        'export_config': dataclasses.asdict(export_config),
-    })
+    run_folder.write_json(staged.run_info, _run_info(record, previous, export_config))
+
+
+def _metrics(record: Record, clock: Stopwatch, gzipped_sizes: dict) -> dict:
+  """metrics.json: what the run trained on, chose and measured."""
+  from model import compression
+  fitted, files = record.fitted, record.files
+  model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
+  columns, schedule, report = fitted.columns, fitted.schedule, fitted.report
+  return {
+      'labels': training.labels,
+      'images': {'train': len(training.fit), 'validation': len(training.validation),
+                 'views': len(views.train), 'zoom_outs': views.zoom_outs_per_image * len(training.fit),
+                 'reused_views': views.train.reused,
+                 'reused_view_outputs': views.train.reused_outputs,
+                 'new_view_share': round(report.new_view_share, 3)},
+      'steps': report.steps, 'planned_steps': report.planned_steps,
+      'best_step': report.best_step, 'stopped_early': report.stopped_early,
+      'loss_per_step': [round(v, 5) for v in report.losses],
+      'validation_loss': [[s, round(v, 5)] for s, v in report.validation],
+      'wall_time_s': {**{f'{k}_s': round(v, 2) for k, v in clock.seconds.items()},
+                      'train_loop_s': round(report.seconds, 2),
+                      'total_s': round(clock.total(), 2)},
+      'images_per_s': round(report.views_per_s, 1),
+      'learning_rate': {'class_head': schedule.class_learning_rate,
+                        'box_head': schedule.class_learning_rate * schedule.box_learning_rate_scale},
+      'class_head_init': {label: c.reason for label, c in zip(training.labels, columns)},
+      'file_bytes': {run_folder.TFLITE_FILES[kind]: len(data) for kind, data in files.items()},
+      'file_bytes_gzip': gzipped_sizes,
+      'optimization': {
+          'quantization_aware': config.compression.quantization_aware,
+          'prune_sparsity': config.compression.prune_sparsity,
+          # zeros over the extractor's (depthwise) conv kernels, all of them
+          'extractor_sparsity': round(compression.kernel_sparsity(model.feature_extractor), 4)},
+      'tflite_metadata': bool(files) and _has_metadata(),
+      'choices': fitted.all_choices(),
+      'evaluation': record.evaluation,
+      'history': record.history,
+      'task_stats': dataclasses.asdict(training.stats),
+  }
+
+
+def _run_info(record: Record, previous: Path | None, export_config: ExportConfig) -> dict:
+  """run.json: what the next iteration and the backend need to know of this one."""
+  from model import base_weights
+  fitted = record.fitted
+  model, training, config = fitted.model, fitted.training, fitted.config
+  return {
+      'labels': training.labels, 'input_size': config.input.size,
+      'anchors': dataclasses.asdict(model.config.anchors),
+      'started_from': str(previous) if previous is not None else 'base',
+      'base': base_weights.PACKAGE.spec, 'seed': config.seed,
+      # What a pre-annotation shows: each label's boxes from its threshold on.
+      run_folder.SCORE_THRESHOLDS_KEY: {label: chosen['value'] for label, chosen
+                                        in record.evaluation['score_thresholds'].items()},
+      run_folder.TRAINED_ON_KEY: [tasks_lib.example_key(training.examples[i])
+                                  for i in training.fit],
+      'train_config': dataclasses.asdict(config),
+      'export_config': dataclasses.asdict(export_config),
+  }
 
 
 def _has_metadata() -> bool:

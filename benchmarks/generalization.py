@@ -25,6 +25,8 @@ Synthetic scenes (made once under --work, deterministic):
            common: everyday photos with near and far objects
   large    3 classes, 2 per image, 120-300 px (56-141 px at 300): large objects
            no base class fits
+  classes  9 classes (disc, square, triangle, each in three colours), 6 per
+           image, 30-80 px: many labels, each with few boxes
 Derived from a shared set (made once under --work, same tasks and splits):
   raccoon-faded  raccoon in grey, at a third of its contrast and blurred: a
            label whose base class ("Dog") fits it, but less well
@@ -75,7 +77,8 @@ TEST_IMAGES = 20
 SYNTHETIC = {'crowd': ((30, 60), 12, 60), 'small': ((12, 28), 4, 60),
              'partial': ((30, 60), 12, 60), 'small-many': ((12, 28), 4, 150),
              'crowd-many': ((30, 60), 12, 150), 'mixed': ((16, 240), 4, 60),
-             'large': ((120, 300), 2, 60)}
+             'large': ((120, 300), 2, 60), 'classes': ((30, 80), 6, 60)}
+MANY_LABELS = {'classes'}  # every shape of tests.synthetic, the others disc, square, triangle
 LOG_SIDES = {'mixed'}  # sides drawn uniform in their logarithm
 # name -> (the shared set it is made from, what each image and its task go
 # through); -0.118 is raccoon-fog's mean pixel in [-1, 1].
@@ -89,11 +92,11 @@ DERIVED = {'raccoon-faded': ('raccoon', lambda image, _: faded(image, contrast=0
 
 def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:
   """Makes (once) a synthetic task set of `kind` in `folder`; returns the folder."""
-  from tests.synthetic import make_task_set
+  from tests.synthetic import SHAPES, make_task_set
   tasks_file = folder / 'tasks.json'
   if tasks_file.is_file():
     return folder
-  shapes = ('disc', 'square', 'triangle')
+  shapes = tuple(SHAPES) if kind in MANY_LABELS else ('disc', 'square', 'triangle')
   sides, per_image, images = SYNTHETIC[kind]
   common = dict(shapes=shapes, width=640, height=480, sides=sides, per_image=per_image,
                 log_sides=kind in LOG_SIDES)

@@ -389,7 +389,8 @@ class Trainer:
     maps = [tf.cast(tf.concat(column, 0), tf.float16) for column in zip(*parts)]
     return [features[0], *maps] if split.passes_first_map else maps
 
-  def _validation_loss(self, views: CachedViews) -> float:
+  def validation_loss(self, views: CachedViews) -> float:
+    """Mean loss per view (class + weighted box) of `views`, in batches of 32."""
     total, count = 0.0, 0
     for start in range(0, len(views), 32):
       part = slice(start, start + 32)
@@ -417,62 +418,99 @@ class Trainer:
         as restored (`heads_first_steps`).
     """
     config = self.config
-    extractor_scale = config.schedule.extractor_scale
-    if extractor_scale is None:  # not chosen from the data (`choose_extractor_scale`)
-      extractor_scale = config.schedule.usual_extractor_scale
-    self.rates.set(steps, {'class': learning_rate,
-                           'box': learning_rate * box_learning_rate_scale,
-                           'extractor': learning_rate * extractor_scale},
-                   config.schedule.warmup_fraction)
+    self._set_rates(steps, learning_rate, box_learning_rate_scale)
     cache = ([tf.constant(f) for f in train_views.features],
              tf.constant(train_views.class_targets), tf.constant(train_views.box_targets))
     if self.split.optimized:
       self.split.optimized.begin()
     rng = np.random.default_rng(config.seed)
     batch = min(config.schedule.batch_size, max(1, len(train_views)))
-    losses, validation_losses = [], []
-    stopper, best_weights = EarlyStopping(steps, config.early_stopping), None
-    stopped_early = False
+    losses = []
+    watch = _HeldOut(self, validation, EarlyStopping(steps, config.early_stopping))
     started = time.monotonic()
     odds, new_share = batch_odds(train_views.carried, config.schedule.new_image_share)
     if odds is not None:
       log.info('Views of new or changed images: %d of %d, drawn as %.0f%% of each batch',
                np.sum(~train_views.carried), len(train_views), new_share * 100)
-    step_fn, whole = self.step, cache
-    if (heads_only or heads_first) and self.heads_step is None:
-      self.heads_step = self._step_fn(heads_only=True)
-    if heads_first:
-      step_fn, cache = self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])
+    phases = self._phases(cache, steps, heads_only, heads_first)
     for step in range(1, steps + 1):
-      if heads_first and step == heads_first + 1:
-        step_fn, cache = self.step, whole
-      if step == steps - heads_only + 1:
-        step_fn, cache = self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])
+      step_fn, inputs = phases(step)
       index = rng.choice(len(train_views), size=batch, replace=len(train_views) < batch, p=odds)
-      loss = step_fn(tf.constant(index, tf.int32), *cache)
-      losses.append(float(loss))
-      if validation is not None and (step % config.early_stopping.every == 0 or step == steps):
-        value = self._validation_loss(validation)
-        validation_losses.append((step, value))
-        improved, stopped_early = stopper.observe(step, value)
-        if improved and config.early_stopping.restore_best:
-          best_weights = [v.numpy() for v in self.variables]
-      if progress and (step % 10 == 0 or step == steps or stopped_early):
-        elapsed = time.monotonic() - started
-        rate = step / elapsed if elapsed > 0 else 0.0
-        progress(Progress(step=step, total_steps=steps, loss=float(np.mean(losses[-10:])),
-                          images_per_s=rate * batch,
-                          eta_s=(steps - step) / rate if rate else 0.0))
-      if stopped_early:
+      losses.append(float(step_fn(tf.constant(index, tf.int32), *inputs)))
+      watch.check(step, steps)
+      if progress and (step % 10 == 0 or step == steps or watch.stopped_early):
+        progress(_progress(step, steps, losses, time.monotonic() - started, batch))
+      if watch.stopped_early:
         break
-    if best_weights is not None:  # keep the weights that did best on held-out images
-      for variable, value in zip(self.variables, best_weights):
-        variable.assign(value)
+    watch.restore_best()
     if self.split.optimized:
       self.split.optimized.end(self.split.trainable)
     seconds = time.monotonic() - started
     return TrainReport(steps=len(losses), planned_steps=steps, losses=losses,
-                       validation=validation_losses,
-                       best_step=stopper.best_step if best_weights is not None else len(losses),
-                       stopped_early=stopped_early, seconds=seconds, new_view_share=new_share,
+                       validation=watch.losses, best_step=watch.best_step(len(losses)),
+                       stopped_early=watch.stopped_early, seconds=seconds,
+                       new_view_share=new_share,
                        views_per_s=len(losses) * batch / seconds if seconds else 0.0)
+
+  def _set_rates(self, steps: int, learning_rate: float, box_learning_rate_scale: float) -> None:
+    extractor_scale = self.config.schedule.extractor_scale
+    if extractor_scale is None:  # not chosen from the data (`choose_extractor_scale`)
+      extractor_scale = self.config.schedule.usual_extractor_scale
+    self.rates.set(steps, {'class': learning_rate,
+                           'box': learning_rate * box_learning_rate_scale,
+                           'extractor': learning_rate * extractor_scale},
+                   self.config.schedule.warmup_fraction)
+
+  def _phases(self, cache, steps: int, heads_only: int, heads_first: int):
+    """step -> (the step function, its inputs): the heads alone on the restored
+    extractor's maps for the first `heads_first` steps, the whole step, then the
+    heads alone on the trained extractor's maps for the last `heads_only`."""
+    if (heads_only or heads_first) and self.heads_step is None:
+      self.heads_step = self._step_fn(heads_only=True)
+    current = [self.step, cache]
+    if heads_first:
+      current = [self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])]
+
+    def at(step: int):
+      if heads_first and step == heads_first + 1:
+        current[:] = [self.step, cache]
+      if step == steps - heads_only + 1:
+        current[:] = [self.heads_step, (self.frozen_maps(cache[0]), *cache[1:])]
+      return current
+    return at
+
+
+def _progress(step: int, steps: int, losses: list[float], elapsed: float, batch: int) -> Progress:
+  rate = step / elapsed if elapsed > 0 else 0.0
+  return Progress(step=step, total_steps=steps, loss=float(np.mean(losses[-10:])),
+                  images_per_s=rate * batch, eta_s=(steps - step) / rate if rate else 0.0)
+
+
+class _HeldOut:
+  """The held-out loss every `early_stopping.every` steps, whether to stop, and
+  the weights that did best there (kept when `restore_best`)."""
+
+  def __init__(self, trainer: Trainer, views: CachedViews | None, stopper: EarlyStopping):
+    self.trainer, self.views, self.stopper = trainer, views, stopper
+    self.config = trainer.config.early_stopping
+    self.losses: list[tuple[int, float]] = []
+    self.best_weights = None
+    self.stopped_early = False
+
+  def check(self, step: int, steps: int) -> None:
+    if self.views is None or (step % self.config.every and step != steps):
+      return
+    value = self.trainer.validation_loss(self.views)
+    self.losses.append((step, value))
+    improved, self.stopped_early = self.stopper.observe(step, value)
+    if improved and self.config.restore_best:
+      self.best_weights = [v.numpy() for v in self.trainer.variables]
+
+  def restore_best(self) -> None:
+    """Keeps the weights that did best on held-out images, if any were kept."""
+    if self.best_weights is not None:
+      for variable, value in zip(self.trainer.variables, self.best_weights):
+        variable.assign(value)
+
+  def best_step(self, trained: int) -> int:
+    return self.stopper.best_step if self.best_weights is not None else trained

@@ -41,6 +41,11 @@ SHAPES = {
     'square': ('rectangle', (30, 60, 220)),
     'triangle': ('polygon', (40, 190, 40)),
 }
+# Each shape in two more colours: labels told apart by shape within a colour
+# and by colour within a shape (the benchmarks' many-class set).
+COLOURS = {'yellow': (230, 200, 20), 'purple': (140, 40, 170)}
+SHAPES.update({f'{colour} {shape}': (kind, fill) for shape, (kind, _) in dict(SHAPES).items()
+               for colour, fill in COLOURS.items()})
 
 
 def draw_shape(pixels: np.ndarray, shape: str, box) -> None:

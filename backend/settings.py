@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
-from model.config import (BudgetConfig, CompressionConfig, EarlyStoppingConfig, InputConfig,
-                          Int8TuneConfig, TrainConfig, ViewsConfig)
+from model.config import (TRAINABLE, BudgetConfig, CompressionConfig, EarlyStoppingConfig,
+                          InputConfig, Int8TuneConfig, TrainConfig, ViewsConfig)
 
 
 # Loggers of libraries that print URLs (with any user:password in them) at INFO.
@@ -235,7 +235,7 @@ def _folder(raw: str) -> Path:
 
 
 def _train_mode(raw: str) -> str | None:
-  mode = _choice('auto', 'heads', 'top', 'upper', 'all')(raw)
+  mode = _choice('auto', *TRAINABLE)(raw)
   return None if mode == 'auto' else mode
 
 

@@ -128,8 +128,8 @@ def cmd_predict(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from model.config import (BudgetConfig, CompressionConfig, EarlyStoppingConfig, InputConfig,
-                            TrainConfig, ViewsConfig)
+  from model.config import (TRAINABLE, BudgetConfig, CompressionConfig, EarlyStoppingConfig,
+                            InputConfig, TrainConfig, ViewsConfig)
   parser = argparse.ArgumentParser(prog='python -m model', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--model-dir', help='model directory (default: $MODEL_DIR or ./models)')
@@ -153,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument('--input-size', type=int, default=InputConfig.size,
                      help='model input side in pixels (larger finds smaller objects, costs time; '
                           'default: chosen from the sizes of the labeled boxes)')
-  train.add_argument('--train', choices=['auto', 'heads', 'top', 'upper', 'all'], default='auto',
+  train.add_argument('--train', choices=['auto', *TRAINABLE], default='auto',
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers), those and the '
-                          'stride-16 blocks under them (upper), or everything; default: upper '
+                          'stride-16 blocks under them (upper), all but the stride-8 stem (most: '
+                          'labels told apart by colour), or everything; default: upper '
                           f'from {TrainConfig.upper_from_images} training images on or for mostly '
                           'small boxes, else top')
   train.add_argument('--max-steps', type=int, default=BudgetConfig.max,

@@ -406,6 +406,7 @@ def train_model(model, views: Views, schedule: Schedule, config: TrainConfig, pr
   log.info('Training %s for up to %d steps (batch %d, learning rate %.1e, box head x%g%s)',
            {'heads': 'the heads', 'top': 'the heads and the top of the extractor',
             'upper': 'the heads and the extractor from its stride-16 blocks up',
+            'most': 'the heads and the extractor above its stride-8 stem',
             'all': 'everything'}[config.trainable], schedule.steps, config.schedule.batch_size,
            schedule.class_learning_rate, schedule.box_learning_rate_scale,
            '' if config.trainable == 'heads'

@@ -132,9 +132,10 @@ def _block_output_layer(index: int) -> str:
 
 # What trains of the extractor, by `TrainConfig.trainable`: the first block
 # that trains. 'top' is Conv_1 and the four extra layers (maps 1..5); 'upper'
-# also the stride-16 blocks 13..16, whose first expansion is map 0, so every
-# map adapts.
-FIRST_TRAINED_BLOCK = {'top': len(_INVERTED_RESIDUALS), 'upper': FIRST_MAP_BLOCK}
+# also blocks 13..16, whose first expansion is map 0, so every map adapts;
+# 'most' also blocks 6..12, from the first at stride 16: only the stride-8
+# stem stays frozen (blocks 0..12 hand on little of an object's colour).
+FIRST_TRAINED_BLOCK = {'top': len(_INVERTED_RESIDUALS), 'upper': FIRST_MAP_BLOCK, 'most': 6}
 
 
 def split_extractor(feature_extractor: tf_keras.Model, first_block: int = FIRST_TRAINED_BLOCK['top']

@@ -41,7 +41,7 @@ def trained_by_mode(base_paths, shapes_dataset):
   tasks = load_tasks_file(shapes_dataset / 'tasks.json')
   return {mode: pipeline.fit(tasks, shapes_dataset, base_paths.model_dir, pipeline.Stopwatch(),
                              max_images=4, config=TrainConfig(trainable=mode).with_overrides(SHORT))
-          for mode in ('heads', 'top', 'upper', 'all')}
+          for mode in ('heads', 'top', 'upper', 'most', 'all')}
 
 
 def test_heads_mode_leaves_the_extractor_as_restored(trained_by_mode, base_model):
@@ -59,6 +59,16 @@ def test_upper_mode_trains_the_stride_16_blocks_and_the_top(trained_by_mode, bas
            if layer.name.startswith(blocks) and layer.get_weights()}
   assert len(upper) == 4 * 3  # expand, depthwise, project in each of blocks 13..16
   assert changed_layers(trained, base_model[0]) == top_layer_names() | upper
+
+
+def test_most_mode_trains_all_but_the_stride_8_stem(trained_by_mode, base_model):
+  trained = trained_by_mode['most'].model
+  first = ssd_lib.FIRST_TRAINED_BLOCK['most']
+  blocks = tuple(f'expanded_conv_{index}_' for index in range(first, 17))
+  most = {layer.name for layer in trained.feature_extractor.layers
+          if layer.name.startswith(blocks) and layer.get_weights()}
+  assert len(most) == (17 - first) * 3  # expand, depthwise, project in each of blocks 6..16
+  assert changed_layers(trained, base_model[0]) == top_layer_names() | most
 
 
 def test_all_mode_trains_the_backbone_too(trained_by_mode, base_model):
@@ -211,6 +221,10 @@ def test_split_extractor_reproduces_the_feature_maps(base_model):
   trunk, upper = ssd_lib.split_extractor(extractor, ssd_lib.FIRST_TRAINED_BLOCK['upper'])
   assert trunk.output.shape[1:] == (19, 19, 96)  # block 12's output, under map 0
   for a, b in zip(whole, upper(trunk(image))):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+  trunk, most = ssd_lib.split_extractor(extractor, ssd_lib.FIRST_TRAINED_BLOCK['most'])
+  assert trunk.output.shape[1:] == (38, 38, 32)  # block 5's output, at stride 8
+  for a, b in zip(whole, most(trunk(image))):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 

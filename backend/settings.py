@@ -88,8 +88,8 @@ class Settings:
   train_debounce_s: float = 10.0
   # Cap on a training run's steps (the budget grows with the images up to it),
   # and what trains: 'heads', 'top' (heads + top of the extractor), 'upper' (+ its
-  # stride-16 blocks), 'all'; None ('auto'): upper with many images or mostly small
-  # boxes, else top (TrainConfig.choose_trainable).
+  # stride-16 blocks), 'most' (all but the stride-8 stem), 'all'; None ('auto'):
+  # upper with many images or mostly small boxes, else top (TrainConfig.choose_trainable).
   train_max_steps: int = BudgetConfig.max
   # From this many labeled images on, a tenth are held out for early stopping and
   # held-out mAP instead of training (0: never).

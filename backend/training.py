@@ -33,7 +33,7 @@ class TrainingStatus:
   state: str = 'idle'  # idle | queued | running | failed
   # While running: fetching, downloading_images, then the pipeline's stages
   # (load_examples, build_model, make_views, start_class_head, train, export, evaluate,
-  # tune_int8, publish, export_later).
+  # tune_int8, publish, after_publishing).
   stage: str | None = None
   step: int = 0
   total_steps: int = 0

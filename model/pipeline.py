@@ -13,7 +13,9 @@
                      the float .tflite when it was exported; the int8 file's too)
   tune_int8          a quantization-aware tail for the int8 file where it loses
                      to the float one on the held-out images (`int8_tune`)
-  publish            everything into a run folder, renamed into place (`run_folder`)
+  publish            what serves the version and starts the next one into a run
+                     folder, renamed into place (`run_folder`); the views, the
+                     report and a .tflite made later follow it (`add_followers`)
 
 `train_iteration` calls them in that order: `fit` the first five (a trained
 model, for benchmarks that export it several ways), then the last four. An
@@ -746,18 +748,13 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
   later = tuple(kind for kind in export_later if kind not in files)  # by-products are there
   with clock.stage('publish'):
     publish(out_dir, record, clock, previous=previous, export_config=export_config,
-            pending=later)
+            pending=(*(RunPaths(out_dir).tflite(kind).name for kind in later),
+                     run_folder.REPORT_FILE))
   log.info('Iteration published at %s (%.1f s in all)', out_dir, clock.total())
-  if previous is not None:  # its views moved on to this iteration: keep one copy per chain
-    RunPaths(previous).views.unlink(missing_ok=True)
   if on_published is not None:
     on_published(RunPaths(out_dir))
-  if later:
-    with clock.stage('export_later'):
-      for kind, data in export_model(model, views, training.labels, export_config,
-                                     later).items():
-        run_folder.add_file(out_dir, RunPaths(out_dir).tflite(kind).name, data)
-    log.info('Added %s to %s', ', '.join(later), out_dir)
+  with clock.stage('after_publishing'):
+    add_followers(out_dir, record, previous, later, export_config)
   from model import model_pool
   model_pool.give_back(fitted.built)  # done with it: the next iteration may restore into it
   return RunPaths(out_dir)
@@ -776,35 +773,51 @@ class Record:
 
 def publish(out_dir: Path, record: Record, clock: Stopwatch, *, previous: Path | None,
             export_config: ExportConfig, pending: tuple[str, ...] = ()) -> None:
-  """Writes the run folder into a staging folder and renames it into place."""
+  """Writes what serves the version and starts the next iteration into a staging
+  folder and renames it into place; `pending` names the files to follow."""
   from model import compression, ssd as ssd_lib
-  from model.report import write_report
   fitted, files = record.fitted, record.files
-  model, training, views, config = fitted.model, fitted.training, fitted.views, fitted.config
-  report = fitted.report
   names = {run_folder.TFLITE_FILES[kind]: data for kind, data in files.items()}
   with run_folder.published_folder(out_dir) as staging, \
-      concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix='publish') as pool:
+      concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix='publish') as pool:
     staged = RunPaths(staging)
-    # zlib and file writes let go of the interpreter lock: the files compress and
-    # the views are written while the report is drawn and the rest is written.
-    gzipped = pool.submit(lambda: {name: compression.gzipped_size(data)
-                                   for name, data in names.items()})
-    stored = config.views.carry_over and views.stored(training.labels, config.views.max_cached)
-    views_saved = pool.submit(stored.save, staged.views) if stored else None
-    reported = pool.submit(write_report, staged.report, report.losses, report.validation,
-                           record.history, record.samples)
-    ssd_lib.checkpoint_for(model).write(str(staged.checkpoint_prefix))
-    run_folder.write_labels_file(staged.labels, training.labels)
+    # zlib lets go of the interpreter lock: the files compress while the rest is written.
+    gzipped = {name: pool.submit(compression.gzipped_size, data) for name, data in names.items()}
+    ssd_lib.checkpoint_for(fitted.model).write(str(staged.checkpoint_prefix))
+    run_folder.write_labels_file(staged.labels, fitted.training.labels)
     for kind, data in files.items():
       staged.tflite(kind).write_bytes(data)
-    run_folder.write_json(staged.metrics, _metrics(record, clock, gzipped.result()))
-    reported.result()
-    if views_saved is not None:
-      views_saved.result()
+    sizes = {name: size.result() for name, size in gzipped.items()}
+    run_folder.write_json(staged.metrics, _metrics(record, clock, sizes))
     if pending:
-      run_folder.mark_pending(staging, [staged.tflite(kind).name for kind in pending])
+      run_folder.mark_pending(staging, list(pending))
     run_folder.write_json(staged.run_info, _run_info(record, previous, export_config))
+
+
+def add_followers(out_dir: Path, record: Record, previous: Path | None, later: tuple[str, ...],
+                  export_config: ExportConfig) -> None:
+  """What a published run gets next: the views the next iteration reuses (then
+  the chain's older copy goes), report.png, and the .tflite files of `later`."""
+  from model.report import write_report
+  fitted = record.fitted
+  views, training, report = fitted.views, fitted.training, fitted.report
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='views') as pool:
+    # File writes let go of the interpreter lock: the views are written while the report is drawn.
+    stored = fitted.config.views.carry_over and views.stored(training.labels,
+                                                             fitted.config.views.max_cached)
+    saved = pool.submit(run_folder.add_written, out_dir, run_folder.VIEWS_FILE,
+                        stored.save) if stored else None
+    run_folder.add_written(out_dir, run_folder.REPORT_FILE, lambda path: write_report(
+        path, report.losses, report.validation, record.history, record.samples))
+    if saved is not None:
+      saved.result()
+  if previous is not None:  # its views moved on to this iteration: keep one copy per chain
+    RunPaths(previous).views.unlink(missing_ok=True)
+  if later:
+    for kind, data in export_model(fitted.model, views, training.labels, export_config,
+                                   later).items():
+      run_folder.add_file(out_dir, RunPaths(out_dir).tflite(kind).name, data)
+    log.info('Added %s to %s', ', '.join(later), out_dir)
 
 
 def _metrics(record: Record, clock: Stopwatch, gzipped_sizes: dict) -> dict:

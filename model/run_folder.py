@@ -16,6 +16,9 @@
 Folders (runs, the converted base) are written into a staging folder
 `.<name>.<random>` beside their target and renamed into place by
 `published_folder`, so a crash or kill never leaves half a folder behind.
+What serving does not need and the next iteration can do without (report.png,
+views.npz, a .tflite the backend does not serve) is added to the published
+folder afterwards, each file by a rename (`add_file`); a kill leaves it out.
 No TensorFlow at import: the backend reads run folders too.
 """
 
@@ -31,7 +34,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 FLOAT, INT8 = 'float', 'int8'
 TFLITE_FILES = {FLOAT: 'model.tflite', INT8: 'model_int8.tflite'}
@@ -46,8 +49,8 @@ SCORE_THRESHOLDS_KEY = 'score_thresholds'
 # run.json's keys (`tasks.example_key`) of the images the run trained on: the next
 # iteration's new images are those it lacks.
 TRAINED_ON_KEY = 'trained_on'
-# Names the .tflite files a published run has yet to get (`add_file`) and the process
-# writing them; gone when none are left.
+# Names the artifacts a published run has yet to get (`add_file`: its report, a .tflite
+# made after publishing) and the process writing them; gone when none are left.
 PENDING_FILE = 'pending.json'
 # A writer on another host (a Redis worker sharing MODEL_DIR) is trusted this long;
 # on this host, while its process lives.
@@ -131,6 +134,14 @@ def _run_info_value(run_dir: Path, key: str):
     return None
 
 
+def read_trainable(run_dir: Path) -> str | None:
+  """What trained in the run (`TrainConfig.trainable` as chosen); None where run.json
+  does not say (an older run) or cannot be read."""
+  config = _run_info_value(run_dir, 'train_config')
+  trainable = config.get('trainable') if isinstance(config, dict) else None
+  return trainable if isinstance(trainable, str) else None
+
+
 def read_score_thresholds(run_dir: Path) -> dict[str, float]:
   """label -> the run's score threshold for pre-annotations; {} where run.json has
   none (an older run) or cannot be read."""
@@ -180,11 +191,19 @@ def _process_lives(pid: int) -> bool:
 
 def add_file(run_dir: Path, name: str, data: bytes) -> None:
   """Adds a file to a published run atomically (a rename), then drops it from the pending ones."""
+  add_written(run_dir, name, lambda path: path.write_bytes(data))
+
+
+def add_written(run_dir: Path, name: str, write: Callable[[Path], object]) -> None:
+  """`add_file` of what `write` writes to the path it is given (which keeps `name`'s suffix)."""
   run_dir = Path(run_dir)
-  partial = run_dir / f'.{name}.partial'
-  partial.write_bytes(data)
+  partial = run_dir / f'.partial.{name}'
+  write(partial)
   partial.replace(run_dir / name)
-  left = [n for n in pending_files(run_dir) if n != name]
+  pending = pending_files(run_dir)
+  if name not in pending:  # (views.npz is never listed: it may be written beside one that is)
+    return
+  left = [n for n in pending if n != name]
   if left:
     mark_pending(run_dir, left)
   else:

@@ -47,14 +47,15 @@ def test_kill_during_export_leaves_the_published_version_serving(base_paths, tra
 
 @pytest.mark.parametrize('served, files_at_publish, pending', [
     # the float file is converted first anyway: int8 is quantized from it
-    ('int8', ['model.tflite', 'model_int8.tflite'], []),
-    ('float', ['model.tflite'], ['model_int8.tflite']),
+    ('int8', ['model.tflite', 'model_int8.tflite'], ['report.png']),
+    ('float', ['model.tflite'], ['model_int8.tflite', 'report.png']),
 ])
 def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shapes_dataset,
                                                                tmp_path, served,
                                                                files_at_publish, pending):
   """What the backend does: the version serves as soon as its own file is there; a file
-  not made on the way is added afterwards and the listing says it is pending until then."""
+  not made on the way, and the report, are added afterwards and the listing says they
+  are pending until then."""
   from model import pipeline, tasks as tasks_lib
   from model.config import TrainConfig
   model_dir = tmp_path / 'models'
@@ -65,7 +66,7 @@ def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shape
   seen = {}
 
   def published(run):
-    seen['files'] = sorted(p.name for p in run.root.iterdir() if p.suffix == '.tflite')
+    seen['files'] = sorted(p.name for p in run.root.iterdir() if p.suffix in ('.tflite', '.png'))
     seen['pending'] = store.listing(7)[0]['pending']
     seen['serving'] = store.current(7).tflite.name
   tasks = tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json')
@@ -77,8 +78,9 @@ def test_the_served_file_publishes_first_and_the_other_follows(base_paths, shape
   assert seen == {'files': files_at_publish, 'pending': pending,
                   'serving': RunPaths(out).tflite(served).name}
   (listed,) = store.listing(7)
-  assert listed['pending'] == [] and {'model.tflite', 'model_int8.tflite'} <= {
+  assert listed['pending'] == [] and {'model.tflite', 'model_int8.tflite', 'report.png'} <= {
       f['name'] for f in listed['files']}
+  assert RunPaths(out).views.is_file()  # for the next iteration
   assert sorted(p.name for p in out.iterdir() if p.name.startswith('.')) == []
 
 
@@ -98,3 +100,16 @@ def test_files_pending_from_a_killed_writer_are_not_pending(tmp_path, monkeypatc
   assert run_folder.pending_files(tmp_path) == ['model.tflite']
   monkeypatch.setattr(run_folder.time, 'time', lambda: record['since'] + run_folder.PENDING_TRUST_S)
   assert run_folder.pending_files(tmp_path) == []
+
+
+def test_a_file_added_beside_the_pending_ones_leaves_them_pending(tmp_path):
+  """views.npz is written in a thread while the report is drawn: adding it must not
+  touch pending.json, or it could write it back after the report's add removed it."""
+  from model import run_folder
+  run_folder.mark_pending(tmp_path, ['report.png'])
+  record = (tmp_path / run_folder.PENDING_FILE).read_bytes()
+  run_folder.add_written(tmp_path, 'views.npz', lambda path: path.write_bytes(b'views'))
+  assert (tmp_path / run_folder.PENDING_FILE).read_bytes() == record
+  run_folder.add_file(tmp_path, 'report.png', b'png')
+  assert run_folder.pending_files(tmp_path) == []
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['report.png', 'views.npz']

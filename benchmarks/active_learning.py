@@ -64,6 +64,9 @@ class Dataset:
     return [t for t in self.tasks if t['id'] in labeled
             or (t.get('meta') or {}).get('split') == tasks_lib.TEST]
 
+  def example(self, task_id) -> tasks_lib.Example:
+    return self._examples[task_id]
+
   def image(self, task_id):
     if task_id not in self._images:
       (image,) = tasks_lib.load_example_images([self._examples[task_id]], self.root)[1]

@@ -644,9 +644,11 @@ class TrainConfig:
   layers, which make five of the six maps), 'upper' (also the stride-16
   blocks under them, so all six maps adapt), 'most' (also the blocks from the
   first at stride 16: what labels told apart by colour need, ~1.5x 'upper')
-  or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'upper' from
-  `upper_from_images` training images on or when most boxes fit the lowest
-  map's anchors, 'top' otherwise (`choose_trainable`). What is frozen is computed once per view
+  or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'most' where the
+  previous version mixed up labels on the images labeled since or with many
+  images of small objects, 'upper' from `upper_from_images` training images on
+  or when most boxes fit the lowest map's anchors, 'top' otherwise
+  (`choose_trainable`). What is frozen is computed once per view
   and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
   """
 
@@ -655,6 +657,18 @@ class TrainConfig:
   upper_from_images: int = 100
   # ... or when more than this share of the labeled boxes fit the lowest map best.
   upper_from_lowest_map_share: float = 0.5
+  # 'most' where the previous version named at least this share of the boxes it
+  # found on the images labeled since (scoring the default pre-annotation
+  # threshold or more; at least `most_from_found_boxes` of them) by another label:
+  # labels told apart by colour, which the blocks 'upper' freezes lose (choices.md).
+  # None: never.
+  most_from_other_label_share: float | None = 0.2
+  most_from_found_boxes: int = 10
+  # ... and from this many training images on where most boxes fit the lowest map
+  # (small objects): BCCD with all images 0.844 -> 0.892 mAP@0.5 (platelets 0.75
+  # -> 0.85), the 150-image small shapes 0.84 -> 0.99; raccoon, whose boxes are
+  # large, keeps 'upper' (0.963; 'most' 0.945). None: never.
+  most_from_images_of_small_objects: int | None = 100
   input: InputConfig = InputConfig()
   warm_start: WarmStartConfig = WarmStartConfig()
   budget: BudgetConfig = BudgetConfig()
@@ -700,8 +714,8 @@ class TrainConfig:
     `upper_from_lowest_map_share`): what several choices treat as small objects."""
     return lowest_map_share > self.upper_from_lowest_map_share
 
-  def choose_trainable(self, num_images: int, lowest_map_share: float = 0.0
-                       ) -> tuple[str, str]:
+  def choose_trainable(self, num_images: int, lowest_map_share: float = 0.0,
+                       other_labels: tuple[int, int] | None = None) -> tuple[str, str]:
     """What trains, and why: more of the extractor once images are many enough to
     teach it (sharper boxes: raccoon 160 images mAP 0.644 -> 0.688, BCCD 0.433 -> 0.496),
     or when most boxes fit the lowest feature map's anchors: the top does not
@@ -712,9 +726,22 @@ class TrainConfig:
     Args:
       lowest_map_share: the share of the labeled boxes whose best-fitting
         anchors are the lowest map's (`pipeline.lowest_map_share`).
+      other_labels: (found under another label, found) of the boxes on the images
+        labeled since the previous version, as it detected them
+        (`evaluate.found_under_other_labels`); None: no such images.
     """
     if self.trainable is not None:
       return self.trainable, 'set'
+    other, found = other_labels or (0, 0)
+    share = self.most_from_other_label_share
+    if share is not None and found >= self.most_from_found_boxes and other >= share * found:
+      return 'most', (f'the previous version named {other} of the {found} boxes it found on '
+                      f'the images labeled since by another label (from {share:.0%} on)')
+    many_small = self.most_from_images_of_small_objects
+    if (many_small is not None and num_images >= many_small
+        and self.small_objects(lowest_map_share)):
+      return 'most', (f'{num_images} training images (from {many_small} on) and '
+                      f'{lowest_map_share:.0%} of the boxes on the lowest feature map')
     if num_images >= self.upper_from_images:
       return 'upper', f'{num_images} training images (from {self.upper_from_images} on)'
     if self.small_objects(lowest_map_share):

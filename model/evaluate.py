@@ -99,6 +99,31 @@ def coco_map(examples: list[Example], images: list[Image.Image],
           'images': len(examples), 'boxes': boxes}
 
 
+def found_under_other_labels(examples: list[Example], images: list[Image.Image],
+                             detections: list[list[Detection]], labels: list[str],
+                             min_score: float) -> tuple[int, int]:
+  """(labeled boxes found under another label, labeled boxes found), of the boxes
+  whose label is among the detector's `labels` (it cannot name the others).
+
+  A box is found where detections scoring `min_score` or more overlap it at
+  IoU `MATCH_IOU` or more; the best-scoring of them names it.
+  """
+  from model.boxes import iou_xyxy, normalized_yxyx_to_pixel_xyxy
+  from model.score_thresholds import MATCH_IOU
+  other = found = 0
+  for example, image, image_found in zip(examples, images, detections):
+    shown = [d for d in image_found if d.score >= min_score]
+    truth = normalized_yxyx_to_pixel_xyxy(example.boxes, image.width, image.height)
+    for box, label in zip(truth, example.labels):
+      if label not in labels:
+        continue
+      overlapping = [d for d in shown if iou_xyxy(d.box, box) >= MATCH_IOU]
+      if overlapping:
+        found += 1
+        other += max(overlapping, key=lambda d: d.score).label != label
+  return other, found
+
+
 # Detections down to this score reach COCO evaluation: it ranks them all, so the tail counts.
 MIN_SCORE = 0.01
 

@@ -1,6 +1,8 @@
 """One training iteration, as a short pipeline of named stages.
 
-  load_examples      Label Studio tasks -> training images, labels, held-out split
+  load_examples      Label Studio tasks -> training images, labels, held-out split;
+                     the previous version's detections on the images labeled since
+                     (`later_images`), and the choices the data makes (`choose_settings`)
   build_model        the SSD with extractor + box head restored from the base or
                      the previous iteration (`warm_start`), into the last
                      iteration's model where it fits (`model_pool`)
@@ -154,8 +156,10 @@ def lowest_map_share(examples, ssd_config) -> float:
                                  boxes[:, 3] - boxes[:, 1]) == 0))
 
 
-def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainConfig, dict]:
-  """Fills in what `config` leaves to the data.
+def choose_settings(config: TrainConfig, training: TrainingSet,
+                    later: 'LaterImages | None' = None) -> tuple[TrainConfig, dict]:
+  """Fills in what `config` leaves to the data, and to how the previous version did on
+  the images labeled since (`later`).
 
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
@@ -169,7 +173,9 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
       examples, dataclasses.replace(config.input, size=size).ssd_config(1))
   many, many_why = config.choose_many_images(on_lowest_map)
   config = config.with_overrides({'views.many_images': many})  # the extractor's rate follows it
-  trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map)
+  other_labels = later.other_labels(config.score_thresholds.default) if later else None
+  trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map,
+                                                     other_labels)
   extractor_scale, extractor_why = config.choose_extractor_scale(len(training.fit), on_lowest_map)
   adaptive, adaptive_why = config.matching.choose_adaptive(
       min(sides.values(), default=1.0), config.input.anchors.lowest_layer_scale)
@@ -177,7 +183,9 @@ def choose_settings(config: TrainConfig, training: TrainingSet) -> tuple[TrainCo
                                  'schedule.extractor_scale': extractor_scale,
                                  'matching.adaptive_views': adaptive}),
           {'input_size': {'value': size, 'why': size_why},
-           'trainable': {'value': trainable, 'why': trainable_why},
+           'trainable': {'value': trainable, 'why': trainable_why,
+                         # (boxes the previous version named by another label, found)
+                         'other_labels_since': other_labels},
            'extractor_learning_rate_scale': {'value': extractor_scale, 'why': extractor_why},
            'adaptive_matching': {'value': adaptive, 'why': adaptive_why},
            'many_views_from_images': {'value': many, 'why': many_why}})
@@ -358,12 +366,19 @@ class Schedule:
   heads_first_why: str = ''
 
 
-def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Views) -> Schedule:
+def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Views,
+                  previous: Path | None = None) -> Schedule:
   """Steps and learning rates; a warm start that knows every label already trains
-  less, the less of its images are new."""
+  less, the less of its images are new, unless more of the extractor trains now
+  than in the `previous` iteration."""
+  from model.config import TRAINABLE
   from model.train import heads_first_steps, heads_only_steps
   fresh = any(c.head is None for c in columns)
-  steps, why = plan_steps(num_images, columns, fresh, config.budget, views.train.new_share())
+  before = run_folder.read_trainable(previous) if previous is not None else None
+  grown = (f'{before} -> {config.trainable}' if before in TRAINABLE
+           and TRAINABLE.index(config.trainable) > TRAINABLE.index(before) else None)
+  steps, why = plan_steps(num_images, columns, fresh, config.budget, views.train.new_share(),
+                          grown)
   return Schedule(steps,
                   config.class_learning_rate(num_images, fresh),
                   config.box_learning_rate_scale(num_images), why,
@@ -372,11 +387,15 @@ def plan_schedule(num_images: int, columns: list, config: TrainConfig, views: Vi
 
 
 def plan_steps(num_images: int, columns: list, fresh: bool, budget: BudgetConfig,
-               new_share: float) -> tuple[int, str]:
-  """The run's steps and why: a warm start's share of the budget, more where a
-  class column starts `fresh`, less where every one starts from a good fit."""
+               new_share: float, grown: str | None = None) -> tuple[int, str]:
+  """The run's steps and why: a warm start's share of the budget (the whole of it
+  where what trains `grown` since its previous iteration), more where a class
+  column starts `fresh`, less where every one starts from a good fit."""
   from model.warm_start import KEPT
   plain, why = budget.steps(num_images), 'step budget for the images'
+  if all(c.reason == KEPT for c in columns) and grown:
+    return plain, (f'{why}: the previous iteration knows every label, but more of the '
+                   f'extractor trains now ({grown})')
   if all(c.reason == KEPT for c in columns):
     return budget.steps(num_images, True, new_share), (
         f'{why}, x{budget.warm_share(new_share):g}: the previous iteration knows every '
@@ -445,13 +464,13 @@ def traced_meanwhile(trainer):
 
 
 def evaluate_model(model, training: TrainingSet, previous: Path | None, files: dict[str, bytes],
-                   thresholds: ScoreThresholdConfig):
+                   thresholds: ScoreThresholdConfig, later: 'LaterImages | None' = None):
   """Validation mAP (when images are held out), each label's score threshold, the
   history with this iteration, report samples, of the float .tflite when there is one
   (what serves; the checkpoint's detector would be traced first, about a second), else
   of the checkpoint; the int8 file's held-out mAP too. Thresholds, and the previous
   iteration's entry in the history, also draw on the `previous` run's detections of
-  the images it did not train on (`later_images`).
+  the images it did not train on (`later`: `later_images`).
 
   Returns:
     (evaluation dict, history, [(image, detections)] for report.png).
@@ -470,7 +489,6 @@ def evaluate_model(model, training: TrainingSet, previous: Path | None, files: d
     if 'int8' in files:
       evaluation['validation_int8'] = held_out_map(training, files['int8'])
       log.info('Validation mAP@0.5 of the int8 file %.3f', evaluation['validation_int8']['map50'])
-  later = later_images(training, previous, thresholds.previous_images)
   evaluation['score_thresholds'] = choose_thresholds(
       score_thresholds.match(*held_out, found, training.labels), later, thresholds)
   history = earlier_history(previous, later)
@@ -503,6 +521,11 @@ class LaterImages:
     except ValueError:  # none of its labels among their boxes
       map50 = None
     return {'images': len(self.found), 'map50': map50}
+
+  def other_labels(self, min_score: float) -> tuple[int, int]:
+    """(boxes it found under another label, boxes it found): `evaluate.found_under_other_labels`."""
+    from model.evaluate import found_under_other_labels
+    return found_under_other_labels(*self.truth, self.found, self.labels, min_score)
 
 
 def later_images(training: TrainingSet, previous: Path | None, at_most: int) -> LaterImages | None:
@@ -627,6 +650,7 @@ class Fitted:
   schedule: Schedule
   report: object
   built: object = None  # the `model_pool.Built` the model came in
+  later: 'LaterImages | None' = None  # the images labeled since the previous version
 
   def all_choices(self) -> dict:
     """Every choice made from the data, with its value (and why, where it is not a formula)."""
@@ -654,7 +678,8 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
   with clock.stage('load_examples'):
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
     training = load_examples(tasks, images_root, config, previous_labels, max_images)
-    config, choices = choose_settings(config, training)
+    later = later_images(training, previous, config.score_thresholds.previous_images)
+    config, choices = choose_settings(config, training, later)
   with clock.stage('build_model'):
     sources = load_sources(model_dir, previous)
     built = build_model(training.labels, sources, config)
@@ -666,10 +691,11 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     views = make_views(model, built.split, training, config, previous)
   with clock.stage('start_class_head'):
     columns = start_class_head(model, training.labels, sources, views, config)
-  schedule = plan_schedule(len(training.fit), columns, config, views)
+  schedule = plan_schedule(len(training.fit), columns, config, views, previous)
   with clock.stage('train'):
     report = train_model(model, views, schedule, config, progress, trainer)
-  return Fitted(model, training, views, config, choices, columns, schedule, report, built)
+  return Fitted(model, training, views, config, choices, columns, schedule, report, built,
+                later)
 
 
 _warmed_up = False
@@ -739,7 +765,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     files = export_model(model, views, training.labels, export_config, export_kinds)
   with clock.stage('evaluate'):
     evaluation, history, samples = evaluate_model(model, training, previous, files,
-                                                  fitted.config.score_thresholds)
+                                                  fitted.config.score_thresholds, fitted.later)
   if 'int8' in files:
     with clock.stage('tune_int8'):
       files['int8'], evaluation['int8_tune'] = tune_int8(fitted, files['int8'], evaluation,

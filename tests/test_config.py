@@ -116,6 +116,23 @@ def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
   assert config.choose_trainable(10, lowest_map_share=0.9)[0] == 'upper'
   assert config.choose_trainable(10, lowest_map_share=0.5)[0] == 'top'
   assert TrainConfig(trainable='heads').choose_trainable(500, 1.0) == ('heads', 'set')
+  # Many images of small objects: all but the stride-8 stem.
+  assert config.choose_trainable(config.most_from_images_of_small_objects, 0.9)[0] == 'most'
+  assert config.choose_trainable(config.most_from_images_of_small_objects - 1, 0.9)[0] == 'upper'
+  assert config.choose_trainable(500, 0.3)[0] == 'upper'
+
+
+def test_most_of_the_extractor_trains_where_the_previous_version_mixed_up_labels():
+  config = TrainConfig()
+  share, least = config.most_from_other_label_share, config.most_from_found_boxes
+  assert config.choose_trainable(10, 0.0, (round(share * 40), 40))[0] == 'most'
+  assert config.choose_trainable(500, 0.9, (round(share * 40), 40))[0] == 'most'
+  assert config.choose_trainable(10, 0.0, (round(share * 40) - 1, 40))[0] == 'top'
+  assert config.choose_trainable(10, 0.0, (least - 1, least - 1))[0] == 'top'  # too few to tell
+  assert config.choose_trainable(10, 0.0, None)[0] == 'top'
+  assert TrainConfig(trainable='upper').choose_trainable(10, 0.0, (40, 40))[0] == 'upper'
+  never = config.with_overrides({'most_from_other_label_share': None})
+  assert never.choose_trainable(10, 0.0, (40, 40))[0] == 'top'
 
 
 def test_the_extractor_moves_faster_only_with_many_images_of_boxes_on_the_lowest_map():

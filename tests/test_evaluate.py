@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from model.boxes import Detection
-from model.evaluate import coco_map
+from model.evaluate import coco_map, found_under_other_labels
 from model.tasks import Example
 
 IMAGE = Image.new('RGB', (200, 100))
@@ -42,3 +42,18 @@ def test_labels_the_model_does_not_have_are_left_out_and_none_at_all_is_an_error
   assert only_cats['map50'] == pytest.approx(1.0) and only_cats['boxes'] == 1
   with pytest.raises(ValueError, match='no ground-truth boxes'):
     coco_map([TRUTH], [IMAGE], [[CAT]], ['bird'])
+
+
+def test_a_box_is_named_by_the_best_scoring_detection_over_it_and_weak_ones_are_not_shown():
+  labels, dog_over_cat = ['cat', 'dog'], Detection('dog', 0.6, (12, 10, 80, 88))
+
+  def named(found, min_score=0.35, known=labels):
+    return found_under_other_labels([TRUTH], [IMAGE], [found], known, min_score)
+  assert named([CAT, DOG]) == (0, 2)
+  assert named([CAT, dog_over_cat, DOG]) == (0, 2)
+  assert named([dog_over_cat, DOG]) == (1, 2)
+  # Under the score shown, or beside the box (IoU < 0.5): not found at all.
+  assert named([dog_over_cat, DOG], min_score=0.7) == (0, 1)
+  assert named([Detection('dog', 0.9, (60, 10, 130, 90))]) == (0, 0)
+  # A label the detector does not know (new since) is not counted against it.
+  assert named([dog_over_cat, DOG], known=['dog']) == (0, 1)

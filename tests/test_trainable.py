@@ -269,3 +269,26 @@ def test_fitted_columns_train_a_share_of_the_first_images_budget_and_say_so(trai
   assert 'every class column starts from a fitted one' in from_base.steps_why
   assert 'scores under 0.1 on its boxes' in weak.steps_why
   assert from_base.heads_first_steps == weak.heads_first_steps == 0
+
+
+def test_a_warm_start_that_trains_more_of_the_extractor_takes_the_whole_budget(trained_by_mode,
+                                                                               tmp_path):
+  """Where more trains than in the previous iteration ('upper' after 'top', 'most' chosen
+  for labels mixed up), the added blocks are not warm: the share of a warm start is not
+  enough for them."""
+  import dataclasses
+  import json
+  from model.config import TrainConfig
+  from model.run_folder import RUN_INFO_FILE
+  from model.warm_start import KEPT
+  fitted = trained_by_mode['top']
+  kept = [dataclasses.replace(c, head=object(), reason=KEPT) for c in fitted.columns]
+  (tmp_path / RUN_INFO_FILE).write_text(json.dumps({'train_config': {'trainable': 'top'}}))
+
+  def planned(trainable):
+    return pipeline.plan_schedule(10, kept, TrainConfig(trainable=trainable), fitted.views,
+                                  tmp_path)
+  grown, same = planned('upper'), planned('top')
+  assert (grown.steps, same.steps) == (325, 162)
+  assert 'more of the extractor trains now (top -> upper)' in grown.steps_why
+  assert 'knows every label' in same.steps_why

@@ -643,7 +643,7 @@ class TrainConfig:
   maps, as in the notebook), 'top' (also Conv_1 and the four SSD extra
   layers, which make five of the six maps), 'upper' (also the stride-16
   blocks under them, so all six maps adapt), 'most' (also the blocks from the
-  first at stride 16: what labels told apart by colour need, ~1.5x 'upper')
+  first at stride 16: what labels told apart by colour need, ~1.5-2x 'upper')
   or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'most' where the
   previous version mixed up labels on the images labeled since or with many
   images of small objects, 'upper' from `upper_from_images` training images on

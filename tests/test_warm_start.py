@@ -217,3 +217,28 @@ def test_the_previous_run_detects_the_new_images_only_and_at_most_so_many(traine
   assert [e.task_id for e in later.truth[0]] == [e.task_id for e in new.examples[:4]]
   assert all(later.found) and later.score()['images'] == 4
   assert pipeline.later_images(new, None, at_most=4) is None
+
+
+def test_labels_the_previous_version_mixed_up_make_most_of_the_extractor_train(
+    trained_run, tmp_path, base_paths):
+  """Images labeled since whose discs are labeled square and squares disc (as a red and
+  a yellow ball would be mixed up): the previous version names them by the other label,
+  so this iteration trains 'most', on the whole budget rather than a warm start's share."""
+  tasks = json.loads(json.dumps(make_task_set(tmp_path, 6, ('disc', 'square'), 'train', seed=5))
+                     .replace('"disc"', '"-"').replace('"square"', '"disc"')
+                     .replace('"-"', '"square"'))
+  config = TINY.with_overrides({'most_from_found_boxes': 5})  # 6 images, a shape each
+  fitted = pipeline.fit(tasks, tmp_path, base_paths.model_dir, pipeline.Stopwatch(),
+                        previous=trained_run, config=config)
+  chosen = fitted.all_choices()['trainable']
+  other, found = chosen['other_labels_since']
+  assert found >= 5 and other >= 0.8 * found, chosen
+  assert fitted.config.trainable == 'most' and 'by another label' in chosen['why']
+  assert 'more of the extractor trains now' in fitted.schedule.steps_why
+  # The same images labeled as drawn: named right, nothing changes.
+  fitted = pipeline.fit(make_task_set(tmp_path / 'right', 6, ('disc', 'square'), 'train',
+                                      seed=5), tmp_path / 'right', base_paths.model_dir,
+                        pipeline.Stopwatch(), previous=trained_run, config=config)
+  other, found = fitted.all_choices()['trainable']['other_labels_since']
+  assert found >= 5 and other <= 0.1 * found
+  assert fitted.config.trainable != 'most'

@@ -224,15 +224,23 @@ def bounded_class_scores(class_head: ssd_lib.PredictionHead, min_logit: float | 
     return lambda features: tf.sigmoid(class_head(features))
   per_anchor = class_head.values_per_anchor
   convs = []
-  for conv in class_head.convs:  # read here: a tf.function cannot
+  for level, conv in enumerate(class_head.convs):  # read here: a tf.function cannot
     kernel, bias = conv.kernel.numpy().copy(), conv.bias.numpy().copy()
     kernel[..., ::per_anchor], bias[::per_anchor] = 0.0, min_logit  # the background
-    convs.append((tf.constant(kernel), bias - min_logit))
+    colour = None
+    if class_head.colour_convs:
+      colour = class_head.colour_convs[level].kernel.numpy().copy()
+      colour[..., ::per_anchor] = 0.0
+      colour = tf.constant(colour)
+    convs.append((tf.constant(kernel), colour, bias - min_logit))
 
   def scores(features):
     outputs = []
-    for (kernel, bias), feature in zip(convs, features):
-      out = tf.nn.relu(tf.nn.conv2d(feature, kernel, 1, 'SAME') + bias)
+    for level, (kernel, colour, bias) in enumerate(convs):
+      out = tf.nn.conv2d(features[level], kernel, 1, 'SAME')
+      if colour is not None:  # the colour maps follow the feature maps
+        out = out + tf.nn.conv2d(features[len(convs) + level], colour, 1, 'SAME')
+      out = tf.nn.relu(out + bias)
       outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, per_anchor]))
     return tf.sigmoid(tf.concat(outputs, axis=1) + min_logit)
 

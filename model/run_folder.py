@@ -222,7 +222,9 @@ def _run_ssd_config(info: dict, labels: list[str]):
   # Runs before anchors were chosen have the default ones; JSON made the tuples lists.
   anchors = AnchorConfig(**{name: tuple(value) if isinstance(value, list) else value
                             for name, value in info.get('anchors', {}).items()})
-  return SSDConfig(num_classes=len(labels), input_size=info['input_size'], anchors=anchors)
+  # Runs before the colour maps have none.
+  return SSDConfig(num_classes=len(labels), input_size=info['input_size'], anchors=anchors,
+                   colour=info.get('colour', False))
 
 
 @contextlib.contextmanager

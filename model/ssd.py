@@ -1,9 +1,12 @@
 """The SSD MobileNetV2 detector in tf_keras, in three named parts.
 
 - `feature_extractor`: MobileNetV2 (depth 1.0, ReLU6) and the four extra
-  layers; image in [-1, 1] -> six feature maps.
+  layers; image in [-1, 1] -> six feature maps, then (`SSDConfig.colour`) the
+  image's mean colour over each map's cells (`colour_maps`).
 - `box_head`: six 1x1 convs -> box encodings (ty, tx, th, tw) per anchor.
-- `class_head`: six 1x1 convs -> class logits per anchor, column 0 background.
+- `class_head`: six 1x1 convs -> class logits per anchor, column 0 background;
+  with colour maps, six more 1x1 convs on them, added (zero where nothing
+  trained them: the base's head, a fresh column).
 
 Batch norm is folded into every convolution's kernel and bias (as in the
 pretrained .tflite), so there is no batch-norm state to freeze or to drift on
@@ -111,8 +114,9 @@ def _blocks_and_extras(x, first_block: int, layers: _Layers) -> list:
   return features
 
 
-def build_feature_extractor(input_size: int) -> tf_keras.Model:
-  """MobileNetV2 + extra layers: [B, S, S, 3] in [-1, 1] -> six feature maps.
+def build_feature_extractor(input_size: int, colour: bool = False) -> tf_keras.Model:
+  """MobileNetV2 + extra layers: [B, S, S, 3] in [-1, 1] -> six feature maps,
+  and with `colour` the six `colour_maps` after them.
 
   For S = 300 the maps are 19x19x576, 10x10x1280, 5x5x512, 3x3x256, 2x2x256
   and 1x1x128.
@@ -120,7 +124,29 @@ def build_feature_extractor(input_size: int) -> tf_keras.Model:
   image = tf_keras.Input((input_size, input_size, 3), name='image')
   layers = _Layers()
   x = layers.conv(image, 32, 3, 2, 'Conv')
-  return tf_keras.Model(image, _blocks_and_extras(x, 0, layers), name='feature_extractor')
+  maps = _blocks_and_extras(x, 0, layers)
+  return tf_keras.Model(image, maps + (colour_maps(image) if colour else []),
+                        name='feature_extractor')
+
+
+# Map 0's stride: its cells are 16x16 pixels.
+FIRST_MAP_STRIDE = 16
+
+
+def colour_maps(image) -> list:
+  """The image's mean colour [B, H_i, W_i, 3] over the cells of each of the six maps.
+
+  MobileNetV2's frozen blocks hand on little of an object's colour (trained on
+  natural images, a red and a yellow ball are both balls): labels told apart
+  by colour need it from the pixels. Average pools with SAME padding round
+  up as the network's stride-2 convs do, so the sides match the maps'.
+  """
+  x = tf_keras.layers.AveragePooling2D(FIRST_MAP_STRIDE, padding='same', name='colour_0')(image)
+  maps = [x]
+  for index in range(1, len(FEATURE_CHANNELS)):
+    x = tf_keras.layers.AveragePooling2D(2, padding='same', name=f'colour_{index}')(x)
+    maps.append(x)
+  return maps
 
 
 def _block_output_layer(index: int) -> str:
@@ -143,13 +169,15 @@ def split_extractor(feature_extractor: tf_keras.Model, first_block: int = FIRST_
   """The extractor as (trunk, tail) at block `first_block`, sharing its layers and weights.
 
   trunk: image -> the output of block `first_block - 1`, preceded by feature
-  map 0 when that map is made below the cut (the cut above its block).
+  map 0 when that map is made below the cut (the cut above its block) and
+  followed by the colour maps, if the extractor makes them.
   tail: that block output -> the maps made above the cut (all six, or 1..5).
   Training `tail` trains those layers of `feature_extractor` itself.
   """
   cut = feature_extractor.get_layer(_block_output_layer(first_block - 1)).output
   below = [feature_extractor.get_layer(FIRST_MAP_LAYER).output] if first_block > FIRST_MAP_BLOCK else []
-  trunk = tf_keras.Model(feature_extractor.input, [*below, cut], name='trunk')
+  colours = feature_extractor.outputs[len(FEATURE_CHANNELS):]  # cached with the cut
+  trunk = tf_keras.Model(feature_extractor.input, [*below, cut, *colours], name='trunk')
   tail_input = tf_keras.Input(cut.shape[1:])
   tail = tf_keras.Model(tail_input, _blocks_and_extras(tail_input, first_block,
                                                       _Layers(feature_extractor)), name='tail')
@@ -163,25 +191,37 @@ class PredictionHead(tf_keras.layers.Layer):
     anchors_per_location: anchors at each cell, per feature map.
     values_per_anchor: outputs per anchor (4 for boxes, classes + 1 for logits).
     conv_name: name stem of the convs; conv i is `{conv_name}_{i}`.
+    colour: also a 1x1 conv (no bias, zeros at first) per colour map
+      (`colour_maps`, after the six feature maps in the input), added;
+      `{conv_name}_colour_{i}`. A head without reads only the feature maps.
   """
 
   def __init__(self, anchors_per_location, values_per_anchor, conv_name,
-               **kwargs):
+               colour: bool = False, **kwargs):
     super().__init__(**kwargs)
     self.anchors_per_location = list(anchors_per_location)
     self.values_per_anchor = values_per_anchor
     self.conv_name = conv_name
+    self.colour = colour
     self.convs = [
         tf_keras.layers.Conv2D(count * values_per_anchor, 1, padding='same',
                                name=f'{conv_name}_{i}')
         for i, count in enumerate(self.anchors_per_location)
     ]
+    self.colour_convs = [
+        tf_keras.layers.Conv2D(count * values_per_anchor, 1, use_bias=False,
+                               kernel_initializer='zeros', name=f'{conv_name}_colour_{i}')
+        for i, count in enumerate(self.anchors_per_location)
+    ] if colour else []
 
   def call(self, features):
-    """features: six maps [B, H_i, W_i, C_i] -> [B, num_anchors, values_per_anchor]."""
+    """features: six maps [B, H_i, W_i, C_i] (and the colour maps) -> [B, num_anchors,
+    values_per_anchor]."""
     outputs = []
-    for conv, feature in zip(self.convs, features):
+    for i, (conv, feature) in enumerate(zip(self.convs, features)):
       out = conv(feature)
+      if self.colour_convs:
+        out = out + self.colour_convs[i](features[len(self.convs) + i])
       outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, self.values_per_anchor]))
     return tf.concat(outputs, axis=1)
 
@@ -189,7 +229,7 @@ class PredictionHead(tf_keras.layers.Layer):
     config = super().get_config()
     config.update(anchors_per_location=self.anchors_per_location,
                   values_per_anchor=self.values_per_anchor,
-                  conv_name=self.conv_name)
+                  conv_name=self.conv_name, colour=self.colour)
     return config
 
 
@@ -226,7 +266,8 @@ def build_box_head(config: SSDConfig) -> PredictionHead:
 
 def build_class_head(config: SSDConfig) -> PredictionHead:
   return PredictionHead(config.anchors.anchors_per_location(),
-                        config.num_classes + 1, 'class_logits', name='class_head')
+                        config.num_classes + 1, 'class_logits', colour=config.colour,
+                        name='class_head')
 
 
 def load_class_head(config: SSDConfig, checkpoint_prefix) -> PredictionHead:
@@ -238,7 +279,8 @@ def load_class_head(config: SSDConfig, checkpoint_prefix) -> PredictionHead:
     AssertionError / ValueError / tf.errors.OpError: a checkpoint without a matching class head.
   """
   head = build_class_head(config)
-  head([tf.zeros([1, 1, 1, channels]) for channels in FEATURE_CHANNELS])  # 1x1 convs: any size
+  colours = [tf.zeros([1, 1, 1, 3])] * len(FEATURE_CHANNELS) if config.colour else []
+  head([tf.zeros([1, 1, 1, channels]) for channels in FEATURE_CHANNELS] + colours)  # 1x1: any size
   tf.train.Checkpoint(class_head=head).read(str(checkpoint_prefix)).expect_partial(
   ).assert_existing_objects_matched()
   return head
@@ -252,7 +294,7 @@ def build_ssd(config: SSDConfig, *, feature_extractor=None, box_head=None,
   be restored from or written to a checkpoint right away.
   """
   model = SSD(
-      feature_extractor or build_feature_extractor(config.input_size),
+      feature_extractor or build_feature_extractor(config.input_size, config.colour),
       box_head or build_box_head(config),
       class_head or build_class_head(config),
       config,

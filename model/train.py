@@ -101,20 +101,17 @@ class ExtractorSplit:
   def feature_maps(self, cached: list, training: bool = False) -> list:
     if self.trainable is None:
       return cached
-    if self.passes_first_map:
-      return [cached[0], *self._training_part(cached[1], training=training)]
-    return self._training_part(cached[0], training=training)
+    first = 1 if self.passes_first_map else 0
+    maps = tf.nest.flatten(self._training_part(cached[first], training=training))
+    # Map 0 (cached below the cut) and the colour maps (after the cut) pass through.
+    return [*cached[:first], *maps, *cached[first + 1:]]
 
   def quantization_aware_extractor(self) -> tf_keras.Model | None:
     """images -> feature maps through the quantization-aware copy (for the int8 export), or None."""
     if not self.optimized or self.optimized.kind != 'qat':
       return None
     images = self.frozen.input
-    if self.passes_first_map:
-      first_map, block = self.frozen(images)
-      maps = [first_map, *self.optimized.model(block)]
-    else:  # one cached tensor: the image ('all') or the last frozen block's output
-      maps = self.optimized.model(tf.nest.flatten(self.frozen(images))[0])
+    maps = self.feature_maps(tf.nest.flatten(self.frozen(images)))
     return tf_keras.Model(images, maps, name='feature_extractor_qat')
 
 
@@ -383,11 +380,12 @@ class Trainer:
   def frozen_maps(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
     """The feature maps of every cached view, float16, through the extractor as it is now."""
     split = self.split
-    source = features[1] if split.passes_first_map else features[0]
-    parts = [split.trainable(tf.cast(source[start:start + 32], tf.float32))
+    first = 1 if split.passes_first_map else 0
+    source = features[first]
+    parts = [tf.nest.flatten(split.trainable(tf.cast(source[start:start + 32], tf.float32)))
              for start in range(0, source.shape[0], 32)]
     maps = [tf.cast(tf.concat(column, 0), tf.float16) for column in zip(*parts)]
-    return [features[0], *maps] if split.passes_first_map else maps
+    return [*features[:first], *maps, *features[first + 1:]]
 
   def validation_loss(self, views: CachedViews) -> float:
     """Mean loss per view (class + weighted box) of `views`, in batches of 32."""

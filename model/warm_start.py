@@ -138,8 +138,9 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
                     columns: list[ColumnSource], seed: int) -> None:
   """Sets every column of `head`: background first, then one per label.
 
-  Columns copied from a source head take its kernel and bias for every anchor;
-  fresh ones get small random kernels and the FRESH_PRIOR bias.
+  Columns copied from a source head take its kernel and bias for every anchor
+  (its colour kernel too, where both heads read colour: else zeros); fresh ones
+  get small random kernels, the FRESH_PRIOR bias and no colour.
   """
   rng = np.random.default_rng(seed)
   sources = [background, *columns]
@@ -148,19 +149,28 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
   for level, conv in enumerate(head.convs):
     kernel, bias = (w.numpy() for w in conv.weights)
     anchors = kernel.shape[-1] // new_k
+    colour = head.colour_convs[level].kernel.numpy() * 0 if head.colour_convs else None
     for c, source in enumerate(sources):
       for a in range(anchors):
         column = a * new_k + c
         if source.head is None:
           kernel[..., column] = rng.normal(0.0, 0.01, kernel.shape[:-1])
           bias[column] = fresh_bias
-        else:
-          src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
-          src_k = src_kernel.shape[-1] // anchors
-          parts = source.blend or ((source.index, 1.0),)
-          kernel[..., column] = sum(w * src_kernel[..., a * src_k + i] for i, w in parts)
-          bias[column] = sum(w * src_bias[a * src_k + i] for i, w in parts)
+          continue
+        src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
+        taken = _source_column(source, a, src_kernel.shape[-1] // anchors)
+        kernel[..., column], bias[column] = taken(src_kernel), taken(src_bias)
+        if colour is not None and source.head.colour_convs:
+          colour[..., column] = taken(source.head.colour_convs[level].kernel.numpy())
     conv.set_weights([kernel, bias])
+    if colour is not None:
+      head.colour_convs[level].set_weights([colour])
+
+
+def _source_column(source: ColumnSource, anchor: int, source_columns: int):
+  """weights [..., anchors * source_columns] -> the source's column (or blend) of `anchor`."""
+  parts = source.blend or ((source.index, 1.0),)
+  return lambda weights: sum(w * weights[..., anchor * source_columns + i] for i, w in parts)
 
 
 def build_project_model(config: SSDConfig, *, parts_from: Path,

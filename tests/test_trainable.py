@@ -87,6 +87,12 @@ def test_the_mode_is_chosen_and_every_mode_lowers_the_loss(trained_by_mode):
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), (mode, losses)
 
 
+def test_the_class_head_learns_from_the_colour_maps_in_every_mode(trained_by_mode):
+  for mode, fitted in trained_by_mode.items():
+    kernels = [conv.kernel.numpy() for conv in fitted.model.class_head.colour_convs]
+    assert len(kernels) == 6 and kernels[0].any(), mode
+
+
 def test_the_step_traced_while_the_views_are_made_trains_as_one_traced_at_its_first_step(
     trained_by_mode, base_paths, shapes_dataset, monkeypatch):
   """`pipeline.fit` traces the train step in another thread while it makes the

@@ -107,6 +107,8 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
                                                                     base_paths):
   previous, previous_labels = run_folder.load_run_model(trained_run)
   assert previous_labels == ['disc', 'square']
+  # Its class head read colour and learned from it; the checkpoint brought that back.
+  assert all(conv.kernel.numpy().any() for conv in previous.class_head.colour_convs[:2])
   # The label set changes: square removed, triangle added.
   tasks = make_task_set(tmp_path, 6, ('triangle', 'disc'), 'train', seed=5)
   out = tmp_path / 'iteration-2'

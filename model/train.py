@@ -6,7 +6,9 @@ extractor is frozen and the box and class heads (six 1x1 convs each) train on
 the cached feature maps in milliseconds per step; 'top' also trains Conv_1
 and the extra layers on the cached output of the last MobileNetV2 block;
 'upper' also the stride-16 blocks (13..16), whose first expansion is map 0;
-'all' caches the images and trains everything. Loss: sigmoid focal loss on the
+'all' caches the images and trains everything. The image's colour maps
+(`ssd.colour_maps`) are cached with the frozen part's outputs and pass
+through to the class head. Loss: sigmoid focal loss on the
 class logits (every column, background included, as the base was trained)
 plus Huber loss on the encoded boxes of positive anchors, both normalized by
 the positive count.

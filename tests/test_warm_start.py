@@ -193,7 +193,7 @@ def test_a_class_head_loads_alone_as_the_whole_model_has_it(base_model, base_pat
   assert (labels, config) == (model_labels, model.config)
   for ours, whole in zip(head.weights, model.class_head.weights):
     np.testing.assert_array_equal(ours.numpy(), whole.numpy())
-  assert len(head.weights) == 12
+  assert len(head.weights) == 18  # six convs (kernel, bias) and six colour kernels
 
 
 def test_a_run_whose_checkpoint_is_cut_short_is_a_run_error(trained_run, tmp_path):

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.predictor import UNCERTAIN_FLOOR, task_certainty  # noqa: E402
-from benchmarks.generalization import set_up_logging  # noqa: E402
+from benchmarks.generalization import RESULTS, last_results, set_up_logging  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.evaluate import evaluate_run  # noqa: E402
@@ -42,7 +42,6 @@ from model.tflite_detector import TFLiteDetector  # noqa: E402
 
 log = logging.getLogger('active_learning')
 SHARED = REPO.parent / 'shared' / 'datasets'
-RESULTS = REPO / 'benchmarks' / 'results'
 MODEL_DIR = Path(os.environ.get('MODEL_DIR', REPO / 'models'))
 STRATEGIES = ('uncertainty', 'random')
 
@@ -174,9 +173,7 @@ def main():
   args = parser.parse_args()
   set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
-  results = {'datasets': {}}
-  if (RESULTS / 'active_learning.json').is_file():
-    results = json.loads((RESULTS / 'active_learning.json').read_text())
+  results = last_results('active_learning')
   for name in args.datasets:
     dataset = Dataset(SHARED / name)
     seeds = [one_seed(dataset, args, seed, args.work)

@@ -193,6 +193,13 @@ def dataset_folder(name: str, work: Path, test_images: int = TEST_IMAGES) -> Pat
   return SHARED / name
 
 
+def last_results(name: str) -> dict:
+  """benchmarks/results/<name>.json as the last run left it ({'datasets': {}} at first):
+  the data sets a run does not measure keep their last result."""
+  path = RESULTS / f'{name}.json'
+  return json.loads(path.read_text()) if path.is_file() else {'datasets': {}}
+
+
 def set_up_logging() -> None:
   """A benchmark's own progress at INFO; the model's and TensorFlow's logs from WARNING."""
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
@@ -339,9 +346,7 @@ def main():
   args = parser.parse_args()
   set_up_logging()
   variants = [parse_variant(v) for v in args.variant] or [('default', {})]
-  results = {'datasets': {}}
-  if (RESULTS / 'generalization.json').is_file():
-    results = json.loads((RESULTS / 'generalization.json').read_text())
+  results = last_results('generalization')
   args.work.mkdir(parents=True, exist_ok=True)
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work, args.test_images)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from active_learning import MODEL_DIR, RESULTS, Dataset
-from generalization import dataset_folder, set_up_logging
+from generalization import dataset_folder, last_results, set_up_logging
 
 from model import pipeline, run_folder
 from model.config import TrainConfig
@@ -89,9 +89,7 @@ def main():
   args = parser.parse_args()
   set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
-  results = {'datasets': {}}
-  if (RESULTS / 'other_labels.json').is_file():  # data sets not run now keep their last result
-    results = json.loads((RESULTS / 'other_labels.json').read_text())
+  results = last_results('other_labels')
   for name in args.datasets:
     dataset = Dataset(dataset_folder(name, args.work))
     results['datasets'].setdefault(name, {})[f'{args.images}, {args.later}'] = [

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from active_learning import MODEL_DIR, RESULTS, Dataset
-from generalization import dataset_folder, parse_variant, set_up_logging
+from generalization import dataset_folder, last_results, parse_variant, set_up_logging
 
 from model import pipeline
 from model.config import TrainConfig
@@ -96,9 +96,7 @@ def main():
   set_up_logging()
   variants = [parse_variant(v) for v in args.variant] or [('warm', {})]
   args.work.mkdir(parents=True, exist_ok=True)
-  results = {'datasets': {}}
-  if (RESULTS / 'warm_start.json').is_file():  # data sets not run now keep their last result
-    results = json.loads((RESULTS / 'warm_start.json').read_text())
+  results = last_results('warm_start')
   for name in args.datasets:
     dataset = Dataset(dataset_folder(name, args.work))
     key = name if args.first == 5 else f'{name}, {args.first} first'

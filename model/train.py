@@ -100,13 +100,21 @@ class ExtractorSplit:
     """The extractor's variables that train."""
     return [] if self.trainable is None else self._training_part.trainable_variables
 
+  @property
+  def cut(self) -> int:
+    """The index, among the cached tensors, of the one `trainable` takes."""
+    return 1 if self.passes_first_map else 0
+
+  def around_cut(self, cached: list, maps: list) -> list:
+    """The feature maps: `maps` made from the cut, with what passes it by: map 0
+    (cached below the cut) and the colour maps (after it)."""
+    return [*cached[:self.cut], *maps, *cached[self.cut + 1:]]
+
   def feature_maps(self, cached: list, training: bool = False) -> list:
     if self.trainable is None:
       return cached
-    first = 1 if self.passes_first_map else 0
-    maps = tf.nest.flatten(self._training_part(cached[first], training=training))
-    # Map 0 (cached below the cut) and the colour maps (after the cut) pass through.
-    return [*cached[:first], *maps, *cached[first + 1:]]
+    return self.around_cut(
+        cached, tf.nest.flatten(self._training_part(cached[self.cut], training=training)))
 
   def quantization_aware_extractor(self) -> tf_keras.Model | None:
     """images -> feature maps through the quantization-aware copy (for the int8 export), or None."""
@@ -382,12 +390,11 @@ class Trainer:
   def frozen_maps(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
     """The feature maps of every cached view, float16, through the extractor as it is now."""
     split = self.split
-    first = 1 if split.passes_first_map else 0
-    source = features[first]
+    source = features[split.cut]
     parts = [tf.nest.flatten(split.trainable(tf.cast(source[start:start + 32], tf.float32)))
              for start in range(0, source.shape[0], 32)]
     maps = [tf.cast(tf.concat(column, 0), tf.float16) for column in zip(*parts)]
-    return [*features[:first], *maps, *features[first + 1:]]
+    return split.around_cut(features, maps)
 
   def validation_loss(self, views: CachedViews) -> float:
     """Mean loss per view (class + weighted box) of `views`, in batches of 32."""

@@ -149,19 +149,21 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
   for level, conv in enumerate(head.convs):
     kernel, bias = (w.numpy() for w in conv.weights)
     anchors = kernel.shape[-1] // new_k
-    colour = head.colour_convs[level].kernel.numpy() * 0 if head.colour_convs else None
+    colour = np.zeros(head.colour_convs[level].kernel.shape, np.float32) if head.colour_convs else None
     for c, source in enumerate(sources):
+      if source.head is None:
+        for a in range(anchors):
+          kernel[..., a * new_k + c] = rng.normal(0.0, 0.01, kernel.shape[:-1])
+          bias[a * new_k + c] = fresh_bias
+        continue
+      src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
+      src_colour = (source.head.colour_convs[level].kernel.numpy()
+                    if colour is not None and source.head.colour_convs else None)
       for a in range(anchors):
-        column = a * new_k + c
-        if source.head is None:
-          kernel[..., column] = rng.normal(0.0, 0.01, kernel.shape[:-1])
-          bias[column] = fresh_bias
-          continue
-        src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
-        taken = _source_column(source, a, src_kernel.shape[-1] // anchors)
+        column, taken = a * new_k + c, _source_column(source, a, src_kernel.shape[-1] // anchors)
         kernel[..., column], bias[column] = taken(src_kernel), taken(src_bias)
-        if colour is not None and source.head.colour_convs:
-          colour[..., column] = taken(source.head.colour_convs[level].kernel.numpy())
+        if src_colour is not None:
+          colour[..., column] = taken(src_colour)
     conv.set_weights([kernel, bias])
     if colour is not None:
       head.colour_convs[level].set_weights([colour])

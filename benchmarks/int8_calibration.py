@@ -28,14 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
+    ALL, RESULTS, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
     seeds_for, set_up_logging, subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
 
 log = logging.getLogger('int8_calibration')
-RESULTS = REPO / 'benchmarks' / 'results'
 
 
 def export_variant(text: str) -> tuple[str, dict]:

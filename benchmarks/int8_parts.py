@@ -30,14 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, seeds_for,
+    ALL, RESULTS, add_dataset_arguments, add_test_images_argument, load_dataset, seeds_for,
     set_up_logging, subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
 
 log = logging.getLogger('int8_parts')
-RESULTS = REPO / 'benchmarks' / 'results'
 # Parts by the names of the ops' outputs in the float file (Keras layer names).
 PARTS = {
     'the heads': r'^(?!feature_extractor/)',

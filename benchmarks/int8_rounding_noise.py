@@ -28,13 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, load_dataset, seeds_for, set_up_logging, subset_count)
+    ALL, RESULTS, add_dataset_arguments, load_dataset, seeds_for, set_up_logging, subset_count)
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
 
 log = logging.getLogger('int8_rounding_noise')
-RESULTS = REPO / 'benchmarks' / 'results'
 
 
 def jittered(calibrated: bytes, jitter: float, seed: int) -> bytes:

@@ -32,14 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
+    ALL, RESULTS, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
     seeds_for, set_up_logging, subset_count)
 from benchmarks.int8_parts import score  # noqa: E402
 from model import export, int8_tune, pipeline  # noqa: E402
 from model.config import ExportConfig, Int8TuneConfig, TrainConfig  # noqa: E402
 
 log = logging.getLogger('int8_tail')
-RESULTS = REPO / 'benchmarks' / 'results'
 CONTROLS = ('plain steps float', 'plain steps int8', 'converter calibrator int8')
 
 

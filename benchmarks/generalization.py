@@ -262,8 +262,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, shots: list[str]) -> 
   parser.add_argument('--all-seeds', type=int, default=1,
                       help='runs with all images, or more than 10, each with its own seed')
   parser.add_argument('--seed-from', type=int, default=0,
-                      help='the first seed: 3 with --seeds 3 runs subsets 3-5 (a row run '
-                           'again holds only its new subsets; merge by hand)')
+                      help='the first seed: 3 with --seeds 3 runs subsets 3-5 (generalization.py '
+                           "joins them to the row's earlier subsets 0-2; the others keep the new "
+                           'ones alone)')
   parser.add_argument('--model-dir', type=Path,
                       default=Path(os.environ.get('MODEL_DIR', REPO / 'models')))
   parser.add_argument('--work', type=Path, default=Path(tempfile.gettempdir()) / 'generalization')
@@ -353,10 +354,12 @@ def main():
     for variant, overrides in variants:
       for shots in args.shots:
         count = subset_count(shots)
+        row = results['datasets'].setdefault(name, {}).setdefault(variant, {})
+        earlier = [r for r in row.get(str(shots), {}).get('runs', [])
+                   if r.get('seed', args.seed_from) < args.seed_from]
         rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test)
                 for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
-        results['datasets'].setdefault(name, {}).setdefault(variant, {})[str(shots)] = (
-            summarize(rows))
+        row[str(shots)] = summarize(earlier + rows)
         write(results)
   print((RESULTS / 'generalization.md').read_text())
 

@@ -96,8 +96,10 @@ class SSDConfig:
   anchors: AnchorConfig = AnchorConfig()
   # Faster R-CNN box coding (ty, tx, th, tw) with these scale factors.
   box_scale_factors: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
-  # The class head also reads the image's mean colour per cell (`ssd.colour_maps`).
+  # The class head also reads the image's mean colour per cell (`ssd.colour_maps`),
+  # through a colour_kernel x colour_kernel conv (runs before it was chosen: 1).
   colour: bool = False
+  colour_kernel: int = 1
 
   def __post_init__(self):
     if self.num_classes < 1:
@@ -253,6 +255,10 @@ class InputConfig:
   each feature map (`ssd.colour_maps`), which MobileNetV2's frozen blocks
   hand on little of: labels told apart by colour (nine shapes in three
   colours, 10 images) 0.39 -> 0.82 mAP@0.5 at the same time (choices.md).
+  `colour_kernel`: the side of the conv that reads them; 3 sees the cells
+  around too, as an anchor does (its box is larger than its cell): the same
+  set 0.82 -> 0.96, BCCD at 10 images 0.64 -> 0.69, no data set lower; 5
+  adds nothing (choices.md).
   """
 
   size: int | None = None
@@ -260,8 +266,11 @@ class InputConfig:
   min_object_px: float = 36.0
   lowest_anchor: float | None = None
   colour: bool = True
+  colour_kernel: int = 3
 
   def __post_init__(self):
+    if self.colour_kernel < 1 or self.colour_kernel % 2 == 0:
+      raise ValueError(f'colour_kernel must be an odd number from 1 on, not {self.colour_kernel}')
     for size in (self.size, *self.sizes):
       if size is not None and (size < 128 or size > 1024 or size % 2):
         raise ValueError(f'input sizes must be even numbers from 128 to 1024, not {size}')
@@ -277,7 +286,7 @@ class InputConfig:
   def ssd_config(self, num_classes: int) -> SSDConfig:
     """The network of these choices (`size` and `lowest_anchor` made)."""
     return SSDConfig(num_classes=num_classes, input_size=self.size, anchors=self.anchors,
-                     colour=self.colour)
+                     colour=self.colour, colour_kernel=self.colour_kernel)
 
   def choose(self, typical_sides: dict[str, float]) -> tuple[int, str]:
     """The input side for objects of these sizes, and why.

@@ -893,6 +893,7 @@ def _run_info(record: Record, previous: Path | None, export_config: ExportConfig
   return {
       'labels': training.labels, 'input_size': config.input.size,
       'anchors': dataclasses.asdict(model.config.anchors), 'colour': model.config.colour,
+      'colour_kernel': model.config.colour_kernel,
       'started_from': str(previous) if previous is not None else 'base',
       'base': base_weights.PACKAGE.spec, 'seed': config.seed,
       # What a pre-annotation shows: each label's boxes from its threshold on.

@@ -222,9 +222,10 @@ def _run_ssd_config(info: dict, labels: list[str]):
   # Runs before anchors were chosen have the default ones; JSON made the tuples lists.
   anchors = AnchorConfig(**{name: tuple(value) if isinstance(value, list) else value
                             for name, value in info.get('anchors', {}).items()})
-  # Runs before the colour maps have none.
+  # Runs before the colour maps have none; those before their kernel was chosen read 1x1.
   return SSDConfig(num_classes=len(labels), input_size=info['input_size'], anchors=anchors,
-                   colour=info.get('colour', False))
+                   colour=info.get('colour', False),
+                   colour_kernel=info.get('colour_kernel', 1))
 
 
 @contextlib.contextmanager

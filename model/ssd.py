@@ -5,7 +5,8 @@
   image's mean colour over each map's cells (`colour_maps`).
 - `box_head`: six 1x1 convs -> box encodings (ty, tx, th, tw) per anchor.
 - `class_head`: six 1x1 convs -> class logits per anchor, column 0 background;
-  with colour maps, six more 1x1 convs on them, added (zero where nothing
+  with colour maps, six more convs on them (`SSDConfig.colour_kernel` square:
+  3x3 reads the cells around each anchor's too), added (zero where nothing
   trained them: the base's head, a fresh column).
 
 Batch norm is folded into every convolution's kernel and bias (as in the
@@ -185,32 +186,35 @@ def split_extractor(feature_extractor: tf_keras.Model, first_block: int = FIRST_
 
 
 class PredictionHead(tf_keras.layers.Layer):
-  """One 1x1 conv per feature map, outputs flattened and concatenated.
+  """One 1x1 conv per feature map (and one per colour map), outputs flattened and concatenated.
 
   Args:
     anchors_per_location: anchors at each cell, per feature map.
     values_per_anchor: outputs per anchor (4 for boxes, classes + 1 for logits).
     conv_name: name stem of the convs; conv i is `{conv_name}_{i}`.
-    colour: also a 1x1 conv (no bias, zeros at first) per colour map
+    colour: also a conv (no bias, zeros at first) per colour map
       (`colour_maps`, after the six feature maps in the input), added;
       `{conv_name}_colour_{i}`. A head without reads only the feature maps.
+    colour_kernel: the side of those convs.
   """
 
   def __init__(self, anchors_per_location, values_per_anchor, conv_name,
-               colour: bool = False, **kwargs):
+               colour: bool = False, colour_kernel: int = 1, **kwargs):
     super().__init__(**kwargs)
     self.anchors_per_location = list(anchors_per_location)
     self.values_per_anchor = values_per_anchor
     self.conv_name = conv_name
     self.colour = colour
+    self.colour_kernel = colour_kernel
     self.convs = [
         tf_keras.layers.Conv2D(count * values_per_anchor, 1, padding='same',
                                name=f'{conv_name}_{i}')
         for i, count in enumerate(self.anchors_per_location)
     ]
     self.colour_convs = [
-        tf_keras.layers.Conv2D(count * values_per_anchor, 1, use_bias=False,
-                               kernel_initializer='zeros', name=f'{conv_name}_colour_{i}')
+        tf_keras.layers.Conv2D(count * values_per_anchor, colour_kernel, padding='same',
+                               use_bias=False, kernel_initializer='zeros',
+                               name=f'{conv_name}_colour_{i}')
         for i, count in enumerate(self.anchors_per_location)
     ] if colour else []
 
@@ -229,7 +233,8 @@ class PredictionHead(tf_keras.layers.Layer):
     config = super().get_config()
     config.update(anchors_per_location=self.anchors_per_location,
                   values_per_anchor=self.values_per_anchor,
-                  conv_name=self.conv_name, colour=self.colour)
+                  conv_name=self.conv_name, colour=self.colour,
+                  colour_kernel=self.colour_kernel)
     return config
 
 
@@ -267,7 +272,7 @@ def build_box_head(config: SSDConfig) -> PredictionHead:
 def build_class_head(config: SSDConfig) -> PredictionHead:
   return PredictionHead(config.anchors.anchors_per_location(),
                         config.num_classes + 1, 'class_logits', colour=config.colour,
-                        name='class_head')
+                        colour_kernel=config.colour_kernel, name='class_head')
 
 
 def load_class_head(config: SSDConfig, checkpoint_prefix) -> PredictionHead:

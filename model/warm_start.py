@@ -157,7 +157,7 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
           bias[a * new_k + c] = fresh_bias
         continue
       src_kernel, src_bias = (w.numpy() for w in source.head.convs[level].weights)
-      src_colour = (source.head.colour_convs[level].kernel.numpy()
+      src_colour = (_fit_window(source.head.colour_convs[level].kernel.numpy(), colour.shape[0])
                     if colour is not None and source.head.colour_convs else None)
       for a in range(anchors):
         column, taken = a * new_k + c, _source_column(source, a, src_kernel.shape[-1] // anchors)
@@ -167,6 +167,20 @@ def init_class_head(head: ssd_lib.PredictionHead, background: ColumnSource,
     conv.set_weights([kernel, bias])
     if colour is not None:
       head.colour_convs[level].set_weights([colour])
+
+
+def _fit_window(kernel: np.ndarray, side: int) -> np.ndarray:
+  """A colour kernel [k, k, ...] as one of side x side (`SSDConfig.colour_kernel`
+  changed between runs): a smaller one goes to the centre (the same outputs), a
+  larger one's outer taps join its centre tap (the same on a uniform colour)."""
+  k = kernel.shape[0]
+  if k <= side:
+    pad = (side - k) // 2
+    return np.pad(kernel, [(pad, pad), (pad, pad)] + [(0, 0)] * (kernel.ndim - 2))
+  cut = (k - side) // 2
+  inner = kernel[cut:cut + side, cut:cut + side].copy()
+  inner[side // 2, side // 2] += kernel.sum((0, 1)) - inner.sum((0, 1))
+  return inner
 
 
 def _source_column(source: ColumnSource, anchor: int, source_columns: int):

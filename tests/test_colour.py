@@ -48,8 +48,10 @@ def test_the_colour_convs_start_at_zero_and_change_the_logits_once_trained():
   assert not np.allclose(model(images)['class_logits'], plain(images)['class_logits'], atol=1e-3)
 
 
-def test_the_exported_scores_read_the_colour_as_the_model_does():
-  model = ssd_lib.build_ssd(SSDConfig(num_classes=2, colour=True))
+@pytest.mark.parametrize('side', [1, 3])
+def test_the_exported_scores_read_the_colour_as_the_model_does(side):
+  model = ssd_lib.build_ssd(SSDConfig(num_classes=2, colour=True, colour_kernel=side))
+  assert model.class_head.colour_convs[0].kernel.shape[:2] == (side, side)
   rng = np.random.default_rng(0)
   for conv in model.class_head.colour_convs:
     conv.set_weights([rng.normal(0, 1.0, conv.kernel.shape).astype(np.float32)])
@@ -81,6 +83,27 @@ def test_kept_labels_take_their_colour_columns_and_other_columns_start_without(b
       np.testing.assert_array_equal(kernel[..., a * 4], source[..., a * 3])  # background
       np.testing.assert_array_equal(kernel[..., a * 4 + 1], source[..., a * 3 + 2])  # "b"
       assert not kernel[..., a * 4 + 2].any() and not kernel[..., a * 4 + 3].any()
+
+
+def test_a_run_s_colour_kernels_fit_a_head_of_another_side():
+  """1x1 (runs before `colour_kernel`) into 3x3: the centre tap, the same outputs;
+  3x3 into 1x1: the taps' sum, the same on a uniform colour."""
+  rng = np.random.default_rng(0)
+  heads = {side: ssd_lib.build_ssd(SSDConfig(num_classes=1, colour=True,
+                                             colour_kernel=side)).class_head for side in (1, 3)}
+  for source_side, target_side in ((1, 3), (3, 1)):
+    source, target = heads[source_side], heads[target_side]
+    for conv in source.colour_convs:
+      conv.set_weights([rng.normal(0, 1.0, conv.kernel.shape).astype(np.float32)])
+    kept = warm_start.ColumnSource(source, 1, 'kept')
+    warm_start.init_class_head(target, warm_start.ColumnSource(source, 0, 'bg'), [kept], seed=0)
+    for level, conv in enumerate(target.colour_convs):
+      taken, given = conv.kernel.numpy(), source.colour_convs[level].kernel.numpy()
+      if target_side == 3:
+        np.testing.assert_array_equal(taken[1, 1], given[0, 0])
+        assert not np.delete(taken.reshape(9, *taken.shape[2:]), 4, axis=0).any()
+      else:
+        np.testing.assert_allclose(taken[0, 0], given.sum((0, 1)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Partial restore, class-head initialization and incremental label changes."""
 
+import dataclasses
 import json
 import shutil
 
@@ -118,6 +119,8 @@ def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run
   assert labels == ['disc', 'triangle']  # kept labels first, in their old order
   info = json.loads((out / 'run.json').read_text())
   assert info['started_from'] == str(trained_run)
+  assert (info['colour'], info['colour_kernel']) == (True, 3)
+  assert model.class_head.colour_convs[0].kernel.shape[:2] == (3, 3)
   metrics = json.loads((out / 'metrics.json').read_text())
   assert [h['iteration'] for h in metrics['history']] == [1, 2]
   # Nothing is held out of 6 images: every label shows from the default (the images
@@ -244,3 +247,37 @@ def test_labels_the_previous_version_mixed_up_make_most_of_the_extractor_train(
   other, found = fitted.all_choices()['trainable']['other_labels_since']
   assert found >= 5 and other <= 0.1 * found
   assert fitted.config.trainable != 'most'
+
+
+def test_a_run_from_before_the_colour_kernel_starts_the_next_iteration(trained_run, tmp_path,
+                                                                       base_paths):
+  """A project's last version published with 1x1 colour kernels (no `colour_kernel`
+  in its run.json): it still loads, and the next iteration's 3x3 kernels start
+  from its kernels at their centre taps."""
+  old = tmp_path / 'old-run'
+  shutil.copytree(trained_run, old)
+  model, labels = run_folder.load_run_model(trained_run)
+  one_by_one = ssd_lib.build_ssd(dataclasses.replace(model.config, colour_kernel=1),
+                                 feature_extractor=model.feature_extractor,
+                                 box_head=model.box_head)
+  for new, conv in zip(one_by_one.class_head.convs, model.class_head.convs):
+    new.set_weights(conv.get_weights())
+  for new, conv in zip(one_by_one.class_head.colour_convs, model.class_head.colour_convs):
+    new.set_weights([conv.kernel.numpy()[1:2, 1:2]])
+  paths = run_folder.RunPaths(old)
+  ssd_lib.checkpoint_for(one_by_one).write(str(paths.checkpoint_prefix))
+  info = json.loads(paths.run_info.read_text())
+  del info['colour_kernel']
+  paths.run_info.write_text(json.dumps(info))
+  loaded, _ = run_folder.load_run_model(old)
+  assert loaded.config.colour_kernel == 1
+  head = ssd_lib.build_ssd(model.config).class_head
+  columns = [warm_start.ColumnSource(loaded.class_head, i + 1, 'kept') for i in range(len(labels))]
+  warm_start.init_class_head(head, warm_start.ColumnSource(loaded.class_head, 0, 'bg'), columns,
+                             seed=0)
+  for ours, theirs in zip(head.colour_convs, loaded.class_head.colour_convs):
+    np.testing.assert_array_equal(ours.kernel.numpy()[1, 1], theirs.kernel.numpy()[0, 0])
+  out = tmp_path / 'next'
+  pipeline.train_iteration(make_task_set(tmp_path, 4, tuple(labels), 'train', seed=7), tmp_path,
+                           out, base_paths.model_dir, previous=old, config=TINY, export_kinds=())
+  assert json.loads((out / 'run.json').read_text())['colour_kernel'] == 3

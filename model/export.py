@@ -236,10 +236,11 @@ def bounded_class_scores(class_head: ssd_lib.PredictionHead, min_logit: float | 
 
   def scores(features):
     outputs = []
+    maps, colours = ssd_lib.split_colours(features)
     for level, (kernel, colour, bias) in enumerate(convs):
-      out = tf.nn.conv2d(features[level], kernel, 1, 'SAME')
-      if colour is not None:  # the colour maps follow the feature maps
-        out = out + tf.nn.conv2d(features[len(convs) + level], colour, 1, 'SAME')
+      out = tf.nn.conv2d(maps[level], kernel, 1, 'SAME')
+      if colour is not None:
+        out = out + tf.nn.conv2d(colours[level], colour, 1, 'SAME')
       out = tf.nn.relu(out + bias)
       outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, per_anchor]))
     return tf.sigmoid(tf.concat(outputs, axis=1) + min_logit)

@@ -150,6 +150,12 @@ def colour_maps(image) -> list:
   return maps
 
 
+def split_colours(features: list) -> tuple[list, list]:
+  """(the six feature maps, the colour maps after them, if any): the extractor's
+  outputs as the heads and what caches them read them."""
+  return features[:len(FEATURE_CHANNELS)], features[len(FEATURE_CHANNELS):]
+
+
 def _block_output_layer(index: int) -> str:
   """The layer whose output leaves inverted residual block `index`."""
   _, out_channels, stride = _INVERTED_RESIDUALS[index]
@@ -177,7 +183,7 @@ def split_extractor(feature_extractor: tf_keras.Model, first_block: int = FIRST_
   """
   cut = feature_extractor.get_layer(_block_output_layer(first_block - 1)).output
   below = [feature_extractor.get_layer(FIRST_MAP_LAYER).output] if first_block > FIRST_MAP_BLOCK else []
-  colours = feature_extractor.outputs[len(FEATURE_CHANNELS):]  # cached with the cut
+  _, colours = split_colours(feature_extractor.outputs)  # cached with the cut
   trunk = tf_keras.Model(feature_extractor.input, [*below, cut, *colours], name='trunk')
   tail_input = tf_keras.Input(cut.shape[1:])
   tail = tf_keras.Model(tail_input, _blocks_and_extras(tail_input, first_block,
@@ -222,10 +228,11 @@ class PredictionHead(tf_keras.layers.Layer):
     """features: six maps [B, H_i, W_i, C_i] (and the colour maps) -> [B, num_anchors,
     values_per_anchor]."""
     outputs = []
-    for i, (conv, feature) in enumerate(zip(self.convs, features)):
+    maps, colours = split_colours(features)
+    for i, (conv, feature) in enumerate(zip(self.convs, maps)):
       out = conv(feature)
       if self.colour_convs:
-        out = out + self.colour_convs[i](features[len(self.convs) + i])
+        out = out + self.colour_convs[i](colours[i])
       outputs.append(tf.reshape(out, [tf.shape(out)[0], -1, self.values_per_anchor]))
     return tf.concat(outputs, axis=1)
 
@@ -285,7 +292,7 @@ def load_class_head(config: SSDConfig, checkpoint_prefix) -> PredictionHead:
   """
   head = build_class_head(config)
   colours = [tf.zeros([1, 1, 1, 3])] * len(FEATURE_CHANNELS) if config.colour else []
-  head([tf.zeros([1, 1, 1, channels]) for channels in FEATURE_CHANNELS] + colours)  # 1x1: any size
+  head([tf.zeros([1, 1, 1, channels]) for channels in FEATURE_CHANNELS] + colours)  # any size
   tf.train.Checkpoint(class_head=head).read(str(checkpoint_prefix)).expect_partial(
   ).assert_existing_objects_matched()
   return head

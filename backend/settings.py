@@ -89,8 +89,9 @@ class Settings:
   # Cap on a training run's steps (the budget grows with the images up to it),
   # and what trains: 'heads', 'top' (heads + top of the extractor), 'upper' (+ its
   # stride-16 blocks), 'most' (all but the stride-8 stem), 'all'; None ('auto'):
-  # most where the last version mixed up labels or with many images of small boxes,
-  # upper with many images or mostly small boxes, else top (TrainConfig.choose_trainable).
+  # most under 100 images where a label is new to the base, where the last version
+  # mixed up labels, or with many images of small boxes; else upper with many images
+  # or mostly small boxes, else top (TrainConfig.choose_trainable).
   train_max_steps: int = BudgetConfig.max
   # From this many labeled images on, a tenth are held out for early stopping and
   # held-out mAP instead of training (0: never).

@@ -39,6 +39,10 @@ Derived from a shared set (made once under --work, same tasks and splits):
            (10-22 % of its shorter side), labeled: one label a base class
            fits ("Dog" + "Cat") beside two that start fresh, as in a project
            of everyday objects
+  fruit    raccoon's photos with apples, oranges and bananas drawn on them
+           (benchmarks/fruit.py) instead of its labels: one large, a few or a
+           pile per image, shaded; apples and oranges told apart by colour and
+           texture alone (the unshared everyday-objects set's mix-up)
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
 and not re-run keep their last result.
@@ -61,6 +65,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import fruit  # noqa: E402
 from model import pipeline, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.evaluate import evaluate_run  # noqa: E402
@@ -87,7 +92,8 @@ DERIVED = {'raccoon-faded': ('raccoon', lambda image, _: faded(image, contrast=0
            'raccoon-fog-stretched': ('raccoon', lambda image, _: stretched(
                faded(image, contrast=0.15, blur=6.0), gain=4.0, centre=-0.118)),
            'raccoon-shapes': ('raccoon', lambda image, task: planted(
-               image, task, ('square', 'triangle'), sides=(0.1, 0.22)))}
+               image, task, ('square', 'triangle'), sides=(0.1, 0.22))),
+           'fruit': ('raccoon', lambda image, task: fruit.scene(image, task))}
 
 
 def synthetic(kind: str, folder: Path, test_images: int = TEST_IMAGES) -> Path:

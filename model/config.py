@@ -661,16 +661,26 @@ class TrainConfig:
   layers, which make five of the six maps), 'upper' (also the stride-16
   blocks under them, so all six maps adapt), 'most' (also the blocks from the
   first at stride 16: what labels told apart by colour need, ~1.5-2x 'upper')
-  or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'most' where the
-  previous version mixed up labels on the images labeled since or with many
-  images of small objects, 'upper' from `upper_from_images` training images on
-  or when most boxes fit the lowest map's anchors, 'top' otherwise
-  (`choose_trainable`). What is frozen is computed once per view
+  or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'most' under
+  `most_under_images` training images, where the previous version mixed up
+  labels on the images labeled since, or with many images of small objects,
+  else 'upper' (`choose_trainable`). What is frozen is computed once per view
   and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
   """
 
   seed: int = 0
   trainable: str | None = None
+  # 'most' under this many training images where a label has no base class
+  # that finds its boxes (whatever the previous iteration knew): the blocks from
+  # stride 16 on were made for the base's 23 classes, and frozen they lose what
+  # tells new objects from the background and from each other; at the
+  # extractor's low rate a handful of images adapts them without losing the
+  # base. 10 images, 'most' against 'top' / 'upper': small shapes 0.662 ->
+  # 0.954, BCCD 0.692 -> 0.788, fruit 0.430 -> 0.572, raccoon with shapes 0.843
+  # -> 0.965, at ~1.7x the time; raccoon, whose label a base class fits, keeps
+  # 'top' (0.933; 'most' 0.948 at 1.6x: benchmarks/results/choices.md). None:
+  # never.
+  most_under_images: int | None = 100
   upper_from_images: int = 100
   # ... or when more than this share of the labeled boxes fit the lowest map best.
   upper_from_lowest_map_share: float = 0.5
@@ -732,13 +742,16 @@ class TrainConfig:
     return lowest_map_share > self.upper_from_lowest_map_share
 
   def choose_trainable(self, num_images: int, lowest_map_share: float = 0.0,
-                       other_labels: tuple[int, int] | None = None) -> tuple[str, str]:
-    """What trains, and why: more of the extractor once images are many enough to
-    teach it (sharper boxes: raccoon 160 images mAP 0.644 -> 0.688, BCCD 0.433 -> 0.496),
-    or when most boxes fit the lowest feature map's anchors: the top does not
-    make that map, so only training the stride-16 blocks adapts what finds
-    them (BCCD at 10 images 0.552 -> 0.611, the crowded shapes 0.931 -> 0.980;
-    benchmarks/results/choices.md). Else a handful trains fast on the top alone.
+                       other_labels: tuple[int, int] | None = None,
+                       labels_fitted: bool = False) -> tuple[str, str]:
+    """What trains, and why: 'most' where labels are mixed up, where small
+    objects are many, and under `most_under_images` images unless a base
+    class finds every label; else 'upper' from `upper_from_images` images on, since many
+    images teach sharper boxes (raccoon 160 images mAP 0.644 -> 0.688, BCCD
+    0.433 -> 0.496), or when most boxes fit the lowest feature map's anchors
+    (the top does not make that map: BCCD at 10 images 0.552 -> 0.611, the
+    crowded shapes 0.931 -> 0.980); else the top alone
+    (benchmarks/results/choices.md).
 
     Args:
       lowest_map_share: the share of the labeled boxes whose best-fitting
@@ -746,6 +759,8 @@ class TrainConfig:
       other_labels: (found under another label, found) of the boxes on the images
         labeled since the previous version, as it detected them
         (`evaluate.found_under_other_labels`); None: no such images.
+      labels_fitted: whether a base class finds every label's boxes
+        (`pipeline.labels_fitted`).
     """
     if self.trainable is not None:
       return self.trainable, 'set'
@@ -759,13 +774,18 @@ class TrainConfig:
         and self.small_objects(lowest_map_share)):
       return 'most', (f'{num_images} training images (from {many_small} on) and '
                       f'{lowest_map_share:.0%} of the boxes on the lowest feature map')
+    few = self.most_under_images is not None and num_images < self.most_under_images
+    if few and not labels_fitted:
+      return 'most', (f'{num_images} training images (under {self.most_under_images}) and a '
+                      'label no base class finds: the blocks from stride 16 on learn it')
     if num_images >= self.upper_from_images:
       return 'upper', f'{num_images} training images (from {self.upper_from_images} on)'
+    found = ', and a base class finds every label' if few else ''
     if self.small_objects(lowest_map_share):
       return 'upper', (f'{lowest_map_share:.0%} of the boxes fit the lowest feature map, '
-                       'which the top does not make')
+                       f'which the top does not make{found}')
     return 'top', (f'{num_images} training images (under {self.upper_from_images}), '
-                   f'{lowest_map_share:.0%} of the boxes on the lowest map')
+                   f'{lowest_map_share:.0%} of the boxes on the lowest map{found}')
 
   def choose_many_images(self, lowest_map_share: float) -> tuple[int, str]:
     """From how many training images on the views stay close to the photos

@@ -156,10 +156,53 @@ def lowest_map_share(examples, ssd_config) -> float:
                                  boxes[:, 3] - boxes[:, 1]) == 0))
 
 
+# Training images the base runs on to tell whether a base class finds each label.
+FIT_CHECK_IMAGES = 16
+
+
+def labels_fitted(training: TrainingSet, model_dir: Path, config: TrainConfig) -> bool:
+  """Whether a base class finds every label's boxes: one the label names, or the
+  one that fits its boxes best where it scores `budget.fitted_min_score` or
+  more on them (the base .tflite on the first FIT_CHECK_IMAGES training images
+  at its own 300 px; `start_class_head` measures the fit again on the views).
+  What a previous iteration learned does not count: a label new to the base
+  stays so, and keeps the extractor's blocks it needs in training."""
+  from model import anchors as anchors_lib, base_weights, warm_start
+  from model.config import SSDConfig
+  from model.images import to_model_input
+  from model.targets import shared_assigner
+  if config.warm_start.class_init != 'base-fit':
+    return False  # every column starts fresh
+  paths = base_weights.ensure_base(model_dir)
+  base_labels = base_weights.read_labels(paths)
+  unknown = [label for label in training.labels
+             if warm_start.base_class_by_name(label, base_labels) is None]
+  if not unknown:
+    return True
+  examples, images = training.part(training.fit[:FIT_CHECK_IMAGES])
+  base = SSDConfig(num_classes=len(base_labels) - 1)
+  assigner = shared_assigner(anchors_lib.anchors_yxyx(base), base.box_scale_factors)
+  label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
+  targets = np.stack([assigner.assign(e.boxes, [label_ids[l] for l in e.labels])[0]
+                      for e in examples])
+  inputs = np.stack([to_model_input(image, base.input_size) for image in images])
+  logits = base_weights.tflite_raw_outputs(paths.tflite, inputs, exact=False)['class_logits']
+  fits = warm_start.class_fit(logits, targets, training.labels)
+  for label in unknown:
+    if label not in fits:
+      return False
+    fit, on_boxes = fits[label]
+    if on_boxes[int(np.argmax(fit[1:])) + 1] < config.budget.fitted_min_score:
+      return False
+  return True
+
+
 def choose_settings(config: TrainConfig, training: TrainingSet,
-                    later: 'LaterImages | None' = None) -> tuple[TrainConfig, dict]:
-  """Fills in what `config` leaves to the data, and to how the previous version did on
-  the images labeled since (`later`).
+                    later: 'LaterImages | None' = None,
+                    labels_fitted: bool = False) -> tuple[TrainConfig, dict]:
+  """Fills in what `config` leaves to the data, to how the previous version did on
+  the images labeled since (`later`) and to whether a base class finds every
+  label (`labels_fitted`).
 
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
@@ -175,7 +218,7 @@ def choose_settings(config: TrainConfig, training: TrainingSet,
   config = config.with_overrides({'views.many_images': many})  # the extractor's rate follows it
   other_labels = later.other_labels(config.score_thresholds.default) if later else None
   trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map,
-                                                     other_labels)
+                                                     other_labels, labels_fitted)
   extractor_scale, extractor_why = config.choose_extractor_scale(len(training.fit), on_lowest_map)
   adaptive, adaptive_why = config.matching.choose_adaptive(
       min(sides.values(), default=1.0), config.input.anchors.lowest_layer_scale)
@@ -679,7 +722,10 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
     training = load_examples(tasks, images_root, config, previous_labels, max_images)
     later = later_images(training, previous, config.score_thresholds.previous_images)
-    config, choices = choose_settings(config, training, later)
+    fitted = (config.trainable is None and config.most_under_images is not None
+              and len(training.fit) < config.most_under_images
+              and labels_fitted(training, model_dir, config))
+    config, choices = choose_settings(config, training, later, fitted)
   with clock.stage('build_model'):
     sources = load_sources(model_dir, previous)
     built = build_model(training.labels, sources, config)

@@ -20,8 +20,9 @@ from model.tasks import evaluation_examples, load_tasks_file, parse_tasks, resol
 from tests.conftest import SMALL_INPUT, run_model_cli
 from tests.test_trainable import top_layer_names
 
+# The top trains (the shapes would choose 'most'): what is compressed, and fast.
 SHORT = TrainConfig().with_overrides({'budget.base': 120, 'budget.per_first_image': 0,
-                                      'input.size': SMALL_INPUT,
+                                      'input.size': SMALL_INPUT, 'trainable': 'top',
                                       'budget.max': 120, 'views.max_per_image': 6})
 
 

@@ -107,8 +107,19 @@ def test_the_heads_alone_take_a_share_of_the_steps_under_one():
       TrainConfig().with_overrides({f'schedule.{name}': 1.0})
 
 
-def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
+def test_most_of_the_extractor_trains_while_images_are_few_and_a_label_is_new_to_the_base():
   config = TrainConfig()
+  assert config.choose_trainable(1)[0] == 'most'
+  assert config.choose_trainable(config.most_under_images - 1, 0.9)[0] == 'most'
+  assert config.choose_trainable(config.most_under_images)[0] == 'upper'
+  assert TrainConfig(trainable='top').choose_trainable(10) == ('top', 'set')
+  # Every label starts from a column that finds its boxes: the rules below.
+  assert config.choose_trainable(10, 0.0, None, labels_fitted=True)[0] == 'top'
+  assert config.choose_trainable(10, 0.9, None, labels_fitted=True)[0] == 'upper'
+
+
+def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
+  config = TrainConfig(most_under_images=None)  # the rules under it
   assert config.choose_trainable(10)[0] == 'top'
   assert config.choose_trainable(config.upper_from_images - 1)[0] == 'top'
   assert config.choose_trainable(config.upper_from_images)[0] == 'upper'
@@ -125,14 +136,14 @@ def test_more_of_the_extractor_trains_once_images_are_many_or_boxes_small():
 def test_most_of_the_extractor_trains_where_the_previous_version_mixed_up_labels():
   config = TrainConfig()
   share, least = config.most_from_other_label_share, config.most_from_found_boxes
-  assert config.choose_trainable(10, 0.0, (round(share * 40), 40))[0] == 'most'
+  assert config.choose_trainable(500, 0.3, (round(share * 40), 40))[0] == 'most'
   assert config.choose_trainable(500, 0.9, (round(share * 40), 40))[0] == 'most'
-  assert config.choose_trainable(10, 0.0, (round(share * 40) - 1, 40))[0] == 'top'
-  assert config.choose_trainable(10, 0.0, (least - 1, least - 1))[0] == 'top'  # too few to tell
-  assert config.choose_trainable(10, 0.0, None)[0] == 'top'
-  assert TrainConfig(trainable='upper').choose_trainable(10, 0.0, (40, 40))[0] == 'upper'
+  assert config.choose_trainable(500, 0.3, (round(share * 40) - 1, 40))[0] == 'upper'
+  assert config.choose_trainable(500, 0.3, (least - 1, least - 1))[0] == 'upper'  # too few to tell
+  assert config.choose_trainable(500, 0.3, None)[0] == 'upper'
+  assert TrainConfig(trainable='upper').choose_trainable(500, 0.3, (40, 40))[0] == 'upper'
   never = config.with_overrides({'most_from_other_label_share': None})
-  assert never.choose_trainable(10, 0.0, (40, 40))[0] == 'top'
+  assert never.choose_trainable(500, 0.3, (40, 40))[0] == 'upper'
 
 
 def test_the_extractor_moves_faster_only_with_many_images_of_boxes_on_the_lowest_map():

@@ -43,13 +43,13 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert {'input_size', 'trainable', 'adaptive_matching', 'steps'} <= set(metrics['choices'])
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
   assert 'lowest anchor' in metrics['choices']['adaptive_matching']['why']
-  assert metrics['choices']['trainable']['value'] == 'top'  # 12 images
+  assert metrics['choices']['trainable']['value'] == 'most'  # 12 images
   assert metrics['choices']['extractor_learning_rate_scale']['value'] == 0.1
   assert metrics['choices']['many_views_from_images']['value'] == 100  # not small objects
   assert metrics['choices']['views_per_image'] == {
       'value': 23, 'zoom_outs': 7, 'crop_min_scale': 0.3, 'why': 'up to 480 views'}
   run_info = json.loads((trained_run / 'run.json').read_text())
-  assert run_info['train_config']['trainable'] == 'top'  # the choice made, not None
+  assert run_info['train_config']['trainable'] == 'most'  # the choice made, not None
   assert run_info['score_thresholds'] == {label: t['value'] for label, t in thresholds.items()}
   # What it trained on, for the next iteration to tell which images are new to it.
   assert len(set(run_info['trained_on'])) == 12 == len(run_info['trained_on'])

@@ -662,9 +662,9 @@ class TrainConfig:
   blocks under them, so all six maps adapt), 'most' (also the blocks from the
   first at stride 16: what labels told apart by colour need, ~1.5-2x 'upper')
   or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'most' under
-  `most_under_images` training images, where the previous version mixed up
-  labels on the images labeled since, or with many images of small objects,
-  else 'upper' (`choose_trainable`). What is frozen is computed once per view
+  `most_under_images` training images where a label is new to the base, where
+  the previous version mixed up labels on the images labeled since, or with
+  many images of small objects, else 'upper' or 'top' (`choose_trainable`). What is frozen is computed once per view
   and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
   """
 

@@ -2,7 +2,8 @@
 
   load_examples      Label Studio tasks -> training images, labels, held-out split;
                      the previous version's detections on the images labeled since
-                     (`later_images`), and the choices the data makes (`choose_settings`)
+                     (`later_images`), whether a base class finds every label
+                     (`labels_fitted`), and the choices the data makes (`choose_settings`)
   build_model        the SSD with extractor + box head restored from the base or
                      the previous iteration (`warm_start`), into the last
                      iteration's model where it fits (`model_pool`)

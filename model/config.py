@@ -664,8 +664,8 @@ class TrainConfig:
   or 'all' (the whole extractor; ~3x 'upper' on a CPU); None: 'most' under
   `most_under_images` training images where a label is new to the base, where
   the previous version mixed up labels on the images labeled since, or with
-  many images of small objects, else 'upper' or 'top' (`choose_trainable`). What is frozen is computed once per view
-  and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
+  many images of small objects, else 'upper' or 'top' (`choose_trainable`).
+  What is frozen is computed once per view and cached. Variants: `with_overrides({'views.zoom_out': 0.0, 'trainable': 'heads'})`.
   """
 
   seed: int = 0
@@ -741,14 +741,18 @@ class TrainConfig:
     `upper_from_lowest_map_share`): what several choices treat as small objects."""
     return lowest_map_share > self.upper_from_lowest_map_share
 
+  def most_for_new_labels(self, num_images: int) -> bool:
+    """Whether so few images train that a label new to the base trains 'most'."""
+    return self.most_under_images is not None and num_images < self.most_under_images
+
   def choose_trainable(self, num_images: int, lowest_map_share: float = 0.0,
                        other_labels: tuple[int, int] | None = None,
                        labels_fitted: bool = False) -> tuple[str, str]:
     """What trains, and why: 'most' where labels are mixed up, where small
     objects are many, and under `most_under_images` images unless a base
-    class finds every label; else 'upper' from `upper_from_images` images on, since many
-    images teach sharper boxes (raccoon 160 images mAP 0.644 -> 0.688, BCCD
-    0.433 -> 0.496), or when most boxes fit the lowest feature map's anchors
+    class finds every label; else 'upper' from `upper_from_images` images on,
+    since many images teach sharper boxes (raccoon 160 images mAP 0.644 ->
+    0.688, BCCD 0.433 -> 0.496), or when most boxes fit the lowest feature map's anchors
     (the top does not make that map: BCCD at 10 images 0.552 -> 0.611, the
     crowded shapes 0.931 -> 0.980); else the top alone
     (benchmarks/results/choices.md).
@@ -774,7 +778,7 @@ class TrainConfig:
         and self.small_objects(lowest_map_share)):
       return 'most', (f'{num_images} training images (from {many_small} on) and '
                       f'{lowest_map_share:.0%} of the boxes on the lowest feature map')
-    few = self.most_under_images is not None and num_images < self.most_under_images
+    few = self.most_for_new_labels(num_images)
     if few and not labels_fitted:
       return 'most', (f'{num_images} training images (under {self.most_under_images}) and a '
                       'label no base class finds: the blocks from stride 16 on learn it')

@@ -89,6 +89,10 @@ class TrainingSet:
   validation: list[int]
   stats: tasks_lib.ParseStats
 
+  @property
+  def label_ids(self) -> dict[str, int]:
+    return {label: i + 1 for i, label in enumerate(self.labels)}
+
   def part(self, indices: list[int]):
     """(examples, images) at `indices`."""
     return [self.examples[i] for i in indices], [self.images[i] for i in indices]
@@ -183,7 +187,7 @@ def labels_fitted(training: TrainingSet, model_dir: Path, config: TrainConfig) -
   examples, images = training.part(training.fit[:FIT_CHECK_IMAGES])
   base = SSDConfig(num_classes=len(base_labels) - 1)
   assigner = shared_assigner(anchors_lib.anchors_yxyx(base), base.box_scale_factors)
-  label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
+  label_ids = training.label_ids
   targets = np.stack([assigner.assign(e.boxes, [label_ids[l] for l in e.labels])[0]
                       for e in examples])
   inputs = np.stack([to_model_input(image, base.input_size) for image in images])
@@ -193,7 +197,7 @@ def labels_fitted(training: TrainingSet, model_dir: Path, config: TrainConfig) -
     if label not in fits:
       return False
     fit, on_boxes = fits[label]
-    if on_boxes[int(np.argmax(fit[1:])) + 1] < config.budget.fitted_min_score:
+    if on_boxes[warm_start.best_base_class(fit)] < config.budget.fitted_min_score:
       return False
   return True
 
@@ -349,7 +353,7 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
                              matching.negative_iou,
                              0 if matching.adaptive_views == 'none' else matching.adaptive_top_k,
                              matching.adaptive_views)
-  label_ids = {label: i + 1 for i, label in enumerate(training.labels)}
+  label_ids = training.label_ids
   images = len(training.fit)
   views_each = config.views.per_image(images)
   zoom_outs = config.views.zoom_outs_per_image(images)
@@ -723,8 +727,7 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
     training = load_examples(tasks, images_root, config, previous_labels, max_images)
     later = later_images(training, previous, config.score_thresholds.previous_images)
-    fitted = (config.trainable is None and config.most_under_images is not None
-              and len(training.fit) < config.most_under_images
+    fitted = (config.trainable is None and config.most_for_new_labels(len(training.fit))
               and labels_fitted(training, model_dir, config))
     config, choices = choose_settings(config, training, later, fitted)
   with clock.stage('build_model'):

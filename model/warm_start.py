@@ -105,6 +105,11 @@ def class_fit(class_logits: np.ndarray, class_targets: np.ndarray,
   return result
 
 
+def best_base_class(fit: np.ndarray) -> int:
+  """The base class that fits a label's boxes best (`class_fit`), never the background."""
+  return int(np.argmax(fit[1:])) + 1
+
+
 def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
                         fits: dict[str, tuple[np.ndarray, np.ndarray]], blend: int = 1,
                         min_score: float = WarmStartConfig.min_fit_score
@@ -119,7 +124,7 @@ def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
       continue
     if label in fits:
       fit, on_boxes = fits[label]
-      best = int(np.argmax(fit[1:])) + 1  # never the background
+      best = best_base_class(fit)
       if on_boxes[best] >= min_score:
         top = [int(i) + 1 for i in np.argsort(-fit[1:])[:blend]]
         top = [i for i in top if on_boxes[i] >= min_score]

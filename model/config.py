@@ -551,6 +551,16 @@ class ScheduleConfig:
   # their ceiling either way (3 seeds each; benchmarks/results/choices.md).
   usual_extractor_scale: float = 0.1
   many_small_extractor_scale: float = 0.3
+  # ... and where 'most' trains labels no base class finds, from
+  # `new_labels_fast_from_images` images on: no label needs what the base made.
+  # 10 images: BCCD 0.788 -> 0.799 (int8 0.772 -> 0.795), the small shapes
+  # 0.954 -> 0.983, the colour set 0.972 -> 0.991; 5 images: +0.009 to +0.055.
+  # One image overfits (the small shapes 0.575 -> 0.399), a label a base
+  # class finds loses (raccoon beside shapes 0.94 -> 0.85), and so does a warm
+  # start from an iteration already adapted (BCCD 8 images then 10: 0.757
+  # against 0.775 at 0.1x; benchmarks/results/choices.md).
+  new_labels_extractor_scale: float = 0.3
+  new_labels_fast_from_images: int = 5
   warmup_fraction: float = 0.1
   new_image_share: float = 0.5
   # Where 'top' trains, the last this share of the steps may train the heads
@@ -764,7 +774,7 @@ class TrainConfig:
         labeled since the previous version, as it detected them
         (`evaluate.found_under_other_labels`); None: no such images.
       labels_fitted: whether a base class finds every label's boxes
-        (`pipeline.labels_fitted`).
+        (`pipeline.labels_the_base_finds`).
     """
     if self.trainable is not None:
       return self.trainable, 'set'
@@ -800,12 +810,23 @@ class TrainConfig:
       return small, f'{share}: small objects, from {small} images on (else {views.many_images})'
     return views.many_images, share
 
-  def choose_extractor_scale(self, num_images: int, lowest_map_share: float
+  def choose_extractor_scale(self, num_images: int, lowest_map_share: float,
+                             base_finds_none: bool = False, from_base: bool = True
                              ) -> tuple[float, str]:
-    """The extractor's learning rate relative to the class head's, and why."""
+    """The extractor's learning rate relative to the class head's, and why.
+
+    base_finds_none: whether no base class finds any label's boxes
+      (`pipeline.labels_the_base_finds`).
+    from_base: whether the run starts from the base, not a previous iteration.
+    """
     schedule = self.schedule
     if schedule.extractor_scale is not None:
       return schedule.extractor_scale, 'set'
+    if (self.trainable == 'most' and base_finds_none and from_base
+        and num_images >= schedule.new_labels_fast_from_images):
+      return schedule.new_labels_extractor_scale, (
+          f'"most" trains from the base, {num_images} training images (from '
+          f'{schedule.new_labels_fast_from_images} on), and no base class finds any label')
     if self.views.many(num_images) and self.small_objects(lowest_map_share):
       return schedule.many_small_extractor_scale, (
           f'{num_images} training images (from {self.views.many_images} on) and '

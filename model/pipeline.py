@@ -2,8 +2,8 @@
 
   load_examples      Label Studio tasks -> training images, labels, held-out split;
                      the previous version's detections on the images labeled since
-                     (`later_images`), whether a base class finds every label
-                     (`labels_fitted`), and the choices the data makes (`choose_settings`)
+                     (`later_images`), the labels a base class finds
+                     (`labels_the_base_finds`), and the choices the data makes (`choose_settings`)
   build_model        the SSD with extractor + box head restored from the base or
                      the previous iteration (`warm_start`), into the last
                      iteration's model where it fits (`model_pool`)
@@ -165,25 +165,26 @@ def lowest_map_share(examples, ssd_config) -> float:
 FIT_CHECK_IMAGES = 16
 
 
-def labels_fitted(training: TrainingSet, model_dir: Path, config: TrainConfig) -> bool:
-  """Whether a base class finds every label's boxes: one the label names, or the
-  one that fits its boxes best where it scores `budget.fitted_min_score` or
-  more on them (the base .tflite on the first FIT_CHECK_IMAGES training images
-  at its own 300 px; `start_class_head` measures the fit again on the views).
-  What a previous iteration learned does not count: a label new to the base
-  stays so, and keeps the extractor's blocks it needs in training."""
+def labels_the_base_finds(training: TrainingSet, model_dir: Path, config: TrainConfig
+                          ) -> set[str]:
+  """The labels a base class finds the boxes of: one the label names, or the one
+  that fits its boxes best where it scores `budget.fitted_min_score` or more on
+  them (the base .tflite on the first FIT_CHECK_IMAGES training images at its
+  own 300 px; `start_class_head` measures the fit again on the views). What a
+  previous iteration learned does not count: a label new to the base stays so,
+  and keeps the extractor's blocks it needs in training."""
   from model import anchors as anchors_lib, base_weights, warm_start
   from model.config import SSDConfig
   from model.images import to_model_input
   from model.targets import shared_assigner
   if config.warm_start.class_init != 'base-fit':
-    return False  # every column starts fresh
+    return set()  # every column starts fresh
   paths = base_weights.ensure_base(model_dir)
   base_labels = base_weights.read_labels(paths)
-  unknown = [label for label in training.labels
-             if warm_start.base_class_by_name(label, base_labels) is None]
-  if not unknown:
-    return True
+  named = {label for label in training.labels
+           if warm_start.base_class_by_name(label, base_labels) is not None}
+  if len(named) == len(training.labels):
+    return named
   examples, images = training.part(training.fit[:FIT_CHECK_IMAGES])
   base = SSDConfig(num_classes=len(base_labels) - 1)
   assigner = shared_assigner(anchors_lib.anchors_yxyx(base), base.box_scale_factors)
@@ -193,21 +194,18 @@ def labels_fitted(training: TrainingSet, model_dir: Path, config: TrainConfig) -
   inputs = np.stack([to_model_input(image, base.input_size) for image in images])
   logits = base_weights.tflite_raw_outputs(paths.tflite, inputs, exact=False)['class_logits']
   fits = warm_start.class_fit(logits, targets, training.labels)
-  for label in unknown:
-    if label not in fits:
-      return False
-    fit, on_boxes = fits[label]
-    if on_boxes[warm_start.best_base_class(fit)] < config.budget.fitted_min_score:
-      return False
-  return True
+  return named | {label for label, (fit, on_boxes) in fits.items() if label not in named
+                  and on_boxes[warm_start.best_base_class(fit)] >= config.budget.fitted_min_score}
 
 
 def choose_settings(config: TrainConfig, training: TrainingSet,
                     later: 'LaterImages | None' = None,
-                    labels_fitted: bool = False) -> tuple[TrainConfig, dict]:
+                    base_finds: set[str] | None = None,
+                    from_base: bool = True) -> tuple[TrainConfig, dict]:
   """Fills in what `config` leaves to the data, to how the previous version did on
-  the images labeled since (`later`) and to whether a base class finds every
-  label (`labels_fitted`).
+  the images labeled since (`later`), to the labels a base class finds
+  (`base_finds`, from `labels_the_base_finds`; None: not looked at) and to
+  whether the run starts `from_base` rather than from a previous iteration.
 
   Returns:
     (the config with every choice made, {choice: {"value", "why"}} for metrics.json).
@@ -222,9 +220,12 @@ def choose_settings(config: TrainConfig, training: TrainingSet,
   many, many_why = config.choose_many_images(on_lowest_map)
   config = config.with_overrides({'views.many_images': many})  # the extractor's rate follows it
   other_labels = later.other_labels(config.score_thresholds.default) if later else None
+  labels_fitted = base_finds is not None and base_finds >= set(training.labels)
   trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map,
                                                      other_labels, labels_fitted)
-  extractor_scale, extractor_why = config.choose_extractor_scale(len(training.fit), on_lowest_map)
+  extractor_scale, extractor_why = config.with_overrides(
+      {'trainable': trainable}).choose_extractor_scale(
+          len(training.fit), on_lowest_map, base_finds == set(), from_base)
   adaptive, adaptive_why = config.matching.choose_adaptive(
       min(sides.values(), default=1.0), config.input.anchors.lowest_layer_scale)
   return (config.with_overrides({'input.size': size, 'trainable': trainable,
@@ -233,7 +234,9 @@ def choose_settings(config: TrainConfig, training: TrainingSet,
           {'input_size': {'value': size, 'why': size_why},
            'trainable': {'value': trainable, 'why': trainable_why,
                          # (boxes the previous version named by another label, found)
-                         'other_labels_since': other_labels},
+                         'other_labels_since': other_labels,
+                         'labels_the_base_finds': None if base_finds is None
+                         else sorted(base_finds)},
            'extractor_learning_rate_scale': {'value': extractor_scale, 'why': extractor_why},
            'adaptive_matching': {'value': adaptive, 'why': adaptive_why},
            'many_views_from_images': {'value': many, 'why': many_why}})
@@ -727,9 +730,11 @@ def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
     training = load_examples(tasks, images_root, config, previous_labels, max_images)
     later = later_images(training, previous, config.score_thresholds.previous_images)
-    fitted = (config.trainable is None and config.most_for_new_labels(len(training.fit))
-              and labels_fitted(training, model_dir, config))
-    config, choices = choose_settings(config, training, later, fitted)
+    base_finds = (labels_the_base_finds(training, model_dir, config)
+                  if config.trainable in (None, 'most')
+                  and config.most_for_new_labels(len(training.fit)) else None)
+    config, choices = choose_settings(config, training, later, base_finds,
+                                      from_base=previous is None)
   with clock.stage('build_model'):
     sources = load_sources(model_dir, previous)
     built = build_model(training.labels, sources, config)

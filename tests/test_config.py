@@ -160,6 +160,19 @@ def test_the_extractor_moves_faster_only_with_many_images_of_boxes_on_the_lowest
   assert set_.choose_extractor_scale(500, 1.0) == (0.2, 'set')
 
 
+def test_the_extractor_moves_faster_where_most_trains_labels_new_to_the_base():
+  config = TrainConfig(trainable='most')
+  usual, faster = config.schedule.usual_extractor_scale, config.schedule.new_labels_extractor_scale
+  assert faster > usual
+  enough = config.schedule.new_labels_fast_from_images
+  scale, why = config.choose_extractor_scale(enough, 0.0, base_finds_none=True)
+  assert scale == faster and 'no base class finds any label' in why
+  assert config.choose_extractor_scale(enough - 1, 0.0, True)[0] == usual  # one image overfits
+  assert config.choose_extractor_scale(enough, 0.0, False)[0] == usual  # a base class's label lost
+  assert TrainConfig(trainable='upper').choose_extractor_scale(enough, 0.0, True)[0] == usual
+  assert config.choose_extractor_scale(enough, 0.0, True, from_base=False)[0] == usual  # warm starts
+
+
 def test_small_objects_get_the_many_image_views_sooner():
   config = TrainConfig()
   small, usual = config.views.small_objects_many_images, config.views.many_images

@@ -44,6 +44,8 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['choices']['adaptive_matching']['value'] == 'zoom-outs'
   assert 'lowest anchor' in metrics['choices']['adaptive_matching']['why']
   assert metrics['choices']['trainable']['value'] == 'most'  # 12 images
+  # A base class finds the drawn squares, not the discs: the extractor keeps its usual rate.
+  assert metrics['choices']['trainable']['labels_the_base_finds'] == ['square']
   assert metrics['choices']['extractor_learning_rate_scale']['value'] == 0.1
   assert metrics['choices']['many_views_from_images']['value'] == 100  # not small objects
   assert metrics['choices']['views_per_image'] == {

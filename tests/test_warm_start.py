@@ -257,16 +257,26 @@ def test_labels_no_base_class_finds_train_most_of_the_extractor(shapes_dataset, 
   tasks = tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json')
   training = pipeline.load_examples(tasks, shapes_dataset, TINY, max_images=6)
   assert training.labels == ['disc', 'square']
-  # No base class scores 0.1 on a drawn disc or square.
-  assert not pipeline.labels_fitted(training, base_paths.model_dir, TINY)
-  assert TINY.choose_trainable(6, 0.0, None, labels_fitted=False)[0] == 'most'
+  # No base class scores 0.1 on a drawn disc (one does on the squares).
+  found = pipeline.labels_the_base_finds(training, base_paths.model_dir, TINY)
+  assert 'disc' not in found and found <= {'square'}
+  config, choices = pipeline.choose_settings(TINY, training, base_finds=found)
+  assert config.trainable == 'most' and choices['trainable']['labels_the_base_finds'] == sorted(found)
+  # The extractor moves faster where no label is some base class's to keep.
+  faster = pipeline.choose_settings(TINY, training, base_finds=set())[0]
+  assert (faster.trainable, faster.schedule.extractor_scale) == ('most', 0.3)
+  warm = pipeline.choose_settings(TINY, training, base_finds=set(), from_base=False)[0]
+  assert (warm.trainable, warm.schedule.extractor_scale) == ('most', 0.1)  # already adapted
+  assert config.schedule.extractor_scale == (0.3 if not found else 0.1)
   # A label that names a base class is found by it, without a look at the images.
   named = dataclasses.replace(training, labels=['Dog', 'Car'])
-  assert pipeline.labels_fitted(named, base_paths.model_dir, TINY)
+  assert pipeline.labels_the_base_finds(named, base_paths.model_dir, TINY) == {'Dog', 'Car'}
   assert TINY.choose_trainable(6, 0.0, None, labels_fitted=True)[0] == 'top'
+  more = dataclasses.replace(training, labels=['disc', 'square', 'Dog'])
+  assert pipeline.labels_the_base_finds(more, base_paths.model_dir, TINY) == found | {'Dog'}
   # A project whose columns all start fresh has no base class to find anything.
   fresh = TINY.with_overrides({'warm_start.class_init': 'fresh'})
-  assert not pipeline.labels_fitted(named, base_paths.model_dir, fresh)
+  assert pipeline.labels_the_base_finds(named, base_paths.model_dir, fresh) == set()
 
 
 def test_a_run_from_before_the_colour_kernel_starts_the_next_iteration(trained_run, tmp_path,

@@ -223,7 +223,7 @@ def choose_settings(config: TrainConfig, training: TrainingSet,
   labels_fitted = base_finds is not None and base_finds >= set(training.labels)
   trainable, trainable_why = config.choose_trainable(len(training.fit), on_lowest_map,
                                                      other_labels, labels_fitted)
-  extractor_scale, extractor_why = config.with_overrides(
+  extractor_scale, extractor_why = config.with_overrides(  # the rate follows what trains
       {'trainable': trainable}).choose_extractor_scale(
           len(training.fit), on_lowest_map, base_finds == set(), from_base)
   adaptive, adaptive_why = config.matching.choose_adaptive(

@@ -14,6 +14,8 @@ import colorsys
 import numpy as np
 from PIL import Image
 
+from model.boxes import iou_xyxy
+
 LABELS = ('apple', 'orange', 'banana')
 # layout -> (probability, fruit per image (low, high), side as a share of the shorter side)
 LAYOUTS = {'one': (0.35, (1, 1), (0.3, 0.6)),
@@ -67,16 +69,9 @@ def _spot(rng, shape, size, placed, pile_centre):
       x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
     box = (x, y, x + w, y + h)
     limit = PILE_MAX_IOU if pile_centre is not None else 0.0
-    if all(_iou(box, other) <= limit for other in placed):
+    if all(iou_xyxy(box, other) <= limit for other in placed):
       return box
   return None
-
-
-def _iou(a, b) -> float:
-  w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-  h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = w * h
-  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def _render(kind: str, side: float, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -194,8 +194,8 @@ def labels_the_base_finds(training: TrainingSet, model_dir: Path, config: TrainC
   inputs = np.stack([to_model_input(image, base.input_size) for image in images])
   logits = base_weights.tflite_raw_outputs(paths.tflite, inputs, exact=False)['class_logits']
   fits = warm_start.class_fit(logits, targets, training.labels)
-  return named | {label for label, (fit, on_boxes) in fits.items() if label not in named
-                  and on_boxes[warm_start.best_base_class(fit)] >= config.budget.fitted_min_score}
+  return named | {label for label, (fit, on_boxes) in fits.items()
+                  if on_boxes[warm_start.best_base_class(fit)] >= config.budget.fitted_min_score}
 
 
 def choose_settings(config: TrainConfig, training: TrainingSet,

@@ -157,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help='what trains: the heads only (as in the notebook), the heads and the top '
                           'of the extractor (Conv_1 and the extra layers), those and the '
                           'stride-16 blocks under them (upper), all but the stride-8 stem (most: '
-                          'labels told apart by colour), or everything; default: upper '
-                          f'from {TrainConfig.upper_from_images} training images on or for mostly '
-                          'small boxes, else top')
+                          'labels told apart by colour), or everything; default: most under '
+                          f'{TrainConfig.most_under_images} training images where a label is new '
+                          'to the base, for labels mixed up, or for many images of small objects; '
+                          f'else upper from {TrainConfig.upper_from_images} training images on or '
+                          'for mostly small boxes, else top')
   train.add_argument('--max-steps', type=int, default=BudgetConfig.max,
                      help='cap on the training steps (the budget grows with the images up to it; '
                           'default %(default)s, as TRAIN_MAX_STEPS for the backend)')

@@ -168,34 +168,39 @@ FIT_CHECK_IMAGES = 16
 def labels_the_base_finds(training: TrainingSet, model_dir: Path, config: TrainConfig
                           ) -> set[str]:
   """The labels a base class finds the boxes of: one the label names, or the one
-  that fits its boxes best where it scores `budget.fitted_min_score` or more on
-  them (the base .tflite on the first FIT_CHECK_IMAGES training images at its
-  own 300 px; `start_class_head` measures the fit again on the views). What a
-  previous iteration learned does not count: a label new to the base stays so,
-  and keeps the extractor's blocks it needs in training."""
-  from model import anchors as anchors_lib, base_weights, warm_start
-  from model.config import SSDConfig
-  from model.images import to_model_input
-  from model.targets import shared_assigner
+  that fits its boxes best (`base_fits`) where it scores `budget.fitted_min_score`
+  or more on them (`start_class_head` measures the fit again on the views). What a previous
+  iteration learned does not count: a label new to the base stays so, and keeps
+  the extractor's blocks it needs in training."""
+  from model import base_weights, warm_start
   if config.warm_start.class_init != 'base-fit':
     return set()  # every column starts fresh
-  paths = base_weights.ensure_base(model_dir)
-  base_labels = base_weights.read_labels(paths)
+  base_labels = base_weights.read_labels(base_weights.ensure_base(model_dir))
   named = {label for label in training.labels
            if warm_start.base_class_by_name(label, base_labels) is not None}
   if len(named) == len(training.labels):
     return named
+  return named | {label for label, (fit, on_boxes) in base_fits(training, model_dir).items()
+                  if warm_start.base_class_finds(fit, on_boxes, config.budget.fitted_min_score)}
+
+
+def base_fits(training: TrainingSet, model_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """`warm_start.class_fit` of every base class to each label: the base .tflite on the
+  first FIT_CHECK_IMAGES training images at its own 300 px."""
+  from model import anchors as anchors_lib, base_weights, warm_start
+  from model.config import SSDConfig
+  from model.images import to_model_input
+  from model.targets import shared_assigner
+  paths = base_weights.ensure_base(model_dir)
   examples, images = training.part(training.fit[:FIT_CHECK_IMAGES])
-  base = SSDConfig(num_classes=len(base_labels) - 1)
+  base = SSDConfig(num_classes=len(base_weights.read_labels(paths)) - 1)
   assigner = shared_assigner(anchors_lib.anchors_yxyx(base), base.box_scale_factors)
   label_ids = training.label_ids
   targets = np.stack([assigner.assign(e.boxes, [label_ids[l] for l in e.labels])[0]
                       for e in examples])
   inputs = np.stack([to_model_input(image, base.input_size) for image in images])
   logits = base_weights.tflite_raw_outputs(paths.tflite, inputs, exact=False)['class_logits']
-  fits = warm_start.class_fit(logits, targets, training.labels)
-  return named | {label for label, (fit, on_boxes) in fits.items()
-                  if on_boxes[warm_start.best_base_class(fit)] >= config.budget.fitted_min_score}
+  return warm_start.class_fit(logits, targets, training.labels)
 
 
 def choose_settings(config: TrainConfig, training: TrainingSet,
@@ -361,8 +366,11 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   views_each = config.views.per_image(images)
   zoom_outs = config.views.zoom_outs_per_image(images)
   crop_scale = config.views.crop_scale(images)
+  pastes = config.views.pastes_per_image(images)
+  paste_min_side = config.views.paste_min_anchor_share * model.config.anchors.lowest_layer_scale
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
-                                  crop_scale)
+                                  crop_scale, (pastes, *config.views.paste_scale, paste_min_side)
+                                  if pastes else ())
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only
   if config.views.carry_over:
     fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
@@ -375,9 +383,10 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
         *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
         zoom_outs=zoom, input_size=config.input.size,
         zoom_out_scale=tuple(config.views.zoom_out_scale),
-        crop_min_scale=crop_scale, **stored)
+        crop_min_scale=crop_scale, paste_scale=tuple(config.views.paste_scale),
+        paste_min_side=paste_min_side, **stored)
 
-  train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
+  train_pixels, train = cached(training.fit, views_each, zoom_outs, pastes=pastes, reuse=reuse,
                                fingerprints=fingerprints)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
   log.info('Cached %s of %d views (%d per image, %d of them zoomed out)',

@@ -110,6 +110,13 @@ def best_base_class(fit: np.ndarray) -> int:
   return int(np.argmax(fit[1:])) + 1
 
 
+def base_class_finds(fit: np.ndarray, on_boxes: np.ndarray, min_score: float) -> bool:
+  """Whether the base class that fits a label best (`class_fit`) finds its boxes: it
+  scores `min_score` or more on them. (Also asking for an anchor AP of 0.25 was
+  tried: benchmarks/results/choices.md, "A base class finds a label".)"""
+  return bool(on_boxes[best_base_class(fit)] >= min_score)
+
+
 def choose_base_sources(labels: list[str], base_head, base_labels: list[str],
                         fits: dict[str, tuple[np.ndarray, np.ndarray]], blend: int = 1,
                         min_score: float = WarmStartConfig.min_fit_score

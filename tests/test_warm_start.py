@@ -104,6 +104,21 @@ def test_class_fit_prefers_the_class_that_singles_out_the_boxes():
     TrainConfig().with_overrides({'warm_start.min_fit_score': 1.5})
 
 
+def test_a_base_class_finds_a_label_where_the_best_fitting_one_scores_the_bar_on_its_boxes():
+  bar = TrainConfig().budget.fitted_min_score
+  targets = np.zeros((2, 50), np.int32)
+  targets[:, :5] = 1
+  logits = np.full((2, 50, 3), -4.0)
+  logits[:, :5, 1] = -1.9  # class 1 singles out the boxes at ~0.13
+  fit, on_boxes = warm_start.class_fit(logits, targets, ['thing'])['thing']
+  assert warm_start.base_class_finds(fit, on_boxes, bar)
+  # Singling them out at a score under the bar is no find.
+  logits[:, :5, 1] = -3.0
+  fit, on_boxes = warm_start.class_fit(logits, targets, ['thing'])['thing']
+  assert fit[1] == pytest.approx(1.0, abs=0.01) and not warm_start.base_class_finds(
+      fit, on_boxes, bar)
+
+
 def test_next_iteration_keeps_kept_labels_drops_removed_and_adds_new(trained_run, tmp_path,
                                                                     base_paths):
   previous, previous_labels = run_folder.load_run_model(trained_run)

@@ -447,13 +447,6 @@ class ViewsConfig:
   many_cached: int = 1800  # ~2 GB at 512 px with 'upper'
   many_crop_min_scale: float = 0.7
   carry_over: bool = True
-  # A share of the random crops get copies of the image's own labeled objects
-  # pasted in, shrunk by a factor in `paste_scale` (`augment.paste_objects`).
-  paste: float = 0.0
-  paste_scale: tuple[float, float] = (0.3, 1.0)
-  # ... none smaller than this share of the lowest anchor's side (the anchors match
-  # a box this much smaller at IoU ~0.5): 0 lets them shrink freely.
-  paste_min_anchor_share: float = 0.0
 
   def __post_init__(self):
     if not 0.0 <= self.zoom_out <= 1.0:
@@ -463,12 +456,6 @@ class ViewsConfig:
     """Original + flip at least; more random crops when images are few."""
     cached = self.many_cached if self.many(num_images) else self.max_cached
     return max(2, min(self.max_per_image, cached // max(1, num_images)))
-
-  def pastes_per_image(self, num_images: int) -> int:
-    """Random crops with objects pasted in: a share of them, none with many images."""
-    if self.many(num_images):
-      return 0
-    return round(self.paste * (self.per_image(num_images) - 2))
 
   def zoom_outs_per_image(self, num_images: int) -> int:
     """Zoom-outs on top of the views above: a fraction of the random crops."""

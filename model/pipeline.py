@@ -169,9 +169,9 @@ def labels_the_base_finds(training: TrainingSet, model_dir: Path, config: TrainC
                           ) -> set[str]:
   """The labels a base class finds the boxes of: one the label names, or the one
   that fits its boxes best (`base_fits`) where it scores `budget.fitted_min_score`
-  or more on them (`start_class_head` measures the fit again on the views). What a previous
-  iteration learned does not count: a label new to the base stays so, and keeps
-  the extractor's blocks it needs in training."""
+  or more on them (`start_class_head` measures the fit again on the views). What
+  a previous iteration learned does not count: a label new to the base stays so,
+  and keeps the extractor's blocks it needs in training."""
   from model import base_weights, warm_start
   if config.warm_start.class_init != 'base-fit':
     return set()  # every column starts fresh
@@ -366,11 +366,8 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   views_each = config.views.per_image(images)
   zoom_outs = config.views.zoom_outs_per_image(images)
   crop_scale = config.views.crop_scale(images)
-  pastes = config.views.pastes_per_image(images)
-  paste_min_side = config.views.paste_min_anchor_share * model.config.anchors.lowest_layer_scale
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
-                                  crop_scale, (pastes, *config.views.paste_scale, paste_min_side)
-                                  if pastes else ())
+                                  crop_scale)
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only
   if config.views.carry_over:
     fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
@@ -383,10 +380,9 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
         *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
         zoom_outs=zoom, input_size=config.input.size,
         zoom_out_scale=tuple(config.views.zoom_out_scale),
-        crop_min_scale=crop_scale, paste_scale=tuple(config.views.paste_scale),
-        paste_min_side=paste_min_side, **stored)
+        crop_min_scale=crop_scale, **stored)
 
-  train_pixels, train = cached(training.fit, views_each, zoom_outs, pastes=pastes, reuse=reuse,
+  train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
   log.info('Cached %s of %d views (%d per image, %d of them zoomed out)',

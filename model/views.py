@@ -144,12 +144,11 @@ def fingerprint(example: Example, image: Image.Image) -> str:
 
 
 def signature(assigner: TargetAssigner, input_size: int, zoom_out_scale: tuple[float, float],
-              crop_min_scale: float, pastes: tuple = ()) -> str:
-  """Names the settings views are made under: input size, anchors, matching, crops,
-  zoom-outs, pasted objects (`pastes`: their count and scale, () for none)."""
+              crop_min_scale: float) -> str:
+  """Names the settings views are made under: input size, anchors, matching, crops, zoom-outs."""
   digest = hashlib.sha256(np.asarray(assigner.anchors, np.float32).tobytes())
-  settings = (input_size, tuple(zoom_out_scale), crop_min_scale, assigner.settings())
-  digest.update(repr(settings + (tuple(pastes),) if pastes else settings).encode())
+  digest.update(repr((input_size, tuple(zoom_out_scale), crop_min_scale,
+                      assigner.settings())).encode())
   return digest.hexdigest()
 
 
@@ -238,8 +237,6 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
                       label_ids: dict[str, int], assigner: TargetAssigner, frozen, *,
                       views_each: int, zoom_outs: int, input_size: int,
                       zoom_out_scale: tuple[float, float], crop_min_scale: float,
-                      pastes: int = 0, paste_scale: tuple[float, float] = (1.0, 1.0),
-                      paste_min_side: float = 0.0,
                       reuse: StoredViews | None = None, fingerprints: list[str] | None = None,
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
@@ -250,8 +247,6 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     frozen: the model whose outputs are cached (`ExtractorSplit.frozen`).
     views_each, zoom_outs, zoom_out_scale: per image (`augment.make_views`).
     crop_min_scale: the smallest random crop's sides (`augment.Augmenter`).
-    pastes, paste_scale, paste_min_side: crops per image with the image's objects
-      pasted in (`augment.paste_objects`).
     reuse, fingerprints: an earlier iteration's views (made under the same
       settings) and each image's `fingerprint`: images found there are not
       augmented again, nor run through `frozen` if it is the one that cached them.
@@ -280,8 +275,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
       continue
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     views = augment.make_views(image, example.boxes, ids, views_each, input_size, zoom_outs,
-                               zoom_out_scale, augmenter=augmenter, pastes=pastes,
-                               paste_scale=paste_scale, paste_min_side=paste_min_side)
+                               zoom_out_scale, augmenter=augmenter)
     for number, (x, boxes, view_ids) in enumerate(views):
       cls, box = assigner.assign(boxes, view_ids, zoomed_out=number >= views_each)
       pixels.append(x)

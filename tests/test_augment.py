@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from model.augment import Augmenter, make_views, paste_objects, shared_augmenter
+from model.augment import Augmenter, make_views, shared_augmenter
 from model.config import TrainConfig
 from model.images import pixels_to_input
 
@@ -93,62 +93,6 @@ def test_zoom_outs_are_added_as_a_fraction_of_the_crops():
   assert config.views.per_image(60) == 8 and config.views.zoom_outs_per_image(60) == 3
   assert config.with_overrides({'views.zoom_out': 0.0}).views.zoom_outs_per_image(5) == 0
 
-
-def test_pasted_objects_are_copies_of_the_image_s_own_at_smaller_sizes_on_free_ground():
-  image, box = red_square_image()
-  view = np.full((SIZE, SIZE, 3), 128, np.uint8)  # a grey view with one box (not red) in it
-  held = np.array([[0.0, 0.0, 0.5, 0.5]], np.float32)
-  for seed in range(5):
-    pixels, boxes, ids = paste_objects(view, held, np.array([2], np.int32), image, box,
-                                       np.array([1], np.int32), np.random.default_rng(seed),
-                                       (0.5, 1.0))
-    assert len(boxes) >= 2 and ids[0] == 2 and set(ids[1:].tolist()) == {1}
-    np.testing.assert_array_equal(boxes[0], held[0])
-    side = box[0, 2] - box[0, 0]  # its height in the image, normalized as the view's
-    for index, pasted in enumerate(boxes[1:], 1):
-      assert 0.5 * side - 0.02 <= pasted[2] - pasted[0] <= side + 0.02
-      assert redness_inside(pixels_to_input(pixels), pasted) > 0.8  # the red square, faded edges
-      others = np.delete(boxes, index, axis=0)
-      assert all(_share_covered(pasted, other) <= 0.3 >= _share_covered(other, pasted)
-                 for other in others)
-
-
-def test_pasted_objects_shrink_no_further_than_the_smallest_side_asked():
-  image, box = red_square_image()  # the square's side: sqrt(1/3 * 1/4) = 0.29 of the image
-  view = np.full((SIZE, SIZE, 3), 128, np.uint8)
-  none = np.zeros((0, 4), np.float32)
-  for seed in range(5):
-    _, boxes, _ = paste_objects(view, none, np.zeros(0, np.int32), image, box,
-                                np.array([1], np.int32), np.random.default_rng(seed), (0.3, 1.0),
-                                min_side=0.25)
-    assert len(boxes) >= 1
-    assert all(np.sqrt((b[2] - b[0]) * (b[3] - b[1])) >= 0.25 - 0.02 for b in boxes)
-  # An object at the smallest side already is not pasted at all.
-  _, boxes, _ = paste_objects(view, none, np.zeros(0, np.int32), image, box,
-                              np.array([1], np.int32), np.random.default_rng(0), (0.3, 1.0),
-                              min_side=0.3)
-  assert len(boxes) == 0
-
-
-def _share_covered(a, b):
-  height = min(a[2], b[2]) - max(a[0], b[0])
-  width = min(a[3], b[3]) - max(a[1], b[1])
-  return max(height, 0) * max(width, 0) / ((b[2] - b[0]) * (b[3] - b[1]))
-
-
-def test_pastes_go_into_the_last_random_crops_only():
-  tf.random.set_seed(6)
-  image, box = red_square_image()
-  views = make_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=2, pastes=3)
-  counts = [len(boxes) for _, boxes, _ in views]
-  assert counts[:5] == [1] * 5 and counts[8:] == [1, 1]
-  assert all(count > 1 for count in counts[5:8])
-
-
-def test_pastes_are_a_share_of_the_crops_and_off_with_many_images():
-  config = TrainConfig().with_overrides({'views.paste': 0.5})
-  assert config.views.pastes_per_image(5) == 7 and config.views.pastes_per_image(150) == 0
-  assert TrainConfig().views.pastes_per_image(5) == 0
 
 
 def test_int8_calibration_takes_every_image_as_it_is_before_any_augmented_view():

@@ -10,6 +10,10 @@ data set shows what it does to the others.
   .venv/bin/python benchmarks/generalization.py --datasets raccoon bccd crowd \\
       --shots 10 all --variant 'at 300:input.size=300,views.zoom_out=0.5'
 
+`--draws K` trains each subset K times, each under its own seed (its random
+views, fresh class columns and batches; the subset stays): the spread between
+draws ("draws ±" beside the mean) is what a choice must beat on that data set.
+
 With all images there is one subset; `--all-seeds N` trains it N times with
 different seeds, which tells a choice's effect from the training's own spread
 (0.03-0.05 mAP@0.5 on small-many). Over 10 images (`--shots 50`) the same
@@ -283,16 +287,22 @@ def add_test_images_argument(parser: argparse.ArgumentParser) -> None:
                            'swing int8 mAP@0.5 by several points; 200 tell export settings apart')
 
 
+# Draw k > 0 of a subset trains under seed + DRAW_STRIDE * k (`--draws`).
+DRAW_STRIDE = 1000
+
+
 def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, overrides: dict,
-            test) -> dict:
+            test, draw: int = 0) -> dict:
+  """Trains subset `seed` of `shots` images (`draw` > 0: under another training seed)
+  and scores it."""
   out = Path(tempfile.mkdtemp(dir=work)) / 'run'
   started = time.monotonic()
-  run = pipeline.train_iteration(tasks, root, out, model_dir,
-                                 config=TrainConfig(seed=seed).with_overrides(overrides),
-                                 max_images=None if shots == ALL else shots)
+  config = TrainConfig(seed=seed + DRAW_STRIDE * draw).with_overrides(overrides)
+  run = pipeline.train_iteration(tasks, root, out, model_dir, config=config,
+                                 max_images=None if shots == ALL else shots, subset_seed=seed)
   wall = time.monotonic() - started
   metrics = json.loads(run.metrics.read_text())
-  row = {'seed': seed, 'iteration_s': round(wall, 1),
+  row = {'seed': seed, **({'draw': draw} if draw else {}), 'iteration_s': round(wall, 1),
          'train_s': metrics['wall_time_s'].get('train_s'),
          'steps': metrics['steps'], 'images': metrics['images']['train'],
          'choices': metrics.get('choices', {}),
@@ -302,8 +312,9 @@ def run_one(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int, ov
     row[kind or 'checkpoint'] = {'map50': evaluation['map50'], 'map': evaluation['map'],
                                  'per_class': {k: v['map50'] for k, v in
                                                evaluation['per_class'].items()}}
-  log.info('%s shots seed %d: checkpoint %.3f float %.3f int8 %.3f (%.0f s)', shots, seed,
-           row['checkpoint']['map50'], row['float']['map50'], row['int8']['map50'], wall)
+  log.info('%s shots seed %d draw %d: checkpoint %.3f float %.3f int8 %.3f (%.0f s)', shots,
+           seed, draw, row['checkpoint']['map50'], row['float']['map50'], row['int8']['map50'],
+           wall)
   shutil.rmtree(out.parent)  # the row holds what is kept; run folders (views.npz) filled disks
   return row
 
@@ -315,12 +326,17 @@ def summarize(rows: list[dict]) -> dict:
   for label in rows[0]['float']['per_class']:
     per_class[label] = round(statistics.mean(r['float']['per_class'].get(label, 0.0)
                                              for r in rows), 4)
+  by_subset = {}
+  for r in rows:
+    by_subset.setdefault(r['seed'], []).append(r['float']['map50'])
+  draws = [statistics.pstdev(s) for s in by_subset.values() if len(s) > 1]
   return {'checkpoint': mean('checkpoint'), 'float': mean('float'), 'int8': mean('int8'),
           'float_map': mean('float', 'map'),
           'float_std': round(statistics.pstdev(r['float']['map50'] for r in rows), 4),
+          **({'draw_std': round(statistics.mean(draws), 4)} if draws else {}),
           'per_class': per_class,
           'iteration_s': round(statistics.mean(r['iteration_s'] for r in rows), 1),
-          'subsets': len(rows), 'runs': rows}
+          'subsets': len(by_subset), 'runs': rows}
 
 
 def write(results: dict) -> None:
@@ -337,8 +353,9 @@ def write(results: dict) -> None:
     for variant, by_shots in by_variant.items():
       for shots, s in by_shots.items():
         classes = ', '.join(f'{k} {v:.2f}' for k, v in s['per_class'].items())
+        draws = f' (draws ± {s["draw_std"]:.3f})' if 'draw_std' in s else ''
         lines.append(f'| {variant} | {shots} | {s["subsets"]} | {s["checkpoint"]:.3f} | '
-                     f'{s["float"]:.3f} ± {s["float_std"]:.3f} | {s["int8"]:.3f} | '
+                     f'{s["float"]:.3f} ± {s["float_std"]:.3f}{draws} | {s["int8"]:.3f} | '
                      f'{s["float_map"]:.3f} | {classes} | {s["iteration_s"]:.0f} |')
   (RESULTS / 'generalization.md').write_text('\n'.join(lines) + '\n')
 
@@ -349,6 +366,10 @@ def main():
   add_dataset_arguments(parser, shots=['1', '5', '10', ALL])
   parser.add_argument('--variant', action='append', default=[],
                       help='name:key=value,... (TrainConfig overrides); default: "default"')
+  parser.add_argument('--draws', type=int, default=1,
+                      help='trainings of each subset, each under its own seed (the random '
+                           'views, initial columns and batches): the spread a choice must '
+                           'beat (default 1)')
   add_test_images_argument(parser)
   args = parser.parse_args()
   set_up_logging()
@@ -363,8 +384,10 @@ def main():
         row = results['datasets'].setdefault(name, {}).setdefault(variant, {})
         earlier = [r for r in row.get(str(shots), {}).get('runs', [])
                    if r.get('seed', args.seed_from) < args.seed_from]
-        rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test)
-                for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
+        rows = [run_one(tasks, root, args.model_dir, args.work, count, seed, overrides, test,
+                        draw)
+                for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)
+                for draw in range(args.draws)]
         row[str(shots)] = summarize(earlier + rows)
         write(results)
   print((RESULTS / 'generalization.md').read_text())

@@ -107,8 +107,10 @@ def ordered_labels(examples, previous_labels: list[str] | None) -> list[str]:
 
 def load_examples(tasks: list, images_root: Path, config: TrainConfig,
                   previous_labels: list[str] | None = None,
-                  max_images: int | None = None) -> TrainingSet:
-  """Parses the tasks, decodes the training images and holds some out.
+                  max_images: int | None = None, subset_seed: int | None = None
+                  ) -> TrainingSet:
+  """Parses the tasks, decodes the training images (`max_images` of them, a
+  subset drawn by `subset_seed`, None: by `config.seed`) and holds some out.
 
   Raises:
     RunError: no readable labeled training image, or no boxes.
@@ -119,7 +121,8 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   log.info('Tasks: %s', stats.summary())
   train_examples = tasks_lib.training_examples(examples)
   if max_images is not None and max_images < len(train_examples):
-    order = rng.permutation(len(train_examples))[:max_images]
+    draw = rng if subset_seed is None else np.random.default_rng(subset_seed)
+    order = draw.permutation(len(train_examples))[:max_images]
     train_examples = [train_examples[i] for i in sorted(order)]
   train_examples, images = tasks_lib.load_example_images(
       train_examples, images_root, max_side=config.max_image_side())
@@ -727,13 +730,15 @@ class Fitted:
 
 def fit(tasks: list, images_root: Path, model_dir: Path, clock: Stopwatch, *,
         previous: Path | None = None, config: TrainConfig = TrainConfig(),
-        max_images: int | None = None, progress=None) -> Fitted:
+        max_images: int | None = None, subset_seed: int | None = None,
+        progress=None) -> Fitted:
   """load_examples -> build_model -> make_views -> start_class_head -> train_model."""
   import tensorflow as tf
   tf.random.set_seed(config.seed)
   with clock.stage('load_examples'):
     previous_labels = run_folder.read_run(previous)[1] if previous is not None else None
-    training = load_examples(tasks, images_root, config, previous_labels, max_images)
+    training = load_examples(tasks, images_root, config, previous_labels, max_images,
+                             subset_seed)
     later = later_images(training, previous, config.score_thresholds.previous_images)
     base_finds = (labels_the_base_finds(training, model_dir, config)
                   if config.trainable in (None, 'most')
@@ -793,13 +798,16 @@ def _warm_up_once() -> None:
 def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Path, *,
                     previous: Path | None = None, config: TrainConfig = TrainConfig(),
                     export_config: ExportConfig = ExportConfig(), max_images: int | None = None,
-                    progress=None, on_stage=None,
+                    subset_seed: int | None = None, progress=None, on_stage=None,
                     export_kinds: tuple[str, ...] = ('float', 'int8'),
                     export_later: tuple[str, ...] = (), on_published=None) -> RunPaths:
   """Trains one iteration on the tasks' training split and publishes it at `out_dir`.
 
   Args:
     previous: the run folder this iteration continues from (None: the base).
+    max_images, subset_seed: train on a subset of this many images, drawn by
+      this seed (None: `config.seed`; a benchmark trains one subset under
+      several seeds).
     progress: called with each `train.Progress` while training.
     on_stage: called with each stage's name as it begins.
     export_kinds: the .tflite files to write before publishing (benchmarks may
@@ -819,7 +827,7 @@ def train_iteration(tasks: list, images_root: Path, out_dir: Path, model_dir: Pa
     raise RunError(f'{out_dir} already exists: each iteration gets a new folder')
   clock = Stopwatch(on_stage)
   fitted = fit(tasks, images_root, model_dir, clock, previous=previous, config=config,
-               max_images=max_images, progress=progress)
+               max_images=max_images, subset_seed=subset_seed, progress=progress)
   model, training, views = fitted.model, fitted.training, fitted.views
   with clock.stage('export'):
     files = export_model(model, views, training.labels, export_config, export_kinds)

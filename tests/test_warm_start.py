@@ -268,6 +268,19 @@ def test_labels_the_previous_version_mixed_up_make_most_of_the_extractor_train(
   assert fitted.config.trainable != 'most'
 
 
+def test_a_subset_seed_keeps_the_subset_under_another_training_seed(shapes_dataset):
+  tasks = tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json')
+
+  def subset(config, subset_seed=None):
+    training = pipeline.load_examples(tasks, shapes_dataset, config, max_images=4,
+                                      subset_seed=subset_seed)
+    return [e.task_id for e in training.examples]
+
+  drawn = subset(TINY)
+  assert subset(TINY.with_overrides({'seed': 7}), subset_seed=TINY.seed) == drawn
+  assert any(subset(TINY.with_overrides({'seed': s})) != drawn for s in (7, 8, 9))
+
+
 def test_labels_no_base_class_finds_train_most_of_the_extractor(shapes_dataset, base_paths):
   tasks = tasks_lib.load_tasks_file(shapes_dataset / 'tasks.json')
   training = pipeline.load_examples(tasks, shapes_dataset, TINY, max_images=6)

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.generalization import (RESULTS, add_dataset_arguments, load_dataset,  # noqa: E402
-                                       seeds_for, set_up_logging, subset_count)
+from benchmarks.generalization import (ALL, RESULTS, add_dataset_arguments,  # noqa: E402
+                                       load_dataset, seeds_for, set_up_logging, subset_count)
 from model import base_weights, pipeline, warm_start  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 
@@ -78,7 +78,7 @@ def main():
       count = subset_count(shots)
       for seed in seeds_for(count, args.seeds, first=args.seed_from):
         training = pipeline.load_examples(tasks, root, TrainConfig(seed=seed), None,
-                                          None if shots == 'all' else count)
+                                          None if count == ALL else count)
         results.setdefault(name, []).append(
             {'images': len(training.fit), 'seed': seed,
              'labels': label_fits(training, args.model_dir, config)})

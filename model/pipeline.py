@@ -145,13 +145,14 @@ def load_examples(tasks: list, images_root: Path, config: TrainConfig,
   return TrainingSet(train_examples, images, labels, fit, validation, stats)
 
 
-def typical_sides(examples) -> dict[str, float]:
-  """label -> median sqrt(height * width) of its boxes, normalized to the image side."""
+def typical_sides(examples, quantile: float = 0.5) -> dict[str, float]:
+  """label -> the `quantile` (median) of its boxes' sqrt(height * width),
+  normalized to the image side."""
   sides: dict[str, list[float]] = {}
   for example in examples:
     for label, (ymin, xmin, ymax, xmax) in zip(example.labels, example.boxes):
       sides.setdefault(label, []).append(float(np.sqrt((ymax - ymin) * (xmax - xmin))))
-  return {label: float(np.median(values)) for label, values in sides.items()}
+  return {label: float(np.quantile(values, quantile)) for label, values in sides.items()}
 
 
 def lowest_map_share(examples, ssd_config) -> float:
@@ -220,7 +221,7 @@ def choose_settings(config: TrainConfig, training: TrainingSet,
   """
   examples = training.part(training.fit)[0]
   sides = typical_sides(examples)
-  size, size_why = config.input.choose(sides)
+  size, size_why = config.input.choose(typical_sides(examples, config.input.size_quantile))
   if size != config.input.size:
     log.info('Input size %d: %s', size, size_why)
   on_lowest_map = lowest_map_share(

@@ -243,10 +243,11 @@ class InputConfig:
 
   `size` None: chosen from the labeled boxes (`choose`), the smallest of
   `sizes` at which every label's typical object (the `size_quantile` of its
-  box sides) spans `min_object_px` or more (the largest when none does). 36 px and up to 512 rather than 30 and 448:
-  BCCD, the crowded and the small shapes scored 0.013-0.025 higher at 10
-  images, BCCD with all its images 0.829 instead of 0.815, in about 1.2x the
-  time; larger objects keep 300 (benchmarks/results/choices.md).
+  box sides) spans `min_object_px` or more (the largest when none does).
+  36 px and up to 512 rather than 30 and 448: BCCD, the crowded and the
+  small shapes scored 0.013-0.025 higher at 10 images, BCCD with all its
+  images 0.829 instead of 0.815, in about 1.2x the time; larger objects keep
+  300 (benchmarks/results/choices.md).
   `lowest_anchor` None: the base's (0.1 of the input side); set, the lowest
   map's square anchor takes it and the restored box head is rescaled to match
   (`model.warm_start`). Shrinking it to the smallest label's size lost on

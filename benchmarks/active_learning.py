@@ -20,7 +20,6 @@ Results: benchmarks/results/active_learning.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -34,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.predictor import UNCERTAIN_FLOOR, task_certainty  # noqa: E402
-from benchmarks.generalization import RESULTS, last_results, set_up_logging  # noqa: E402
+from benchmarks.generalization import last_results, set_up_logging  # noqa: E402
+import result_files  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.evaluate import evaluate_run  # noqa: E402
@@ -122,8 +122,7 @@ def _seed_curves(dataset: Dataset, args, seed: int, work: Path) -> dict:
 
 
 def write(results: dict, args) -> None:
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'active_learning.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('active_learning', results)
   lines = ['# Active learning: uncertainty-first vs random labeling', '',
            f'{os.cpu_count()} cores. mAP@0.5 of the float .tflite on the test split after each '
            f'round (mean over seeds; each round warm-started from the last). '
@@ -136,7 +135,7 @@ def write(results: dict, args) -> None:
     for strategy in STRATEGIES:
       means = result['mean'][strategy]
       lines.append(f'| {strategy} | ' + ' | '.join(f'{m:.3f}' for m in means) + ' |')
-  (RESULTS / 'active_learning.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('active_learning', lines)
   _plot(results)
 
 
@@ -154,7 +153,7 @@ def _plot(results: dict) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
   figure.tight_layout()
-  figure.savefig(RESULTS / 'active_learning.png', dpi=100)
+  figure.savefig(result_files.RESULTS / 'active_learning.png', dpi=100)
   plt.close(figure)
 
 
@@ -188,7 +187,7 @@ def main():
         'mean': {s: [round(statistics.mean(c[s][i] for c in seeds), 4) for i in range(len(sizes))]
                  for s in STRATEGIES}}
     write(results, args)
-  print((RESULTS / 'active_learning.md').read_text())
+  print((result_files.RESULTS / 'active_learning.md').read_text())
 
 
 if __name__ == '__main__':

@@ -18,7 +18,6 @@ import argparse
 import concurrent.futures
 import functools
 import http.server
-import json
 import math
 import os
 import shutil
@@ -34,6 +33,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import result_files  # noqa: E402
 from model import run_folder  # noqa: E402
 from tests.conftest import Backend  # noqa: E402  (the same launcher the tests use)
 
@@ -125,11 +125,7 @@ def main():
   images = sorted(p.name for p in args.images.glob('*.jpg'))[:64]
   server, base_url = serve_folder(args.images)
   tasks = [{'id': i + 1, 'data': {'image': f'{base_url}/{name}'}} for i, name in enumerate(images)]
-  out = REPO / 'benchmarks' / 'results'
-  out.mkdir(parents=True, exist_ok=True)
-  json_path = out / 'backend_predict.json'
-  # Sections not run this time keep their earlier results.
-  results = json.loads(json_path.read_text()) if json_path.is_file() else {}
+  results = result_files.read_json('backend_predict', {})  # sections not run keep theirs
   results.update({'images': len(images), 'tasks_per_measurement': args.tasks})
   with tempfile.TemporaryDirectory() as work:
     model_dir = Path(work) / 'models'
@@ -140,7 +136,7 @@ def main():
     if 'workers' in args.sections:
       results['workers'] = workers_section(model_dir, tasks, config, args.tasks)
   server.shutdown()
-  json_path.write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('backend_predict', results)
   lines = ['# /predict benchmark', '',
            f'{len(images)} raccoon images served over local HTTP (cached by the backend after '
            f'the first pass), {os.cpu_count()} cores.', '',
@@ -152,7 +148,7 @@ def main():
   lines += ['', '## gunicorn workers (int8, 4 threads each, 8 concurrent clients × 8 tasks per request)',
             '', '| workers | tasks/s |', '|---|---|']
   lines += [f'| {w} | {row["tasks_per_s"]} |' for w, row in results.get('workers', {}).items()]
-  (out / 'backend_predict.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('backend_predict', lines)
   print('\n'.join(lines))
 
 if __name__ == '__main__':

@@ -16,15 +16,15 @@ Results: benchmarks/results/base_fit.{json,md} (rewritten each run).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.generalization import (ALL, RESULTS, add_dataset_arguments,  # noqa: E402
+from benchmarks.generalization import (ALL, add_dataset_arguments,  # noqa: E402
                                        load_dataset, seeds_for, set_up_logging, subset_count)
+import result_files  # noqa: E402
 from model import base_weights, pipeline, warm_start  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 
@@ -48,7 +48,7 @@ def label_fits(training, model_dir: Path, config: TrainConfig) -> dict[str, dict
 
 
 def write(results: dict, config: TrainConfig) -> None:
-  (RESULTS / 'base_fit.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('base_fit', results)
   lines = ['# Which base class fits each label', '',
            f'Found: scores {config.budget.fitted_min_score:g} or more on the boxes. '
            '`benchmarks/base_fit.py` writes this.', '',
@@ -61,7 +61,7 @@ def write(results: dict, config: TrainConfig) -> None:
         score = '' if row.get('named') else f"{row['score']:.2f}"
         lines.append(f"| {dataset} | {subset['images']} | {subset['seed']} | {label} | "
                      f"{row['base_class']} | {ap} | {score} | {'yes' if row['found'] else 'no'} |")
-  (RESULTS / 'base_fit.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('base_fit', lines)
 
 
 def main():
@@ -83,7 +83,7 @@ def main():
             {'images': len(training.fit), 'seed': seed,
              'labels': label_fits(training, args.model_dir, config)})
   write(results, config)
-  print((RESULTS / 'base_fit.md').read_text())
+  print((result_files.RESULTS / 'base_fit.md').read_text())
 
 
 if __name__ == '__main__':

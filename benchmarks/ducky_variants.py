@@ -12,12 +12,12 @@ Results: benchmarks/results/ducky_variants.{json,md}; variants not re-run keep t
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from fewshot import REPO, ducky
-from generalization import RESULTS, parse_variant, set_up_logging
+from generalization import parse_variant, set_up_logging
+import result_files
 
 KEPT = ('found_at_0.3', 'found_at_0.5', 'false_at_0.3', 'map50', 'iteration_s')
 
@@ -32,8 +32,7 @@ def main():
                       help='name:key=value,... (TrainConfig overrides)')
   args = parser.parse_args()
   set_up_logging()
-  path = RESULTS / 'ducky_variants.json'
-  results = json.loads(path.read_text()) if path.is_file() else {}
+  results = result_files.read_json('ducky_variants', {})
   for spec in args.variant:
     name, overrides = parse_variant(spec)
     rows = []
@@ -42,10 +41,10 @@ def main():
       with tempfile.TemporaryDirectory() as work:
         ducky(args.ducky, args.model_dir, work, found, key='ducky_variant', overrides=overrides,
               seed=seed)
-      (RESULTS / 'ducky_variant_contact_sheet.png').unlink(missing_ok=True)
+      (result_files.RESULTS / 'ducky_variant_contact_sheet.png').unlink(missing_ok=True)
       rows.append({'seed': seed, **{k: found['ducky_variant'][k] for k in KEPT}})
     results[name] = {'overrides': overrides, 'runs': rows}
-  path.write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('ducky_variants', results)
   print(write(results))
 
 
@@ -64,9 +63,7 @@ def write(results: dict) -> str:
     for r in result['runs']:
       lines.append(f'| {name} | {r["seed"]} | {r["found_at_0.3"]} | {r["found_at_0.5"]} | '
                    f'{r["false_at_0.3"]} | {r["map50"]:.3f} | {r["iteration_s"]:.0f} |')
-  text = '\n'.join(lines) + '\n'
-  (RESULTS / 'ducky_variants.md').write_text(text)
-  return text
+  return result_files.write_markdown('ducky_variants', lines)
 
 
 if __name__ == '__main__':

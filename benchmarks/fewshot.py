@@ -39,6 +39,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import numpy as np  # noqa: E402
 
 from benchmarks.generalization import set_up_logging  # noqa: E402
+import result_files  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.tflite_detector import TFLiteDetector  # noqa: E402
@@ -257,7 +258,7 @@ def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None, seed
   sheet = Image.new('RGB', (200 * 7, 150 * ((len(thumbs) + 6) // 7)), 'white')
   for i, thumb in enumerate(thumbs):
     sheet.paste(thumb, ((i % 7) * 200, (i // 7) * 150))
-  sheet_path = REPO / 'benchmarks' / 'results' / f'{key}_contact_sheet.png'
+  sheet_path = result_files.RESULTS / f'{key}_contact_sheet.png'
   sheet.save(sheet_path)
   evaluation = coco_map(references, images, detections, labels)
   results[key] = {'frames': len(frames), **counts,
@@ -269,9 +270,7 @@ def ducky(ducky_dir, model_dir, work, results, key='ducky', overrides=None, seed
 
 
 def write(results):
-  out = REPO / 'benchmarks' / 'results'
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'fewshot.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('fewshot', results)
   lines = ['# Few-shot benchmark', '', f'Dataset: `{results["dataset"]}`, test split: '
            f'{results["test_images"]} images. Mean ± std over seeded subsets; times on '
            f'{os.cpu_count()} cores. A row keeps the times of the run that measured it, and '
@@ -303,7 +302,7 @@ def write(results):
                 f'{d["found_at_0.5"]} of {d["frames"]} unlabeled frames; a false detection ≥ 0.3 '
                 f'in {d["false_at_0.3"]}; mAP@0.5 {d["map50"]:.3f}, mAP {d["map"]:.3f}. Contact '
                 f'sheet (green: reference, red: detections ≥ 0.3) `{d["contact_sheet"]}`.']
-  (out / 'fewshot.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('fewshot', lines)
 
 
 def main():
@@ -322,9 +321,8 @@ def main():
   tasks = tasks_lib.load_tasks_file(args.dataset / 'tasks.json')
   test = load_split(tasks, args.dataset, tasks_lib.TEST)
   results = {'dataset': str(args.dataset.name), 'test_images': len(test[0]), 'grid': []}
-  previous = REPO / 'benchmarks' / 'results' / 'fewshot.json'
-  if previous.is_file():  # what this run does not measure keeps its last result
-    earlier = json.loads(previous.read_text())
+  earlier = result_files.read_json('fewshot')
+  if earlier:  # what this run does not measure keeps its last result
     results = {**earlier, **results, 'grid': earlier.get('grid', [])}
   with tempfile.TemporaryDirectory() as work:
     if 'grid' not in args.skip:
@@ -340,7 +338,7 @@ def main():
       ducky(args.ducky, args.model_dir, work, results, key='ducky_no_zoom_out',
             overrides={'views.zoom_out': 0.0})
   write(results)
-  print((REPO / 'benchmarks' / 'results' / 'fewshot.md').read_text())
+  print((result_files.RESULTS / 'fewshot.md').read_text())
 
 
 if __name__ == '__main__':

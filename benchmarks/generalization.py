@@ -70,13 +70,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fruit  # noqa: E402
+import result_files  # noqa: E402
 from model import pipeline, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.evaluate import evaluate_run  # noqa: E402
 
 log = logging.getLogger('generalization')
 SHARED = REPO.parent / 'shared' / 'datasets'
-RESULTS = REPO / 'benchmarks' / 'results'
 ALL = 'all'
 # The synthetic sets' test split; export settings want more (`add_test_images_argument`).
 TEST_IMAGES = 20
@@ -206,8 +206,7 @@ def dataset_folder(name: str, work: Path, test_images: int = TEST_IMAGES) -> Pat
 def last_results(name: str) -> dict:
   """benchmarks/results/<name>.json as the last run left it ({'datasets': {}} at first):
   the data sets a run does not measure keep their last result."""
-  path = RESULTS / f'{name}.json'
-  return json.loads(path.read_text()) if path.is_file() else {'datasets': {}}
+  return result_files.read_json(name, {'datasets': {}})
 
 
 def set_up_logging() -> None:
@@ -339,9 +338,8 @@ def summarize(rows: list[dict]) -> dict:
           'subsets': len(by_subset), 'runs': rows}
 
 
-def write(results: dict) -> None:
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'generalization.json').write_text(json.dumps(results, indent=1) + '\n')
+def write(results: dict) -> str:
+  result_files.write_json('generalization', results)
   lines = ['# Generalization: mAP@0.5 on each data set\'s test split', '',
            f'{os.cpu_count()} cores. Mean over subsets (seeds) where there are several; '
            'float / int8 are the .tflite files, checkpoint the TF model. '
@@ -357,7 +355,7 @@ def write(results: dict) -> None:
         lines.append(f'| {variant} | {shots} | {s["subsets"]} | {s["checkpoint"]:.3f} | '
                      f'{s["float"]:.3f} ± {s["float_std"]:.3f}{draws} | {s["int8"]:.3f} | '
                      f'{s["float_map"]:.3f} | {classes} | {s["iteration_s"]:.0f} |')
-  (RESULTS / 'generalization.md').write_text('\n'.join(lines) + '\n')
+  return result_files.write_markdown('generalization', lines)
 
 
 def main():
@@ -389,8 +387,8 @@ def main():
                 for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)
                 for draw in range(args.draws)]
         row[str(shots)] = summarize(earlier + rows)
-        write(results)
-  print((RESULTS / 'generalization.md').read_text())
+        write(results)  # after each row: a long run's rows are not lost to a crash
+  print(write(results))
 
 
 if __name__ == '__main__':

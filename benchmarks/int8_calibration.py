@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -28,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, RESULTS, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
+    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
     seeds_for, set_up_logging, subset_count)
+import result_files  # noqa: E402
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, PostprocessConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -73,8 +73,7 @@ def one_subset(tasks, root: Path, model_dir: Path, work: Path, shots, seed: int,
 
 
 def write(results: dict, variants: list[str], test_images: int) -> None:
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'int8_calibration.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('int8_calibration', results)
   columns = ['checkpoint', *variants]
   lines = ['# Export fidelity: the same trained model exported with each setting', '',
            f'{os.cpu_count()} cores. mAP@0.5 on the test split ({test_images} images in the '
@@ -89,7 +88,7 @@ def write(results: dict, variants: list[str], test_images: int) -> None:
                for c in columns]
       lines.append(f'| {dataset} | {shots} | {len(rows)} | ' + ' | '.join(
           '–' if m is None else f'{m:.3f}' for m in means) + ' |')
-  (RESULTS / 'int8_calibration.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('int8_calibration', lines)
 
 
 def main():
@@ -114,7 +113,7 @@ def main():
                      tuple(args.kinds), test)
           for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
       write(results, [f'{v} {k}' for v, _ in variants for k in args.kinds], args.test_images)
-  print((RESULTS / 'int8_calibration.md').read_text())
+  print((result_files.RESULTS / 'int8_calibration.md').read_text())
 
 
 if __name__ == '__main__':

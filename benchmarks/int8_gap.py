@@ -16,11 +16,9 @@ Results: benchmarks/results/int8_gap.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+import result_files
 
 
 def gaps_by_dataset(results: dict, words: list[str]) -> dict[str, list[float]]:
@@ -42,14 +40,14 @@ def main():
   parser.add_argument('--variants', nargs='*', default=[],
                       help='only variants whose name contains one of these words')
   args = parser.parse_args()
-  results = json.loads((RESULTS / 'generalization.json').read_text())
+  results = result_files.read_json('generalization')
   rows = {}
   for dataset, gaps in sorted(gaps_by_dataset(results, args.variants).items()):
     rows[dataset] = {'models': len(gaps), 'mean': round(statistics.mean(gaps), 4),
                      'median': round(statistics.median(gaps), 4),
                      'within_0.01': round(sum(abs(g) <= 0.01 for g in gaps) / len(gaps), 3),
                      'min': round(min(gaps), 4), 'max': round(max(gaps), 4)}
-  (RESULTS / 'int8_gap.json').write_text(json.dumps(rows, indent=1) + '\n')
+  result_files.write_json('int8_gap', rows)
   lines = ['# int8 minus float mAP@0.5, over every model in generalization.json', '',
            'Variants: ' + (', '.join(f'"{w}"' for w in args.variants) or 'all') +
            '. `benchmarks/int8_gap.py` writes this.', '',
@@ -58,7 +56,7 @@ def main():
   for dataset, row in rows.items():
     lines.append(f'| {dataset} | {row["models"]} | {row["mean"]:+.3f} | {row["median"]:+.3f} | '
                  f'{row["within_0.01"]:.0%} | {row["min"]:+.3f} | {row["max"]:+.3f} |')
-  (RESULTS / 'int8_gap.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('int8_gap', lines)
   print('\n'.join(lines))
 
 

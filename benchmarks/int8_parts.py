@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import re
@@ -30,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, RESULTS, add_dataset_arguments, add_test_images_argument, load_dataset, seeds_for,
+    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, seeds_for,
     set_up_logging, subset_count)
+import result_files  # noqa: E402
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -86,7 +86,7 @@ def one_subset(tasks, root: Path, args, shots, seed: int, test) -> dict:
 
 
 def write(results: dict, test_images: int) -> None:
-  (RESULTS / 'int8_parts.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('int8_parts', results)
   columns = ['float', 'int8', *(f'{part} in int8' for part in PARTS)]
   lines = ['# Where int8 loses: one part of the network in int8, the rest in float', '',
            f'{os.cpu_count()} cores. mAP@0.5 on the test split ({test_images} images in the '
@@ -98,7 +98,7 @@ def write(results: dict, test_images: int) -> None:
       means = [statistics.mean(r[k] for r in rows) for k in ['float', 'int8', *PARTS]]
       lines.append(f'| {dataset} | {shots} | {len(rows)} | '
                    + ' | '.join(f'{m:.3f}' for m in means) + ' |')
-  (RESULTS / 'int8_parts.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('int8_parts', lines)
 
 
 def main():
@@ -110,8 +110,7 @@ def main():
   set_up_logging()
   logging.getLogger('tensorflow').setLevel(logging.ERROR)
   args.work.mkdir(parents=True, exist_ok=True)
-  stored = RESULTS / 'int8_parts.json'  # rows of other data sets and counts stay
-  results = json.loads(stored.read_text()) if stored.is_file() else {}
+  results = result_files.read_json('int8_parts', {})  # rows of other data sets and counts stay
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work, args.test_images)
     for shots in args.shots:
@@ -120,7 +119,7 @@ def main():
           one_subset(tasks, root, args, count, seed, test)
           for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
       write(results, args.test_images)
-  print((RESULTS / 'int8_parts.md').read_text())
+  print((result_files.RESULTS / 'int8_parts.md').read_text())
 
 
 if __name__ == '__main__':

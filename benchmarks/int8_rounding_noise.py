@@ -14,7 +14,6 @@ Results: benchmarks/results/int8_rounding_noise.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -28,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, RESULTS, add_dataset_arguments, load_dataset, seeds_for, set_up_logging, subset_count)
+    ALL, add_dataset_arguments, load_dataset, seeds_for, set_up_logging, subset_count)
+import result_files  # noqa: E402
 from model import export, pipeline  # noqa: E402
 from model.config import ExportConfig, TrainConfig  # noqa: E402
 from model.evaluate import coco_map  # noqa: E402
@@ -82,7 +82,7 @@ def one_subset(tasks, root: Path, args, shots, seed: int, test) -> dict:
 
 
 def write(results: dict, jitter: float) -> None:
-  (RESULTS / 'int8_rounding_noise.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('int8_rounding_noise', results)
   lines = ['# int8 rounding noise: the same calibrated model, ranges scaled by 1 +- ' f'{jitter:g}',
            '', f'{os.cpu_count()} cores. mAP@0.5 on the test split per subset: float, int8 as '
            'calibrated, and int8 from the jittered ranges (min-max over the repeats). '
@@ -96,7 +96,7 @@ def write(results: dict, jitter: float) -> None:
         lines.append(f'| {dataset} | {shots} | {r["seed"]} | {r["float"]:.3f} | {r["int8"]:.3f} | '
                      f'{min(r["jittered"]):.3f} - {max(r["jittered"]):.3f} | '
                      f'{statistics.mean(r["jittered"]):.3f} |')
-  (RESULTS / 'int8_rounding_noise.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('int8_rounding_noise', lines)
 
 
 def main():
@@ -117,7 +117,7 @@ def main():
       results.setdefault(name, {})[shots] = [one_subset(tasks, root, args, count, seed, test)
                                               for seed in seeds]
       write(results, args.jitter)
-  print((RESULTS / 'int8_rounding_noise.md').read_text())
+  print((result_files.RESULTS / 'int8_rounding_noise.md').read_text())
 
 
 if __name__ == '__main__':

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import statistics
@@ -32,8 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.generalization import (  # noqa: E402
-    ALL, RESULTS, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
+    ALL, add_dataset_arguments, add_test_images_argument, load_dataset, parse_assignments,
     seeds_for, set_up_logging, subset_count)
+import result_files  # noqa: E402
 from benchmarks.int8_parts import score  # noqa: E402
 from model import export, int8_tune, pipeline  # noqa: E402
 from model.config import ExportConfig, Int8TuneConfig, TrainConfig  # noqa: E402
@@ -86,7 +86,7 @@ def one_subset(tasks, root: Path, args, shots, seed: int, tails, test) -> dict:
 
 
 def write(results: dict, columns: list[str], test_images: int) -> None:
-  (RESULTS / 'int8_tail.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('int8_tail', results)
   lines = ['# int8 with a quantization-aware tail, against plain steps and the converter\'s '
            'calibrator', '',
            f'{os.cpu_count()} cores. mAP@0.5 on the test split ({test_images} images in the '
@@ -99,7 +99,7 @@ def write(results: dict, columns: list[str], test_images: int) -> None:
       cells = [f'{statistics.mean(r[c] for r in rows):.3f}' if all(c in r for r in rows)
                else '' for c in columns]
       lines.append(f'| {dataset} | {shots} | {len(rows)} | ' + ' | '.join(cells) + ' |')
-  (RESULTS / 'int8_tail.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('int8_tail', lines)
 
 
 def main():
@@ -117,8 +117,7 @@ def main():
   logging.getLogger('tensorflow').setLevel(logging.ERROR)
   tails = [parse_assignments(text) for text in args.tail] or [('tail (default)', {})]
   args.work.mkdir(parents=True, exist_ok=True)
-  stored = RESULTS / 'int8_tail.json'
-  results = json.loads(stored.read_text()) if stored.is_file() else {}
+  results = result_files.read_json('int8_tail', {})
   columns = ['float', 'int8', *(name for name, _ in tails), *CONTROLS]
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work, args.test_images)
@@ -128,7 +127,7 @@ def main():
           one_subset(tasks, root, args, count, seed, tails, test)
           for seed in seeds_for(count, args.seeds, args.all_seeds, args.seed_from)]
       write(results, columns, args.test_images)
-  print((RESULTS / 'int8_tail.md').read_text())
+  print((result_files.RESULTS / 'int8_tail.md').read_text())
 
 
 if __name__ == '__main__':

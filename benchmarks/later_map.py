@@ -15,14 +15,14 @@ Results: benchmarks/results/later_map.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
-from generalization import RESULTS, add_dataset_arguments, load_dataset, set_up_logging
+from generalization import add_dataset_arguments, load_dataset, set_up_logging
+import result_files
 
 from model import pipeline
 from model.config import TrainConfig
@@ -49,7 +49,7 @@ def one_subset(root: Path, tasks: list, test, first: int, total: int, seed: int,
 
 
 def write(results: dict) -> None:
-  (RESULTS / 'later_map.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('later_map', results)
   lines = ['# A version\'s mAP@0.5 on the images labeled after it, against the test split', '',
            'Float .tflite of a version trained on the first K of N images; "later" is its mAP '
            'on the other N - K, as the next iteration records it. `benchmarks/later_map.py` '
@@ -65,7 +65,7 @@ def write(results: dict) -> None:
                    f'{statistics.mean(later):.3f} ({", ".join(f"{v:.2f}" for v in later)}) | '
                    f'{statistics.mean(test):.3f} ({", ".join(f"{v:.2f}" for v in test)}) | '
                    f'{statistics.mean(gaps):+.3f} | {max(gaps, key=abs):+.3f} |')
-  (RESULTS / 'later_map.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('later_map', lines)
 
 
 def main():
@@ -76,8 +76,7 @@ def main():
   args = parser.parse_args()
   set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / 'later_map.json'
-  results = json.loads(path.read_text()) if path.is_file() else {'datasets': {}}
+  results = result_files.read_json('later_map', {'datasets': {}})
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work)
     for total in map(int, args.shots):
@@ -85,7 +84,7 @@ def main():
               for seed in range(args.seed_from, args.seed_from + args.seeds)]
       results['datasets'].setdefault(name, {})[f'{args.first} of {total}'] = rows
       write(results)
-  print((RESULTS / 'later_map.md').read_text())
+  print((result_files.RESULTS / 'later_map.md').read_text())
 
 
 if __name__ == '__main__':

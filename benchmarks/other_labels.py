@@ -16,14 +16,14 @@ Results: benchmarks/results/other_labels.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
 import tempfile
 from pathlib import Path
 
-from active_learning import MODEL_DIR, RESULTS, Dataset
+from active_learning import MODEL_DIR, Dataset
+import result_files
 from generalization import dataset_folder, last_results, set_up_logging
 
 from model import pipeline, run_folder
@@ -73,9 +73,8 @@ def write(results: dict) -> None:
       lines.append(f'| {name} | {setting} | {len(rows)} | {sum(r["boxes"] for r in rows)} | '
                    f'{found} | {other} | {other / max(found, 1):.2f} ({shares}) | '
                    f'{most} of {len(rows)} |')
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'other_labels.json').write_text(json.dumps(results, indent=1) + '\n')
-  (RESULTS / 'other_labels.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_json('other_labels', results)
+  result_files.write_markdown('other_labels', lines)
 
 
 def main():
@@ -96,7 +95,7 @@ def main():
         one_subset(dataset, args.images, args.later, seed, args.work)
         for seed in range(args.seeds)]
     write(results)
-  print((RESULTS / 'other_labels.md').read_text())
+  print((result_files.RESULTS / 'other_labels.md').read_text())
 
 
 if __name__ == '__main__':

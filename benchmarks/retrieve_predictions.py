@@ -54,6 +54,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import result_files  # noqa: E402
 from tests.conftest import Backend  # noqa: E402  (the launchers the tests use)
 from tests.label_studio import LabelStudio  # noqa: E402
 from tests.synthetic import draw_shape, jpeg_bytes, textured_background  # noqa: E402
@@ -380,14 +381,11 @@ def code_version() -> str:
 
 
 def write_results(result: dict | None, name: str) -> list[str]:
-  out = REPO / 'benchmarks' / 'results'
-  out.mkdir(parents=True, exist_ok=True)
-  json_path = out / f'{name}.json'
-  runs = json.loads(json_path.read_text()) if json_path.is_file() else []
+  runs = result_files.read_json(name, [])
   if result is not None:
     runs = sorted([r for r in runs if r['tasks'] != result['tasks']] + [result],
                   key=lambda r: r['tasks'])
-  json_path.write_text(json.dumps(runs, indent=1) + '\n')
+  result_files.write_json(name, runs)
   lines = ['# Retrieve Predictions on every task of a project (real Label Studio 1.23.2)', '',
            'One "Retrieve Predictions" on all tasks (Data Manager, select all): Label Studio sends '
            'them in one `/predict` and gives up on it after 100 s (the action itself has no limit); '
@@ -430,7 +428,7 @@ def write_results(result: dict | None, name: str) -> list[str]:
   notes = [f'- {r["tasks"]} tasks: {r["note"]}' for r in runs if r.get('note')]
   if notes:
     lines += ['', 'Notes:', '', *notes]
-  (out / f'{name}.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown(name, lines)
   return lines
 
 

@@ -32,8 +32,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from generalization import (ALL, RESULTS, add_dataset_arguments, load_dataset, seeds_for,
+from generalization import (ALL, add_dataset_arguments, load_dataset, seeds_for,
                             set_up_logging, subset_count)
+import result_files
 
 from model import pipeline, run_folder, score_thresholds
 from model.config import ScoreThresholdConfig, TrainConfig
@@ -134,7 +135,7 @@ def policy_edits(row: dict, config: ScoreThresholdConfig) -> dict[str, list[int]
 
 
 def write(results: dict, missed_costs: list[float]) -> None:
-  (RESULTS / 'score_thresholds.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('score_thresholds', results)
   policies = [f'fixed {t}' for t in FIXED] + list(CHOSEN)
   lines = ['# Pre-annotation work by score-threshold policy', '',
            'Boxes shown wrongly + objects missed on the test split (IoU 0.5), summed over '
@@ -157,7 +158,7 @@ def write(results: dict, missed_costs: list[float]) -> None:
                  if p in total else '–' for p in policies]
         boxes = sum(c['boxes'] for row in rows for c in row['curves']['test'].values())
         lines.append(f'| {dataset} | {shots} | {len(rows)} | {boxes} | ' + ' | '.join(cells) + ' |')
-  (RESULTS / 'score_thresholds.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('score_thresholds', lines)
 
 
 def main():
@@ -170,8 +171,7 @@ def main():
   args = parser.parse_args()
   set_up_logging()
   args.work.mkdir(parents=True, exist_ok=True)
-  path = RESULTS / 'score_thresholds.json'
-  results = json.loads(path.read_text()) if path.is_file() else {'datasets': {}}
+  results = result_files.read_json('score_thresholds', {'datasets': {}})
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work)
     for shots in map(subset_count, args.shots):
@@ -180,7 +180,7 @@ def main():
       key = f'{shots} after {args.previous}' if args.previous else str(shots)
       results['datasets'].setdefault(name, {})[key] = rows
       write(results, args.missed_cost)
-  print((RESULTS / 'score_thresholds.md').read_text())
+  print((result_files.RESULTS / 'score_thresholds.md').read_text())
 
 
 if __name__ == '__main__':

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import http.server
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import result_files  # noqa: E402
 from model.config import BasePaths  # noqa: E402
 from tests.conftest import Backend  # noqa: E402
 from tests.test_image_sources import _Handler  # noqa: E402
@@ -85,16 +85,14 @@ def main():
             'cached_busy_p99_ms': p99(busy), 'ratio': round(p99(busy) / p99(idle), 2),
             'health_busy_p99_ms': p99(health), 'slow_predict_ms': round(slow_ms),
             'predict_deadline_s': 20, 'cores': os.cpu_count()}
-  out = REPO / 'benchmarks' / 'results'
-  (out / 'slow_sources.json').write_text(json.dumps(result, indent=1) + '\n')
-  (out / 'slow_sources.md').write_text(
-      '# /predict of a cached image while 8 images arrive at a byte a second\n\n'
-      '| cached p99 idle | cached p99 busy | ratio | /health p99 busy | slow /predict answered after |\n'
-      '|---|---|---|---|---|\n'
+  result_files.write_json('slow_sources', result)
+  print(result_files.write_markdown('slow_sources', [
+      '# /predict of a cached image while 8 images arrive at a byte a second', '',
+      '| cached p99 idle | cached p99 busy | ratio | /health p99 busy | slow /predict answered after |',
+      '|---|---|---|---|---|',
       f'| {result["cached_idle_p99_ms"]} ms | {result["cached_busy_p99_ms"]} ms | '
       f'{result["ratio"]}× | {result["health_busy_p99_ms"]} ms | '
-      f'{result["slow_predict_ms"] / 1000:.1f} s (PREDICT_DEADLINE_S=20) |\n')
-  print((out / 'slow_sources.md').read_text())
+      f'{result["slow_predict_ms"] / 1000:.1f} s (PREDICT_DEADLINE_S=20) |']))
 
 
 if __name__ == '__main__':

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from benchmarks.generalization import set_up_logging  # noqa: E402
+import result_files  # noqa: E402
 from model import pipeline, run_folder, tasks as tasks_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.tflite_detector import TFLiteDetector  # noqa: E402
@@ -86,9 +87,7 @@ def measure(size: int, tasks, root: Path, model_dir: Path, work: Path) -> dict:
 
 
 def write(results: dict) -> None:
-  out = REPO / 'benchmarks' / 'results'
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'small_objects.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('small_objects', results)
   base = results['rows'][0]
   lines = ['# Small objects vs input size', '',
            f'{results["train_images"]} training / {results["test_images"]} test synthetic 640×480 '
@@ -102,7 +101,7 @@ def write(results: dict) -> None:
         f'| {row["input_size"]} | {row["map50"]:.3f} | {row["map"]:.3f} | {row["int8_map50"]:.3f} | '
         f'{row["iteration_s"]} ({row["iteration_s"] / base["iteration_s"]:.1f}×) | {row["train_s"]} | '
         f'{row["int8_ms"]} ({row["int8_ms"] / base["int8_ms"]:.1f}×) | {row["int8_mb"]} |')
-  (out / 'small_objects.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('small_objects', lines)
 
 
 def main():
@@ -121,7 +120,7 @@ def main():
     for size in args.sizes:
       results['rows'].append(measure(size, tasks, work / 'data', args.model_dir, work))
       write(results)
-  print((REPO / 'benchmarks' / 'results' / 'small_objects.md').read_text())
+  print((result_files.RESULTS / 'small_objects.md').read_text())
 
 
 if __name__ == '__main__':

@@ -28,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import result_files
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / 'benchmarks' / 'results'
 SHARED = REPO.parent / 'shared' / 'datasets'
 STAGES = ('load_examples', 'build_model', 'make_views', 'start_class_head', 'train', 'export',
           'evaluate')
@@ -115,18 +116,15 @@ def main():
           for name, rows in runs.items()}
   head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
                         text=True).stdout.strip()
-  results = {}  # data set -> its latest comparison; the others keep theirs
-  if (RESULTS / 'stage_times.json').is_file():
-    results = json.loads((RESULTS / 'stage_times.json').read_text())
-    results = results if 'before' not in results else {results['dataset']: results}
+  results = result_files.read_json('stage_times', {})  # data set -> its latest comparison
+  results = results if 'before' not in results else {results['dataset']: results}
   key = (args.dataset + (f', enlarged to {args.enlarge} px' if args.enlarge else '')
          + (f' ({args.note})' if args.note else ''))
   results[key] = {'before': args.before, 'after': head, 'dataset': key,
                   'images': args.images, 'repeats': args.repeats, 'runs': runs, 'mean': mean}
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'stage_times.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('stage_times', results)
   lines = [line for result in results.values() for line in table(result)]
-  (RESULTS / 'stage_times.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('stage_times', lines)
   print('\n'.join(lines))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import os
 import shutil
@@ -33,6 +32,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import result_files  # noqa: E402
 from tests.conftest import Backend  # noqa: E402
 from tests.label_studio import LabelStudio, annotate, make_disc_project  # noqa: E402
 from tests.redis_servers import RedisServer, TrainingWorker  # noqa: E402
@@ -158,9 +158,7 @@ def main():
       ls.stop()
       if redis_server:
         redis_server.stop()
-  out = REPO / 'benchmarks' / 'results'
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'start_training.json').write_text(json.dumps(results, indent=1) + '\n')
+  result_files.write_json('start_training', results)
   lines = ['# Start Training to a served version (real Label Studio 1.23.2)', '',
            '| labeled tasks | queue | s to new version | /webhook p50 ms | '
            'p99 ms (20 concurrent, during training) | then labeled | s to the next version |',
@@ -168,7 +166,7 @@ def main():
   lines += [f'| {r["labeled_tasks"]} | {r["queue"]} | {r["seconds_to_new_version"]} | '
             f'{r["webhook_ms_p50"]} | {r["webhook_ms_p99"]} | {r.get("then", "")} | '
             f'{r.get("seconds_to_next_version", "")} |' for r in results]
-  (out / 'start_training.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('start_training', lines)
   print('\n'.join(lines))
 
 

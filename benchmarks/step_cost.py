@@ -15,7 +15,6 @@ Results: benchmarks/results/step_cost.{json,md} (rewritten each run).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import tensorflow as tf  # noqa: E402
 
-from benchmarks.generalization import RESULTS  # noqa: E402
+import result_files  # noqa: E402
 from model import ssd as ssd_lib  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 from model.train import ExtractorSplit, Trainer  # noqa: E402
@@ -72,7 +71,7 @@ def measure(size: int, mode: str, repeats: int) -> dict:
 
 
 def write(rows: list[dict]) -> None:
-  (RESULTS / 'step_cost.json').write_text(json.dumps(rows, indent=1) + '\n')
+  result_files.write_json('step_cost', rows)
   lines = ['# One train step by what trains', '',
            '2 cores; the real train step on random cached views; `benchmarks/step_cost.py` '
            'writes this.', '',
@@ -83,7 +82,7 @@ def write(rows: list[dict]) -> None:
     ratio = f"{r['step_ms'] / upper[r['size']]:.2f}" if r['size'] in upper else ''
     lines.append(f"| {r['size']} | {r['mode']} | {r['batch']} | {r['step_ms']} | {ratio} | "
                  f"{r['trained_part_forward_ms'] or ''} | {r['trained_variables']} |")
-  (RESULTS / 'step_cost.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_markdown('step_cost', lines)
 
 
 def main():
@@ -99,7 +98,7 @@ def main():
       rows.append(measure(size, mode, args.repeats))
       print(rows[-1], flush=True)
   write(rows)
-  print((RESULTS / 'step_cost.md').read_text())
+  print((result_files.RESULTS / 'step_cost.md').read_text())
 
 
 if __name__ == '__main__':

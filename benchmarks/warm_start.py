@@ -31,7 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from active_learning import MODEL_DIR, RESULTS, Dataset
+from active_learning import MODEL_DIR, Dataset
+import result_files
 from generalization import dataset_folder, last_results, parse_variant, set_up_logging
 
 from model import pipeline
@@ -105,7 +106,7 @@ def main():
         one_subset(dataset, variants, seed, args.work, args.first)
         for seed in range(args.seed_from, args.seed_from + args.seeds)]
     write(results)
-  print((RESULTS / 'warm_start.md').read_text())
+  print((result_files.RESULTS / 'warm_start.md').read_text())
 
 
 def write(results: dict) -> None:
@@ -128,9 +129,8 @@ def write(results: dict) -> None:
                    f'{mean["map50"]:.3f} | {mean["seconds"]:.0f} | '
                    f'{mean["seconds"] / fresh["seconds"]:.2f} | {published} | '
                    + ' | '.join(f'{v:.1f}' for v in stages) + ' |')
-  RESULTS.mkdir(parents=True, exist_ok=True)
-  (RESULTS / 'warm_start.json').write_text(json.dumps(results, indent=1) + '\n')
-  (RESULTS / 'warm_start.md').write_text('\n'.join(lines) + '\n')
+  result_files.write_json('warm_start', results)
+  result_files.write_markdown('warm_start', lines)
 
 def _mean(subsets: list[dict], start: str, key: str) -> float | None:
   """The mean of a row's `key` over the subsets; None where one lacks it (an older result)."""

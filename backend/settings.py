@@ -105,6 +105,8 @@ class Settings:
   # then quantization-aware training for the int8 file, or pruning to this
   # fraction of zero weights for smaller downloads (both need TRAIN_MODE other than heads).
   train_zoom_out: float = ViewsConfig.zoom_out
+  # ... of which this share are 2x2 mosaics of the image's own crops, the rest zoom-outs.
+  train_mosaic: float = ViewsConfig.mosaic
   train_qat: bool = CompressionConfig.quantization_aware
   train_prune: float = CompressionConfig.prune_sparsity
   # Without either: a quantization-aware tail for the int8 file where it loses to the
@@ -140,7 +142,8 @@ class Settings:
   def train_config(self) -> TrainConfig:
     return TrainConfig(trainable=self.train_mode).with_overrides({
         'budget.max': self.train_max_steps, 'input.size': self.train_input_size,
-        'views.zoom_out': self.train_zoom_out, 'compression.quantization_aware': self.train_qat,
+        'views.zoom_out': self.train_zoom_out, 'views.mosaic': self.train_mosaic,
+        'compression.quantization_aware': self.train_qat,
         'compression.prune_sparsity': self.train_prune,
         'early_stopping.min_images': self.train_hold_out_from or None,
         'int8_tune.tolerance': Int8TuneConfig.tolerance if self.train_int8_tail else None})
@@ -301,6 +304,7 @@ VARIABLES = (
     Variable('TRAIN_MODE', 'train_mode', _train_mode),
     Variable('TRAIN_INPUT_SIZE', 'train_input_size', _input_size),
     Variable('TRAIN_ZOOM_OUT', 'train_zoom_out', _real(0.0, 1.0)),
+    Variable('TRAIN_MOSAIC', 'train_mosaic', _real(0.0, 1.0)),
     Variable('TRAIN_QAT', 'train_qat', _boolean),
     Variable('TRAIN_PRUNE', 'train_prune', _real(0.0, 0.95)),
     Variable('TRAIN_INT8_TAIL', 'train_int8_tail', _boolean),

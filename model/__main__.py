@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
   try:
     trainable = None if args.train == 'auto' else args.train
     config = TrainConfig(seed=args.seed, trainable=trainable).with_overrides({
-        'input.size': args.input_size, 'views.zoom_out': args.zoom_out, 'budget.max': args.max_steps,
+        'input.size': args.input_size, 'views.zoom_out': args.zoom_out,
+        'views.mosaic': args.mosaic, 'budget.max': args.max_steps,
         'compression.quantization_aware': args.qat, 'compression.prune_sparsity': args.prune,
         'early_stopping.min_images': args.hold_out_from or None,
         **({'int8_tune.tolerance': None} if args.no_int8_tail else {})})
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help='views of each image shrunk onto a canvas, added as this fraction of its '
                           'random crops, so objects smaller than the labeled ones are found too '
                           '(default %(default)s; 0 turns them off)')
+  train.add_argument('--mosaic', type=float, default=ViewsConfig.mosaic, metavar='SHARE',
+                     help='the share of those views made as 2x2 mosaics of the image\'s own '
+                          'crops instead of the image shrunk onto a black canvas '
+                          '(default %(default)s)')
   train.add_argument('--hold-out-from', type=int, default=EarlyStoppingConfig.min_images,
                      metavar='IMAGES',
                      help='from this many training images on, hold a tenth of them out for early '

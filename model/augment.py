@@ -75,9 +75,10 @@ def _augmenter(crop_min_scale: float, seed: int | None) -> Augmenter:  # pylint:
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
                input_size: int, zoom_outs: int = 0,
                zoom_out_scale: tuple[float, float] = ViewsConfig.zoom_out_scale,
-               augmenter: Augmenter | None = None,
+               augmenter: Augmenter | None = None, mosaic: float = ViewsConfig.mosaic,
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-  """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones.
+  """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones:
+  a share `mosaic` of them 2x2 mosaics of its crops, the rest zoom-outs.
 
   Args:
     image: RGB, upright.
@@ -85,7 +86,7 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     class_ids: int32 [K].
     count: number of views before the zoom-outs (at least 1).
     input_size: side of the model input.
-    zoom_outs: number of views of the image shrunk onto a canvas.
+    zoom_outs: number of views of the image shrunk onto a canvas, or tiled.
     zoom_out_scale: range of the shrink factor.
     augmenter: the traced ops (`shared_augmenter()` when None).
 
@@ -109,10 +110,13 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
                                   if pixels is not None else (original, boxes, ids))
     resized = resize_for_model(Image.fromarray(np.asarray(crop, np.uint8)), input_size)
     views.append(_jittered(augmenter, resized, crop_boxes, crop_ids))
-  for _ in range(zoom_outs):
+  mosaics = round(mosaic * zoom_outs) if count > 2 else 0
+  for _ in range(zoom_outs - mosaics):
     shrunk, scale = _shrink_onto_canvas(image, input_size, float(tf.random.uniform(
         [], *zoom_out_scale)))
     views.append(_jittered(augmenter, shrunk, boxes * scale, ids))
+  for _ in range(mosaics):
+    views.append(_mosaic(views[2:count], input_size))
   return views
 
 
@@ -121,6 +125,27 @@ def _jittered(augmenter: Augmenter, pixels, boxes, class_ids):
   pixels, boxes, class_ids = augmenter.jitter(pixels, tf.constant(boxes, tf.float32), class_ids)
   return (np.asarray(pixels, np.uint8), np.asarray(boxes, np.float32).reshape(-1, 4),
           np.asarray(class_ids, np.int32).reshape(-1))
+
+
+def _mosaic(crops: list, input_size: int):
+  """Four of `crops` (views at the input's size) shrunk into the quarters of a 2x2
+  grid split at a random point: the objects smaller, among the image's own
+  content rather than on a black canvas."""
+  split = np.round(tf.random.uniform([2], 0.3, 0.7).numpy() * input_size).astype(int)
+  picks = tf.random.uniform([4], 0, len(crops), tf.int32).numpy()
+  canvas = np.zeros((input_size, input_size, 3), np.uint8)
+  all_boxes, all_ids = [], []
+  for pick, (top, left) in zip(picks, [(0, 0), (0, 1), (1, 0), (1, 1)]):
+    pixels, boxes, ids = crops[pick]
+    y0, y1 = (0, split[0]) if top == 0 else (split[0], input_size)
+    x0, x1 = (0, split[1]) if left == 0 else (split[1], input_size)
+    tile = Image.fromarray(pixels).resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC)
+    canvas[y0:y1, x0:x1] = np.asarray(tile, np.uint8)
+    scale = np.array([y1 - y0, x1 - x0, y1 - y0, x1 - x0], np.float32) / input_size
+    all_boxes.append(boxes * scale + np.array([y0, x0, y0, x0], np.float32) / input_size)
+    all_ids.append(ids)
+  return (canvas, np.concatenate(all_boxes).astype(np.float32).reshape(-1, 4),
+          np.concatenate(all_ids).astype(np.int32))
 
 
 def _shrink_onto_canvas(image: Image.Image, input_size: int, scale: float):

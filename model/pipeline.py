@@ -371,7 +371,7 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   zoom_outs = config.views.zoom_outs_per_image(images)
   crop_scale = config.views.crop_scale(images)
   signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
-                                  crop_scale)
+                                  crop_scale, config.views.mosaic)
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only
   if config.views.carry_over:
     fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
@@ -384,14 +384,14 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
         *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
         zoom_outs=zoom, input_size=config.input.size,
         zoom_out_scale=tuple(config.views.zoom_out_scale),
-        crop_min_scale=crop_scale, **stored)
+        crop_min_scale=crop_scale, mosaic=config.views.mosaic, **stored)
 
   train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
-  log.info('Cached %s of %d views (%d per image, %d of them zoomed out)',
-           'feature maps' if split.trainable is None else 'frozen-part outputs', len(train),
-           views_each + zoom_outs, zoom_outs)
+  log.info('Cached %s of %d views (%d per image, %d of them shrunk: %.0f%% mosaics, the rest '
+           'zoom-outs)', 'feature maps' if split.trainable is None else 'frozen-part outputs',
+           len(train), views_each + zoom_outs, zoom_outs, 100 * config.views.mosaic)
   return Views(split, train_pixels, train, validation, zoom_outs, signature, fingerprints)
 
 
@@ -725,6 +725,7 @@ class Fitted:
             'box_learning_rate_scale': {'value': self.schedule.box_learning_rate_scale},
             'views_per_image': {'value': self.views.train.per_image,
                                 'zoom_outs': self.views.zoom_outs_per_image,
+                                'mosaic_share': self.config.views.mosaic,
                                 'crop_min_scale': self.config.views.crop_scale(images),
                                 'why': self.config.views.why(images)}}
 

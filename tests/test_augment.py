@@ -5,6 +5,7 @@ import tensorflow as tf
 from PIL import Image
 
 from model.augment import Augmenter, make_views, shared_augmenter
+from model.boxes import iou_xyxy
 from model.config import TrainConfig
 from model.images import pixels_to_input
 
@@ -36,7 +37,7 @@ def input_views(*args, **kwargs):
 def test_every_view_has_its_box_on_the_object():
   tf.random.set_seed(3)
   image, box = red_square_image()
-  views = input_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5)
+  views = input_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5, mosaic=0.0)
   assert len(views) == 17
   for index, (view, boxes, ids) in enumerate(views):
     assert view.shape == (SIZE, SIZE, 3) and -1.0 <= view.min() and view.max() <= 1.0
@@ -72,13 +73,28 @@ def test_zoom_outs_come_after_the_crops_and_make_the_object_smaller():
   tf.random.set_seed(5)
   image, box = red_square_image()
   original_area = (box[0, 2] - box[0, 0]) * (box[0, 3] - box[0, 1])
-  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4)
+  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4, mosaic=0.0)
   assert not any(is_on_canvas(view) for view, _, _ in views[:8])
   for view, boxes, _ in views[8:]:
     assert is_on_canvas(view)
     area = (boxes[0, 2] - boxes[0, 0]) * (boxes[0, 3] - boxes[0, 1])
     assert 0.4 ** 2 * original_area * 0.9 <= area <= 0.9 ** 2 * original_area * 1.1
 
+
+def test_mosaics_tile_four_crops_with_each_box_on_its_object():
+  tf.random.set_seed(6)
+  image, box = red_square_image()
+  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4, mosaic=0.5)
+  assert len(views) == 12
+  assert all(is_on_canvas(view) for view, _, _ in views[8:10])  # zoom-outs first
+  for view, boxes, ids in views[10:]:
+    assert not is_on_canvas(view) and list(ids) == [1] * 4 and boxes.shape == (4, 4)
+    assert np.all(boxes >= 0) and np.all(boxes <= 1)
+    xyxy = boxes[:, [1, 0, 3, 2]]
+    assert all(iou_xyxy(xyxy[i], xyxy[j]) == 0 for i in range(4) for j in range(i))
+    for tile_box in boxes:  # one per quarter of the grid, none overlapping another
+      if min(tile_box[2] - tile_box[0], tile_box[3] - tile_box[1]) * SIZE >= 6:
+        assert redness_inside(view, tile_box) > 1.0
 
 def test_no_zoom_out_unless_asked():
   tf.random.set_seed(5)

@@ -376,6 +376,7 @@ def test_hostile_bodies_get_a_4xx(model_dir):
                                        ({'TRAIN_INPUT_SIZE': '301'}, 'TRAIN_INPUT_SIZE'),
                                        ({'TRAIN_QAT': 'maybe'}, 'TRAIN_QAT'),
                                        ({'TRAIN_ZOOM_OUT': '2'}, 'TRAIN_ZOOM_OUT'),
+                                       ({'TRAIN_MOSAIC': '-0.5'}, 'TRAIN_MOSAIC'),
                                        ({'TRAIN_PRUNE': '0.99'}, 'TRAIN_PRUNE'),
                                        ({'TRAIN_MODE': 'heads', 'TRAIN_QAT': 'true'}, 'TRAIN_QAT'),
                                        ({'TRAIN_QAT': '1', 'TRAIN_PRUNE': '0.5'}, 'not both')])
@@ -407,6 +408,8 @@ def test_training_settings_reach_the_train_config():
   assert Settings.from_env({}).train_config().trainable is None  # chosen from the images
   assert Settings.from_env({'TRAIN_MODE': 'auto'}).train_mode is None
   assert Settings.from_env({'TRAIN_ZOOM_OUT': '0'}).train_config().views.zoom_out == 0
+  assert config.views.mosaic == 1.0  # the shrunk views are mosaics by default
+  assert Settings.from_env({'TRAIN_MOSAIC': '0'}).train_config().views.mosaic == 0
   for auto in ({}, {'TRAIN_INPUT_SIZE': 'auto'}):  # chosen from the boxes by default
     assert Settings.from_env(auto).train_config().input.size is None
 

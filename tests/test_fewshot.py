@@ -49,7 +49,8 @@ def test_run_folder_holds_models_labels_metrics_and_checkpoint(trained_run):
   assert metrics['choices']['extractor_learning_rate_scale']['value'] == 0.1
   assert metrics['choices']['many_views_from_images']['value'] == 100  # not small objects
   assert metrics['choices']['views_per_image'] == {
-      'value': 23, 'zoom_outs': 7, 'crop_min_scale': 0.3, 'why': 'up to 480 views'}
+      'value': 23, 'zoom_outs': 7, 'mosaic_share': 1.0, 'crop_min_scale': 0.3,
+      'why': 'up to 480 views'}
   run_info = json.loads((trained_run / 'run.json').read_text())
   assert run_info['train_config']['trainable'] == 'most'  # the choice made, not None
   assert run_info['score_thresholds'] == {label: t['value'] for label, t in thresholds.items()}

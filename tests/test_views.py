@@ -149,11 +149,14 @@ def test_the_pipeline_makes_views_by_the_rule_for_its_number_of_training_images(
     model = types.SimpleNamespace(config=config.input.ssd_config(2))
     with pytest.raises(_Handed) as made:
       pipeline.make_views(model, types.SimpleNamespace(frozen=None), training, config)
-    return {key: made.value.args[0][key] for key in ('views_each', 'zoom_outs', 'crop_min_scale')}
-  # Two images are a handful: strong crops and zoom-outs. Counted as many, the
-  # same two get mild crops, no zoom-outs.
-  assert settings() == {'views_each': 16, 'zoom_outs': 7, 'crop_min_scale': 0.3}
-  assert settings(many_images=2) == {'views_each': 16, 'zoom_outs': 0, 'crop_min_scale': 0.7}
+    return {key: made.value.args[0][key]
+            for key in ('views_each', 'zoom_outs', 'crop_min_scale', 'mosaic')}
+  # Two images are a handful: strong crops and shrunk views (mosaics). Counted as
+  # many, the same two get mild crops, none shrunk.
+  assert settings() == {'views_each': 16, 'zoom_outs': 7, 'crop_min_scale': 0.3, 'mosaic': 1.0}
+  assert settings(many_images=2) == {'views_each': 16, 'zoom_outs': 0, 'crop_min_scale': 0.7,
+                                     'mosaic': 1.0}
+  assert settings(mosaic=0.0)['mosaic'] == 0.0
 
 
 def test_the_frozen_parts_outputs_are_traced_once_and_do_not_keep_the_model():

@@ -76,9 +76,12 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
                input_size: int, zoom_outs: int = 0,
                zoom_out_scale: tuple[float, float] = ViewsConfig.zoom_out_scale,
                augmenter: Augmenter | None = None, mosaic: float = ViewsConfig.mosaic,
+               mosaic_max_side: float = ViewsConfig.mosaic_max_side,
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones:
-  a share `mosaic` of them 2x2 mosaics of its crops, the rest zoom-outs.
+  a share `mosaic` of them 2x2 mosaics of its crops, the rest zoom-outs; all
+  zoom-outs where a box spans more than `mosaic_max_side` of the image's height
+  or width, which most crops cut (a mosaic would show parts of it).
 
   Args:
     image: RGB, upright.
@@ -110,7 +113,8 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
                                   if pixels is not None else (original, boxes, ids))
     resized = resize_for_model(Image.fromarray(np.asarray(crop, np.uint8)), input_size)
     views.append(_jittered(augmenter, resized, crop_boxes, crop_ids))
-  mosaics = round(mosaic * zoom_outs) if count > 2 else 0
+  whole_in_crops = not len(boxes) or np.max(boxes[:, 2:] - boxes[:, :2]) <= mosaic_max_side
+  mosaics = round(mosaic * zoom_outs) if count > 2 and whole_in_crops else 0
   for _ in range(zoom_outs - mosaics):
     shrunk, scale = _shrink_onto_canvas(image, input_size, float(tf.random.uniform(
         [], *zoom_out_scale)))

@@ -429,7 +429,8 @@ class ViewsConfig:
   handful of images, few for many), then shrunk views as a fraction `zoom_out`
   of the crops (0 turns them off): a share `mosaic` of them 2x2 mosaics of the
   image's own crops (`augment.make_views`), the rest zoom-outs (the image
-  shrunk onto a black canvas by a factor drawn from `zoom_out_scale`).
+  shrunk onto a black canvas by a factor drawn from `zoom_out_scale`), as are
+  all of an image with a box over `mosaic_max_side` of its height or width.
 
   From `many_images` training images on, the images themselves vary enough:
   the views stay close to the photos (crops of at least `many_crop_min_scale`
@@ -450,10 +451,14 @@ class ViewsConfig:
   zoom_out_scale: tuple[float, float] = (0.4, 0.9)
   # Mosaics instead of zoom-outs: the objects as small, among the image's own
   # content and four crops' worth of them per view. Fruit at 10 images 0.584 ->
-  # 0.652 (every subset within or above its draws), ducky's duck found at 0.5 in
-  # all 49 frames on 4 seeds; the other data sets within their spread
-  # (benchmarks/results/choices.md, "Mosaics instead of zoom-outs").
+  # 0.680, ducky's duck found at 0.5 in all 49 frames on 4 seeds; the other data
+  # sets within their spread (benchmarks/results/choices.md, "Mosaics instead of
+  # zoom-outs") ...
   mosaic: float = 1.0
+  # ... but for an image with a box over this share of its height or width: most
+  # crops cut such an object, and a mosaic shows parts of it (raccoon at one
+  # image 0.734 -> 0.634 with them; the image stays a zoom-out).
+  mosaic_max_side: float = 0.5
   crop_min_scale: float = 0.3  # a random crop's height and width, as fractions of the image's
   max_per_image: int = 16
   max_cached: int = 480
@@ -470,6 +475,8 @@ class ViewsConfig:
       raise ValueError(f'zoom_out must be in [0, 1], not {self.zoom_out}')
     if not 0.0 <= self.mosaic <= 1.0:
       raise ValueError(f'mosaic must be in [0, 1], not {self.mosaic}')
+    if not 0.0 < self.mosaic_max_side <= 1.0:
+      raise ValueError(f'mosaic_max_side must be in (0, 1], not {self.mosaic_max_side}')
 
   def per_image(self, num_images: int) -> int:
     """Original + flip at least; more random crops when images are few."""

@@ -145,9 +145,9 @@ def fingerprint(example: Example, image: Image.Image) -> str:
 
 
 def signature(assigner: TargetAssigner, input_size: int, zoom_out_scale: tuple[float, float],
-              crop_min_scale: float, mosaic: float) -> str:
+              crop_min_scale: float, mosaic: tuple[float, float]) -> str:
   """Names the settings views are made under: input size, anchors, matching, crops,
-  zoom-outs and mosaics."""
+  zoom-outs and mosaics (`mosaic`: `ViewsConfig`'s share and largest box side)."""
   digest = hashlib.sha256(np.asarray(assigner.anchors, np.float32).tobytes())
   digest.update(repr((input_size, tuple(zoom_out_scale), crop_min_scale,
                       assigner.settings(), mosaic)).encode())
@@ -240,6 +240,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
                       views_each: int, zoom_outs: int, input_size: int,
                       zoom_out_scale: tuple[float, float], crop_min_scale: float,
                       mosaic: float = ViewsConfig.mosaic,
+                      mosaic_max_side: float = ViewsConfig.mosaic_max_side,
                       reuse: StoredViews | None = None, fingerprints: list[str] | None = None,
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
@@ -278,7 +279,8 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
       continue
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     views = augment.make_views(image, example.boxes, ids, views_each, input_size, zoom_outs,
-                               zoom_out_scale, augmenter=augmenter, mosaic=mosaic)
+                               zoom_out_scale, augmenter=augmenter, mosaic=mosaic,
+                               mosaic_max_side=mosaic_max_side)
     for number, (x, boxes, view_ids) in enumerate(views):
       cls, box = assigner.assign(boxes, view_ids, zoomed_out=number >= views_each)
       pixels.append(x)

@@ -96,6 +96,17 @@ def test_mosaics_tile_four_crops_with_each_box_on_its_object():
       if min(tile_box[2] - tile_box[0], tile_box[3] - tile_box[1]) * SIZE >= 6:
         assert redness_inside(view, tile_box) > 1.0
 
+
+def test_an_object_most_crops_cut_is_zoomed_out_whole_instead_of_tiled():
+  tf.random.set_seed(6)
+  pixels = np.full((120, 160, 3), 128, np.uint8)
+  pixels[10:110, 20:140] = (230, 20, 20)  # a box over half the image's height and width
+  box = np.array([[10 / 120, 20 / 160, 110 / 120, 140 / 160]], np.float32)
+  views = input_views(Image.fromarray(pixels), box, np.array([1], np.int32), 8, SIZE,
+                      zoom_outs=4, mosaic=1.0, mosaic_max_side=0.5)
+  assert len(views) == 12
+  assert all(len(boxes) == 1 for _, boxes, _ in views)  # a mosaic holds one per crop
+
 def test_no_zoom_out_unless_asked():
   tf.random.set_seed(5)
   image, box = red_square_image()

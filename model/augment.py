@@ -1,9 +1,10 @@
 """Box-aware augmented views of a training image, with tf-models-official's ops.
 
 View 0 is the image as it is, view 1 its mirror; then random crops that keep
-the boxes whose centres they contain (clipped), and last the zoom-outs: the
-image shrunk onto a black canvas, so that objects also appear smaller than in
-any photo given. Every view is stretched to the model input, as at inference
+the boxes whose centres they contain (clipped), and last the shrunk views, so
+that objects also appear smaller than in any photo given: mosaics (four of the
+crops tiled 2x2) or, where a crop would cut an object, zoom-outs (the image
+shrunk onto a black canvas). Every view is stretched to the model input, as at inference
 time; random views are then mirrored at random and colour-jittered at the
 input's size (on a phone's photo, jittering before the resize cost several
 times more). Zoom-outs are shrunk with Pillow's antialiasing: TensorFlow's

@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                           '(default %(default)s; 0 turns them off)')
   train.add_argument('--mosaic', type=float, default=ViewsConfig.mosaic, metavar='SHARE',
                      help='the share of those views made as 2x2 mosaics of the image\'s own '
-                          'crops instead of the image shrunk onto a black canvas '
+                          'crops instead of the image shrunk onto a black canvas; an image with '
+                          'a box over half its height or width is shrunk whole '
                           '(default %(default)s)')
   train.add_argument('--hold-out-from', type=int, default=EarlyStoppingConfig.min_images,
                      metavar='IMAGES',

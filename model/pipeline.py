@@ -390,9 +390,11 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)
   validation = cached(training.validation, 1, 0)[1] if training.validation else None
-  log.info('Cached %s of %d views (%d per image, %d of them shrunk: %.0f%% mosaics, the rest '
-           'zoom-outs)', 'feature maps' if split.trainable is None else 'frozen-part outputs',
-           len(train), views_each + zoom_outs, zoom_outs, 100 * config.views.mosaic)
+  log.info('Cached %s of %d views (%d per image, %d of them shrunk: %.0f%% mosaics where no box '
+           'spans over %g of its image, else zoom-outs)',
+           'feature maps' if split.trainable is None else 'frozen-part outputs', len(train),
+           views_each + zoom_outs, zoom_outs, 100 * config.views.mosaic,
+           config.views.mosaic_max_side)
   return Views(split, train_pixels, train, validation, zoom_outs, signature, fingerprints)
 
 

@@ -74,15 +74,13 @@ def _augmenter(crop_min_scale: float, seed: int | None) -> Augmenter:  # pylint:
 
 
 def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, count: int,
-               input_size: int, zoom_outs: int = 0,
-               zoom_out_scale: tuple[float, float] = ViewsConfig.zoom_out_scale,
-               augmenter: Augmenter | None = None, mosaic: float = ViewsConfig.mosaic,
-               mosaic_max_side: float = ViewsConfig.mosaic_max_side,
+               input_size: int, zoom_outs: int = 0, augmenter: Augmenter | None = None,
+               shrink: ViewsConfig = ViewsConfig(),
                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """`count` views of one image (original, mirror, crops), then `zoom_outs` shrunk ones:
-  a share `mosaic` of them 2x2 mosaics of its crops, the rest zoom-outs; all
-  zoom-outs where a box spans more than `mosaic_max_side` of the image's height
-  or width, which most crops cut (a mosaic would show parts of it).
+  a share `shrink.mosaic` of them 2x2 mosaics of its crops, the rest zoom-outs;
+  all zoom-outs where a box spans more than `shrink.mosaic_max_side` of the
+  image's height or width, which most crops cut (a mosaic would show parts of it).
 
   Args:
     image: RGB, upright.
@@ -91,8 +89,9 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
     count: number of views before the zoom-outs (at least 1).
     input_size: side of the model input.
     zoom_outs: number of views of the image shrunk onto a canvas, or tiled.
-    zoom_out_scale: range of the shrink factor.
     augmenter: the traced ops (`shared_augmenter()` when None).
+    shrink: the views' settings: `mosaic`, `mosaic_max_side` and the zoom-outs'
+      shrink factor range `zoom_out_scale`.
 
   Returns:
     (uint8 pixels [S, S, 3] as the model sees them (`images.pixels_to_input`),
@@ -114,11 +113,12 @@ def make_views(image: Image.Image, boxes: np.ndarray, class_ids: np.ndarray, cou
                                   if pixels is not None else (original, boxes, ids))
     resized = resize_for_model(Image.fromarray(np.asarray(crop, np.uint8)), input_size)
     views.append(_jittered(augmenter, resized, crop_boxes, crop_ids))
-  whole_in_crops = not len(boxes) or np.max(boxes[:, 2:] - boxes[:, :2]) <= mosaic_max_side
-  mosaics = round(mosaic * zoom_outs) if count > 2 and whole_in_crops else 0
+  largest_side = np.max(boxes[:, 2:] - boxes[:, :2]) if len(boxes) else 0.0
+  whole_in_crops = largest_side <= shrink.mosaic_max_side
+  mosaics = round(shrink.mosaic * zoom_outs) if count > 2 and whole_in_crops else 0
   for _ in range(zoom_outs - mosaics):
     shrunk, scale = _shrink_onto_canvas(image, input_size, float(tf.random.uniform(
-        [], *zoom_out_scale)))
+        [], *shrink.zoom_out_scale)))
     views.append(_jittered(augmenter, shrunk, boxes * scale, ids))
   for _ in range(mosaics):
     views.append(_mosaic(views[2:count], input_size))

@@ -370,8 +370,7 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   views_each = config.views.per_image(images)
   zoom_outs = config.views.zoom_outs_per_image(images)
   crop_scale = config.views.crop_scale(images)
-  signature = views_lib.signature(assigner, config.input.size, config.views.zoom_out_scale,
-                                  crop_scale, (config.views.mosaic, config.views.mosaic_max_side))
+  signature = views_lib.signature(assigner, config.input.size, config.views, crop_scale)
   fingerprints, reuse = [], None  # hashing every image is for carrying views over only
   if config.views.carry_over:
     fingerprints = [views_lib.fingerprint(*pair) for pair in zip(*training.part(training.fit))]
@@ -382,10 +381,8 @@ def make_views(model, split, training: TrainingSet, config: TrainConfig,
   def cached(indices, each, zoom, **stored):
     return views_lib.make_cached_views(
         *training.part(indices), label_ids, assigner, split.frozen, views_each=each,
-        zoom_outs=zoom, input_size=config.input.size,
-        zoom_out_scale=tuple(config.views.zoom_out_scale),
-        crop_min_scale=crop_scale, mosaic=config.views.mosaic,
-        mosaic_max_side=config.views.mosaic_max_side, **stored)
+        zoom_outs=zoom, input_size=config.input.size, crop_min_scale=crop_scale,
+        shrink=config.views, **stored)
 
   train_pixels, train = cached(training.fit, views_each, zoom_outs, reuse=reuse,
                                fingerprints=fingerprints)

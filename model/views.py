@@ -144,13 +144,13 @@ def fingerprint(example: Example, image: Image.Image) -> str:
   return digest.hexdigest()
 
 
-def signature(assigner: TargetAssigner, input_size: int, zoom_out_scale: tuple[float, float],
-              crop_min_scale: float, mosaic: tuple[float, float]) -> str:
+def signature(assigner: TargetAssigner, input_size: int, shrink: ViewsConfig,
+              crop_min_scale: float) -> str:
   """Names the settings views are made under: input size, anchors, matching, crops,
-  zoom-outs and mosaics (`mosaic`: `ViewsConfig`'s share and largest box side)."""
+  zoom-outs and mosaics."""
   digest = hashlib.sha256(np.asarray(assigner.anchors, np.float32).tobytes())
-  digest.update(repr((input_size, tuple(zoom_out_scale), crop_min_scale,
-                      assigner.settings(), mosaic)).encode())
+  digest.update(repr((input_size, tuple(shrink.zoom_out_scale), crop_min_scale,
+                      assigner.settings(), (shrink.mosaic, shrink.mosaic_max_side))).encode())
   return digest.hexdigest()
 
 
@@ -238,9 +238,7 @@ class StoredViews:
 def make_cached_views(examples: list[Example], images: list[Image.Image],
                       label_ids: dict[str, int], assigner: TargetAssigner, frozen, *,
                       views_each: int, zoom_outs: int, input_size: int,
-                      zoom_out_scale: tuple[float, float], crop_min_scale: float,
-                      mosaic: float = ViewsConfig.mosaic,
-                      mosaic_max_side: float = ViewsConfig.mosaic_max_side,
+                      crop_min_scale: float, shrink: ViewsConfig = ViewsConfig(),
                       reuse: StoredViews | None = None, fingerprints: list[str] | None = None,
                       ) -> tuple[np.ndarray, CachedViews]:
   """Views of every image, their targets, and the frozen part's outputs.
@@ -249,7 +247,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
     examples, images: aligned lists of the images that train.
     label_ids: label -> class id (1-based).
     frozen: the model whose outputs are cached (`ExtractorSplit.frozen`).
-    views_each, zoom_outs, zoom_out_scale, mosaic: per image (`augment.make_views`).
+    views_each, zoom_outs, shrink: per image (`augment.make_views`).
     crop_min_scale: the smallest random crop's sides (`augment.Augmenter`).
     reuse, fingerprints: an earlier iteration's views (made under the same
       settings) and each image's `fingerprint`: images found there are not
@@ -279,8 +277,7 @@ def make_cached_views(examples: list[Example], images: list[Image.Image],
       continue
     ids = np.array([label_ids[label] for label in example.labels], np.int32)
     views = augment.make_views(image, example.boxes, ids, views_each, input_size, zoom_outs,
-                               zoom_out_scale, augmenter=augmenter, mosaic=mosaic,
-                               mosaic_max_side=mosaic_max_side)
+                               augmenter=augmenter, shrink=shrink)
     for number, (x, boxes, view_ids) in enumerate(views):
       cls, box = assigner.assign(boxes, view_ids, zoomed_out=number >= views_each)
       pixels.append(x)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from model.augment import Augmenter, make_views, shared_augmenter
 from model.boxes import iou_xyxy
-from model.config import TrainConfig
+from model.config import TrainConfig, ViewsConfig
 from model.images import pixels_to_input
 
 SIZE = 96
@@ -37,7 +37,8 @@ def input_views(*args, **kwargs):
 def test_every_view_has_its_box_on_the_object():
   tf.random.set_seed(3)
   image, box = red_square_image()
-  views = input_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5, mosaic=0.0)
+  views = input_views(image, box, np.array([1], np.int32), 12, SIZE, zoom_outs=5,
+                      shrink=ViewsConfig(mosaic=0.0))
   assert len(views) == 17
   for index, (view, boxes, ids) in enumerate(views):
     assert view.shape == (SIZE, SIZE, 3) and -1.0 <= view.min() and view.max() <= 1.0
@@ -73,7 +74,8 @@ def test_zoom_outs_come_after_the_crops_and_make_the_object_smaller():
   tf.random.set_seed(5)
   image, box = red_square_image()
   original_area = (box[0, 2] - box[0, 0]) * (box[0, 3] - box[0, 1])
-  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4, mosaic=0.0)
+  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4,
+                      shrink=ViewsConfig(mosaic=0.0))
   assert not any(is_on_canvas(view) for view, _, _ in views[:8])
   for view, boxes, _ in views[8:]:
     assert is_on_canvas(view)
@@ -84,7 +86,8 @@ def test_zoom_outs_come_after_the_crops_and_make_the_object_smaller():
 def test_mosaics_tile_four_crops_with_each_box_on_its_object():
   tf.random.set_seed(6)
   image, box = red_square_image()
-  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4, mosaic=0.5)
+  views = input_views(image, box, np.array([1], np.int32), 8, SIZE, zoom_outs=4,
+                      shrink=ViewsConfig(mosaic=0.5))
   assert len(views) == 12
   assert all(is_on_canvas(view) for view, _, _ in views[8:10])  # zoom-outs first
   for view, boxes, ids in views[10:]:
@@ -103,7 +106,7 @@ def test_an_object_most_crops_cut_is_zoomed_out_whole_instead_of_tiled():
   pixels[10:110, 20:140] = (230, 20, 20)  # a box over half the image's height and width
   box = np.array([[10 / 120, 20 / 160, 110 / 120, 140 / 160]], np.float32)
   views = input_views(Image.fromarray(pixels), box, np.array([1], np.int32), 8, SIZE,
-                      zoom_outs=4, mosaic=1.0, mosaic_max_side=0.5)
+                      zoom_outs=4, shrink=ViewsConfig(mosaic=1.0, mosaic_max_side=0.5))
   assert len(views) == 12
   assert all(len(boxes) == 1 for _, boxes, _ in views)  # a mosaic holds one per crop
 

@@ -10,7 +10,7 @@ import tf_keras
 from PIL import Image
 
 from model import pipeline, views as views_lib
-from model.config import TrainConfig
+from model.config import TrainConfig, ViewsConfig
 from model.targets import TargetAssigner
 
 SIZE = 64
@@ -48,7 +48,8 @@ def make(examples, images, label_ids, views_each=4, zoom_outs=2, frozen=None, **
   return views_lib.make_cached_views(examples, images, label_ids, assigner,
                                      frozen or tiny_frozen(),
                                      views_each=views_each, zoom_outs=zoom_outs,
-                                     input_size=SIZE, zoom_out_scale=(0.4, 0.9), crop_min_scale=0.3,
+                                     input_size=SIZE, crop_min_scale=0.3,
+                                     shrink=ViewsConfig(zoom_out_scale=(0.4, 0.9)),
                                      **reuse)
 
 
@@ -149,8 +150,9 @@ def test_the_pipeline_makes_views_by_the_rule_for_its_number_of_training_images(
     model = types.SimpleNamespace(config=config.input.ssd_config(2))
     with pytest.raises(_Handed) as made:
       pipeline.make_views(model, types.SimpleNamespace(frozen=None), training, config)
-    return {key: made.value.args[0][key]
-            for key in ('views_each', 'zoom_outs', 'crop_min_scale', 'mosaic')}
+    handed = made.value.args[0]
+    return {**{key: handed[key] for key in ('views_each', 'zoom_outs', 'crop_min_scale')},
+            'mosaic': handed['shrink'].mosaic}
   # Two images are a handful: strong crops and shrunk views (mosaics). Counted as
   # many, the same two get mild crops, none shrunk.
   assert settings() == {'views_each': 16, 'zoom_outs': 7, 'crop_min_scale': 0.3, 'mosaic': 1.0}

@@ -1,7 +1,7 @@
 """Which base class fits each label, and whether it finds it, per data set and subset.
 
 For every subset a training run would draw (`--shots`, `--seeds`), the base
-.tflite runs on its first training images as `pipeline.labels_the_base_finds`
+.tflite runs on its first training images as `choices.labels_the_base_finds`
 runs it; each label's best-fitting base class (`warm_start.class_fit`: the AP of
 ranking the label's anchors by the class's score) is listed with that AP, its
 score on the boxes, and whether it counts as found (`warm_start.base_class_finds`
@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.generalization import (ALL, add_dataset_arguments,  # noqa: E402
                                        load_dataset, seeds_for, set_up_logging, subset_count)
 import result_files  # noqa: E402
-from model import base_weights, pipeline, warm_start  # noqa: E402
+from model import base_weights, choices, pipeline, warm_start  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def label_fits(training, model_dir: Path, config: TrainConfig) -> dict[str, dict
   for label in training.labels:
     if warm_start.base_class_by_name(label, base_labels) is not None:
       rows[label] = {'base_class': label, 'named': True, 'found': True}
-  for label, (fit, on_boxes) in pipeline.base_fits(training, model_dir).items():
+  for label, (fit, on_boxes) in choices.base_fits(training, model_dir).items():
     if label in rows:
       continue
     best = warm_start.best_base_class(fit)

@@ -795,12 +795,12 @@ class TrainConfig:
 
     Args:
       lowest_map_share: the share of the labeled boxes whose best-fitting
-        anchors are the lowest map's (`pipeline.lowest_map_share`).
+        anchors are the lowest map's (`choices.lowest_map_share`).
       other_labels: (found under another label, found) of the boxes on the images
         labeled since the previous version, as it detected them
         (`evaluate.found_under_other_labels`); None: no such images.
       labels_fitted: whether a base class finds every label's boxes
-        (`pipeline.labels_the_base_finds`).
+        (`choices.labels_the_base_finds`).
     """
     if self.trainable is not None:
       return self.trainable, 'set'
@@ -842,7 +842,7 @@ class TrainConfig:
     """The extractor's learning rate relative to the class head's, and why.
 
     base_finds_none: whether no base class finds any label's boxes
-      (`pipeline.labels_the_base_finds`).
+      (`choices.labels_the_base_finds`).
     from_base: whether the run starts from the base, not a previous iteration.
     """
     schedule = self.schedule

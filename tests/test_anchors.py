@@ -89,7 +89,7 @@ def test_the_share_of_boxes_on_the_lowest_map_decides_what_trains():
   from types import SimpleNamespace
 
   from model.config import TrainConfig
-  from model.pipeline import lowest_map_share
+  from model.choices import lowest_map_share
   cells = [SimpleNamespace(boxes=np.array([[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.58, 0.6]]))]
   animal = [SimpleNamespace(boxes=np.array([[0.1, 0.2, 0.8, 0.7]]))]
   config = SSDConfig(num_classes=1)

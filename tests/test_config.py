@@ -31,16 +31,16 @@ def test_input_size_grows_until_the_smallest_label_spans_36_pixels():
 
 def test_a_label_s_typical_side_is_the_quantile_of_its_boxes_the_input_asks_for():
   from types import SimpleNamespace
-  from model import pipeline
+  from model import choices
   # One label's squares of sides 0.06 .. 0.24 (18 .. 72 px at 300).
   sides = [0.06, 0.08, 0.10, 0.12, 0.14, 0.16, 0.18, 0.20, 0.22, 0.24]
   examples = [SimpleNamespace(labels=['apple'], boxes=[(0.0, 0.0, side, side)]) for side in sides]
-  assert pipeline.typical_sides(examples)['apple'] == pytest.approx(0.15)  # the median
-  assert pipeline.typical_sides(examples, 0.25)['apple'] == pytest.approx(0.105)
+  assert choices.typical_sides(examples)['apple'] == pytest.approx(0.15)  # the median
+  assert choices.typical_sides(examples, 0.25)['apple'] == pytest.approx(0.105)
   median = TrainConfig().with_overrides({'input.size_quantile': 0.5}).input
   lower = TrainConfig().with_overrides({'input.size_quantile': 0.25}).input
-  assert median.choose(pipeline.typical_sides(examples, median.size_quantile))[0] == 300
-  assert lower.choose(pipeline.typical_sides(examples, lower.size_quantile))[0] == 384
+  assert median.choose(choices.typical_sides(examples, median.size_quantile))[0] == 300
+  assert lower.choose(choices.typical_sides(examples, lower.size_quantile))[0] == 384
   with pytest.raises(ValueError, match='size_quantile'):
     TrainConfig().with_overrides({'input.size_quantile': 1.5})
 

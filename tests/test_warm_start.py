@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from model import anchors as anchors_lib, pipeline, run_folder, ssd as ssd_lib, warm_start
+from model import anchors as anchors_lib, choices, pipeline, run_folder, ssd as ssd_lib, warm_start
 from model import tasks as tasks_lib
 from model.config import AnchorConfig, SSDConfig, TrainConfig
 from tests.synthetic import make_task_set
@@ -286,25 +286,25 @@ def test_labels_no_base_class_finds_train_most_of_the_extractor(shapes_dataset, 
   training = pipeline.load_examples(tasks, shapes_dataset, TINY, max_images=6)
   assert training.labels == ['disc', 'square']
   # No base class scores 0.1 on a drawn disc (one does on the squares).
-  found = pipeline.labels_the_base_finds(training, base_paths.model_dir, TINY)
+  found = choices.labels_the_base_finds(training, base_paths.model_dir, TINY)
   assert 'disc' not in found and found <= {'square'}
-  config, choices = pipeline.choose_settings(TINY, training, base_finds=found)
-  assert config.trainable == 'most' and choices['trainable']['labels_the_base_finds'] == sorted(found)
+  config, chosen = choices.choose_settings(TINY, training, base_finds=found)
+  assert config.trainable == 'most' and chosen['trainable']['labels_the_base_finds'] == sorted(found)
   # The extractor moves faster where no label is some base class's to keep.
-  faster = pipeline.choose_settings(TINY, training, base_finds=set())[0]
+  faster = choices.choose_settings(TINY, training, base_finds=set())[0]
   assert (faster.trainable, faster.schedule.extractor_scale) == ('most', 0.3)
-  warm = pipeline.choose_settings(TINY, training, base_finds=set(), from_base=False)[0]
+  warm = choices.choose_settings(TINY, training, base_finds=set(), from_base=False)[0]
   assert (warm.trainable, warm.schedule.extractor_scale) == ('most', 0.1)  # already adapted
   assert config.schedule.extractor_scale == (0.3 if not found else 0.1)
   # A label that names a base class is found by it, without a look at the images.
   named = dataclasses.replace(training, labels=['Dog', 'Car'])
-  assert pipeline.labels_the_base_finds(named, base_paths.model_dir, TINY) == {'Dog', 'Car'}
+  assert choices.labels_the_base_finds(named, base_paths.model_dir, TINY) == {'Dog', 'Car'}
   assert TINY.choose_trainable(6, 0.0, None, labels_fitted=True)[0] == 'top'
   more = dataclasses.replace(training, labels=['disc', 'square', 'Dog'])
-  assert pipeline.labels_the_base_finds(more, base_paths.model_dir, TINY) == found | {'Dog'}
+  assert choices.labels_the_base_finds(more, base_paths.model_dir, TINY) == found | {'Dog'}
   # A project whose columns all start fresh has no base class to find anything.
   fresh = TINY.with_overrides({'warm_start.class_init': 'fresh'})
-  assert pipeline.labels_the_base_finds(named, base_paths.model_dir, fresh) == set()
+  assert choices.labels_the_base_finds(named, base_paths.model_dir, fresh) == set()
 
 
 def test_a_run_from_before_the_colour_kernel_starts_the_next_iteration(trained_run, tmp_path,

@@ -53,9 +53,9 @@ def labels_the_base_finds(training: TrainingSet, model_dir: Path, config: TrainC
                           ) -> set[str]:
   """The labels a base class finds the boxes of: one the label names, or the one
   that fits its boxes best (`base_fits`) where it scores `budget.fitted_min_score`
-  or more on them (`pipeline.start_class_head` measures the fit again on the views). What
-  a previous iteration learned does not count: a label new to the base stays so,
-  and keeps the extractor's blocks it needs in training."""
+  or more on them (`pipeline.start_class_head` measures the fit again on the
+  views). What a previous iteration learned does not count: a label new to the
+  base stays so, and keeps the extractor's blocks it needs in training."""
   from model import base_weights, warm_start
   if config.warm_start.class_init != 'base-fit':
     return set()  # every column starts fresh

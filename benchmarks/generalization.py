@@ -49,7 +49,12 @@ Derived from a shared set (made once under --work, same tasks and splits):
            texture alone (the unshared everyday-objects set's mix-up)
 
 Results: benchmarks/results/generalization.{json,md}; rows measured before
-and not re-run keep their last result.
+and not re-run keep their last result. The markdown holds means; `--rows`
+prints each subset's and draw's scores from the JSON, side by side, without
+training:
+
+  .venv/bin/python benchmarks/generalization.py --rows --datasets fruit --shots 10 \
+      --variant 'mosaics where crops hold the boxes (2026-12-07)' --variant 'most'
 """
 
 from __future__ import annotations
@@ -338,6 +343,26 @@ def summarize(rows: list[dict]) -> dict:
           'subsets': len(by_subset), 'runs': rows}
 
 
+def subset_rows(results: dict, datasets: list[str], variants: list[str],
+                shots: list[str]) -> list[str]:
+  """One line per data set, variant and image count in `results`: each subset's
+  (and draw's) float / int8 mAP@0.5 in seed order, then their means (`--rows`)."""
+  lines = []
+  for dataset in datasets:
+    for variant in variants:
+      for count in shots:
+        summary = results['datasets'].get(dataset, {}).get(variant, {}).get(str(count))
+        if summary is None:
+          lines.append(f'{dataset} | {variant} | {count} | not measured')
+          continue
+        runs = sorted(summary['runs'], key=lambda r: (r['seed'], r.get('draw', 0)))
+        scores = '  '.join(f'{r["seed"]}{"." + str(r["draw"]) if r.get("draw") else ""}: '
+                           f'{r["float"]["map50"]:.3f} / {r["int8"]["map50"]:.3f}' for r in runs)
+        lines.append(f'{dataset} | {variant} | {count} | {scores} | mean '
+                     f'{summary["float"]:.3f} / {summary["int8"]:.3f}')
+  return lines
+
+
 def write(results: dict) -> str:
   result_files.write_json('generalization', results)
   lines = ['# Generalization: mAP@0.5 on each data set\'s test split', '',
@@ -368,11 +393,19 @@ def main():
                       help='trainings of each subset, each under its own seed (the random '
                            'views, initial columns and batches): the spread a choice must '
                            'beat (default 1)')
+  parser.add_argument('--rows', action='store_true',
+                      help="train nothing: print each subset's (and draw's) float / int8 "
+                           'mAP@0.5 of the --variant names (what precedes any ":") from the '
+                           'last results, for --datasets and --shots')
   add_test_images_argument(parser)
   args = parser.parse_args()
+  results = last_results('generalization')
+  if args.rows:
+    names = [parse_assignments(v)[0] for v in args.variant] or ['default']
+    print('\n'.join(subset_rows(results, args.datasets, names, args.shots)))
+    return
   set_up_logging()
   variants = [parse_variant(v) for v in args.variant] or [('default', {})]
-  results = last_results('generalization')
   args.work.mkdir(parents=True, exist_ok=True)
   for name in args.datasets:
     root, tasks, test = load_dataset(name, args.work, args.test_images)
